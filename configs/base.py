@@ -1,0 +1,91 @@
+"""Base configuration every experiment config derives from.
+
+Not run directly: experiment files import `get_config` from here and override
+fields. Every field is documented where it is set.
+"""
+
+import ml_collections
+
+from rlax_llm.models.config import PRESETS
+
+
+def model_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+  """The model section: a preset's fields, each overridable on the command line."""
+  fields = dict(num_layers=2, embed_dim=128, num_heads=4, num_kv_heads=2,
+                head_dim=32, mlp_dim=384, max_seq_len=64, rope_theta=10_000.0,
+                norm_eps=1e-6, qkv_bias=False, tie_embeddings=True,
+                init_std=0.02)
+  fields.update(PRESETS[preset])
+  return ml_collections.ConfigDict(dict(preset=preset, **fields))
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds the model init, every rollout and the task's problems.
+
+  # The task: synthetic arithmetic "a<op>b=" -> answer, EOS.
+  c.task = ml_collections.ConfigDict(dict(
+      name="arithmetic",
+      min_digits=1,
+      max_digits=2,
+      ops="+-*",          # any of "+", "-", "*"
+      mul_max_digits=2,   # cap on "*" operand digits
+      test_fraction=0.1,  # share of the problem space held out for test
+      max_new_tokens=0,   # completion budget; 0 = longest answer + EOS
+  ))
+
+  c.model = model_config("tiny")
+
+  # Supervised warm-up on (prompt, answer + EOS).
+  c.sft = ml_collections.ConfigDict(dict(
+      steps=200,
+      batch_size=64,
+      learning_rate=1e-3,
+      warmup_steps=20,
+      weight_decay=0.0,
+      grad_clip=1.0,
+  ))
+
+  # RL phase.
+  c.rl = ml_collections.ConfigDict(dict(
+      method="grpo",
+      steps=100,
+      prompts_per_step=32,   # B
+      num_samples=8,         # G
+      temperature=1.0,
+      top_k=0,
+      top_p=1.0,
+      min_p=0.0,
+      learning_rate=2e-4,
+      warmup_steps=0,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      num_epochs=1,          # passes over each rollout batch
+      num_minibatches=2,     # optimiser updates per pass
+      num_microbatches=1,    # gradient accumulation per update
+      clip_low=0.2,
+      clip_high=0.2,
+      dual_clip=0.0,         # 0 disables
+      scale_by_std=True,     # False: Dr.GRPO advantages
+      aggregation="seq_mean_token_mean",
+      entropy_coef=0.0,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      every=25,           # RL steps between held-out evaluations
+      num_problems=256,
+      num_samples=8,      # group size G of pass@G
+      batch_size=256,
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=50,           # steps (SFT and RL counted together)
+      max_to_keep=2,
+  ))
+
+  # Device mesh (-1 fills with the remaining devices).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.progress = True  # a progress bar with ETA on stderr
+  return c

@@ -1,0 +1,1 @@
+"""rlax_llm: reinforcement learning on language models with verifiable rewards, in JAX."""

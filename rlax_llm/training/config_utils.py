@@ -1,0 +1,130 @@
+"""Config checks that turn user mistakes into messages naming cause and fix."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from typing import Iterable
+
+import ml_collections
+
+
+def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in config.items():
+    path = f"{prefix}{k}"
+    keys.append(path)
+    if isinstance(v, ml_collections.ConfigDict):
+      keys.extend(_flat_keys(v, path + "."))
+  return keys
+
+
+def unknown_override_error(key: str, config: ml_collections.ConfigDict) -> str:
+  """A message for an override `key` the config lacks, with close matches."""
+  keys = _flat_keys(config)
+  close = difflib.get_close_matches(key, keys, n=3, cutoff=0.75)
+  leaf = key.rsplit(".", 1)[-1]
+  close += [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k not in close]
+  hint = f" Did you mean {', '.join('--config.' + k for k in close[:3])}?" if (
+      close) else ""
+  return (f"Unknown config key '--config.{key}': the config has no field "
+          f"'{key}'.{hint} Run with --helpfull or read the config file for "
+          "the available fields.")
+
+
+def check_overrides(argv: Iterable[str], config: ml_collections.ConfigDict,
+                    flag_name: str = "config") -> None:
+  """Raises ValueError for any `--config.<key>=...` whose key does not exist."""
+  keys = set(_flat_keys(config))
+  prefix = f"--{flag_name}."
+  for arg in argv:
+    if not arg.startswith(prefix):
+      continue
+    key = arg[len(prefix):].split("=", 1)[0]
+    if key not in keys:
+      raise ValueError(unknown_override_error(key, config))
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates `workdir` and checks it is writable; returns its absolute path."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".write_check"):
+      pass
+  except OSError as e:
+    raise PermissionError(
+        f"The workdir {path!r} cannot be written ({e.strerror or e}). Pass a "
+        "--workdir you can write to, or fix its permissions.") from e
+  return path
+
+
+def _require(cond: bool, msg: str):
+  if not cond:
+    raise ValueError(msg)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Range checks of an experiment config (types are checked by ConfigDict)."""
+  c = config
+  for section in ("task", "model", "sft", "rl", "eval", "checkpoint", "mesh"):
+    _require(section in c, f"The config has no '{section}' section; derive it "
+             "from configs/base.py (base.get_config()).")
+  _require(c.sft.steps >= 0, f"sft.steps must be >= 0, got {c.sft.steps}.")
+  _require(c.rl.steps >= 0, f"rl.steps must be >= 0, got {c.rl.steps}.")
+  for name in ("sft.batch_size", "rl.prompts_per_step", "rl.num_samples",
+               "rl.num_epochs", "rl.num_minibatches", "rl.num_microbatches",
+               "eval.every", "eval.num_problems", "eval.batch_size",
+               "checkpoint.every", "checkpoint.max_to_keep"):
+    section, field = name.split(".")
+    value = c[section][field]
+    _require(value >= 1, f"{name} must be >= 1, got {value}.")
+  _require(c.eval.num_samples >= 0,
+           f"eval.num_samples must be >= 0, got {c.eval.num_samples}.")
+  for name in ("sft.learning_rate", "rl.learning_rate"):
+    section, field = name.split(".")
+    _require(c[section][field] > 0,
+             f"{name} must be > 0, got {c[section][field]}.")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path[:arg]` the way `config_flags.DEFINE_config_file` does."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"Config file {path!r} does not exist. Pass --config=configs/<name>.py "
+        "(relative to the repository root) or an absolute path.")
+  module_spec = importlib.util.spec_from_file_location("_rlax_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def config_spec_from_argv(argv: list[str], default: str,
+                          flag_name: str = "config") -> str:
+  """The `--config` value in argv (either `--config=X` or `--config X`)."""
+  spec = default
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{flag_name}="):
+      spec = arg.split("=", 1)[1]
+    elif arg == f"--{flag_name}" and i + 1 < len(argv):
+      spec = argv[i + 1]
+  return spec
+
+
+def exit_on_bad_overrides(argv: list[str], default: str,
+                          flag_name: str = "config") -> None:
+  """Exits with a clear message for a missing config file or unknown key.
+
+  Run before absl parses flags: ml_collections would otherwise fail at flag
+  definition with a traceback.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  try:
+    config = load_config_file(config_spec_from_argv(argv, default, flag_name))
+    check_overrides(argv, config, flag_name)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,348 @@
+"""The experiment loop: SFT warm-up, then RL, with evaluation and checkpoints.
+
+`run(config, workdir)` is what `python -m experiments.train` calls; notebooks
+call it directly. It composes the library's pure pieces (task, tokenizer,
+model, `generate`, method, update steps) and owns everything host-side:
+logging, checkpoints, resumption and input checks.
+
+Steps are counted globally: SFT steps 1..S, then RL steps S+1..S+R. A
+checkpoint at step s holds the state after step s and every log line up to
+step s, so a run resumed from it rewrites nothing it had already written and
+ends with the same metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from rlax_llm import data as data_lib
+from rlax_llm.methods import get_method
+from rlax_llm.models.config import ModelConfig
+from rlax_llm.parallel import mesh as mesh_lib
+from rlax_llm.rewards import arithmetic as arith_rewards
+from rlax_llm.sampling.generate import check_context, generate_jit
+from rlax_llm.sampling.samplers import SamplerConfig
+from rlax_llm.training import checkpoint as ckpt_lib
+from rlax_llm.training import config_utils
+from rlax_llm.training import evaluation
+from rlax_llm.training import metrics as metrics_lib
+from rlax_llm.training import state as state_lib
+from rlax_llm.training import steps as steps_lib
+
+
+class ArithmeticSetup:
+  """Task, tokenizer and reward of the synthetic arithmetic experiment."""
+
+  def __init__(self, task_cfg: ml_collections.ConfigDict, seed: int):
+    self.tokenizer = data_lib.CharTokenizer()
+    self.task = data_lib.ArithmeticTask(
+        min_digits=task_cfg.min_digits, max_digits=task_cfg.max_digits,
+        ops=tuple(task_cfg.ops), mul_max_digits=task_cfg.mul_max_digits,
+        test_fraction=task_cfg.test_fraction, seed=seed)
+    self.prompt_len = self.task.max_prompt_length
+    self.max_new_tokens = (task_cfg.max_new_tokens
+                           or self.task.max_answer_length + 1)
+
+  def reward_fn(self, texts: Sequence[str], answers: Sequence[str]):
+    return arith_rewards.batch_verify(texts, answers)
+
+
+TASKS: dict[str, Callable[..., Any]] = {"arithmetic": ArithmeticSetup}
+
+
+def _optimizer(section, total_steps: int) -> optax.GradientTransformation:
+  warmup = int(section.warmup_steps)
+  if warmup > 0:
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, section.learning_rate, warmup),
+         optax.constant_schedule(section.learning_rate)], [warmup])
+  else:
+    lr = section.learning_rate
+  parts = []
+  if section.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(section.grad_clip))
+  parts.append(optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=
+                           section.weight_decay))
+  del total_steps
+  return optax.chain(*parts)
+
+
+def _check_finite(metrics: dict[str, Any], step: int, last_ckpt: int | None):
+  bad = [k for k, v in metrics.items()
+         if isinstance(v, (float, np.floating)) and not math.isfinite(v)]
+  if bad:
+    where = (f"the last good checkpoint (step {last_ckpt}) is intact"
+             if last_ckpt is not None else "no checkpoint had been written")
+    raise FloatingPointError(
+        f"Non-finite values in {bad} at step {step}; training stopped and "
+        f"{where}. Lower the learning rate or raise grad_clip, then re-run "
+        "(a re-run resumes from that checkpoint).")
+
+
+class Experiment:
+  """One run in one workdir; see the module docstring."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    config_utils.validate(config)
+    self.config = config
+    self.workdir = config_utils.prepare_workdir(workdir)
+    c = config
+    if c.task.name not in TASKS:
+      raise ValueError(f"Unknown task {c.task.name!r}; known: {sorted(TASKS)}.")
+    self.setup = TASKS[c.task.name](c.task, c.seed)
+    tok = self.setup.tokenizer
+    model_fields = {k: v for k, v in c.model.items() if k != "preset"}
+    self.model_cfg = ModelConfig(vocab_size=tok.vocab_size, **model_fields)
+    self.prompt_len = self.setup.prompt_len
+    self.max_new_tokens = self.setup.max_new_tokens
+    # Refuse prompts longer than the context before any compute.
+    check_context(self.prompt_len, self.max_new_tokens,
+                  self.model_cfg.max_seq_len)
+    self.mesh = mesh_lib.make_mesh(dict(c.mesh))
+    mult = mesh_lib.batch_size_multiple(self.mesh)
+    for name, size in (("sft.batch_size", c.sft.batch_size),
+                       ("rl.prompts_per_step * rl.num_samples",
+                        c.rl.prompts_per_step * c.rl.num_samples)):
+      if size % mult:
+        raise ValueError(f"{name}={size} must divide by the {mult} devices "
+                         "the batch is sharded over (mesh data x fsdp).")
+    n = c.rl.prompts_per_step * c.rl.num_samples
+    if n % (c.rl.num_minibatches * c.rl.num_microbatches):
+      raise ValueError(
+          f"rl.prompts_per_step * rl.num_samples = {n} rollouts do not split "
+          f"into rl.num_minibatches={c.rl.num_minibatches} x "
+          f"rl.num_microbatches={c.rl.num_microbatches}; pick sizes whose "
+          "product divides it.")
+    self.sampler = SamplerConfig(c.rl.temperature, c.rl.top_k, c.rl.top_p,
+                                 c.rl.min_p).validate()
+    self.method = get_method(
+        c.rl.method, clip_low=c.rl.clip_low, clip_high=c.rl.clip_high,
+        dual_clip=c.rl.dual_clip or None, scale_by_std=c.rl.scale_by_std,
+        aggregation=c.rl.aggregation, max_new_tokens=self.max_new_tokens)
+    self.sft_opt = _optimizer(c.sft, c.sft.steps)
+    self.rl_opt = _optimizer(c.rl, c.rl.steps)
+    self.graphdef = state_lib.model_graphdef(self.model_cfg)
+    self.total_steps = c.sft.steps + c.rl.steps
+    test = self.setup.task.test_set(c.eval.num_problems)
+    self.test_answers = [p.answer for p in test]
+    self.test_prompts, self.test_mask = tok.encode_batch(
+        [p.prompt for p in test], max_length=self.prompt_len)
+    self.ckpt = ckpt_lib.Checkpointer(os.path.join(self.workdir,
+                                                   "checkpoints"),
+                                      max_to_keep=c.checkpoint.max_to_keep)
+    self.key = jax.random.key(c.seed)
+
+  # -- pieces -------------------------------------------------------------------
+  def decode(self, tokens_NT, mask_NT) -> list[str]:
+    return self.setup.tokenizer.decode_batch(np.asarray(tokens_NT),
+                                             np.asarray(mask_NT))
+
+  def rewards(self, texts, answers) -> tuple[np.ndarray, int]:
+    """Scores texts; a reward function that raises scores 0 and is counted."""
+    try:
+      r = np.asarray(self.setup.reward_fn(texts, answers), np.float32)
+      if r.shape != (len(texts),) or not np.all(np.isfinite(r)):
+        raise ValueError(f"reward_fn returned {r.shape}, non-finite values "
+                         "or the wrong count")
+      return r, 0
+    except Exception:  # pylint: disable=broad-except
+      out = np.zeros(len(texts), np.float32)
+      errors = 0
+      for i, (t, a) in enumerate(zip(texts, answers)):
+        try:
+          out[i] = float(np.asarray(self.setup.reward_fn([t], [a]))[0])
+        except Exception:  # pylint: disable=broad-except
+          errors += 1
+      return out, errors
+
+  def encode_sft(self, problems) -> steps_lib.SFTBatch:
+    tok = self.setup.tokenizer
+    p, pm = tok.encode_batch([q.prompt for q in problems],
+                             max_length=self.prompt_len)
+    a, am = tok.encode_batch([q.answer for q in problems],
+                             max_length=self.max_new_tokens, pad_side="right",
+                             add_eos=True)
+    return steps_lib.SFTBatch(p, pm, a, am)
+
+  def evaluate(self, params, step: int) -> dict[str, float]:
+    c = self.config
+    return evaluation.evaluate(
+        self.graphdef, params, prompts_BP=self.test_prompts,
+        prompt_mask_BP=self.test_mask, answers=self.test_answers,
+        decode=self.decode, reward_fn=lambda t, a: self.rewards(t, a)[0],
+        rng=jax.random.fold_in(jax.random.fold_in(self.key, 7), step),
+        max_new_tokens=self.max_new_tokens,
+        eos_id=self.setup.tokenizer.eos_id, pad_id=self.setup.tokenizer.pad_id,
+        num_samples=c.eval.num_samples, sampler=self.sampler,
+        batch_size=c.eval.batch_size)
+
+  def rollout(self, params, step: int):
+    """Samples, scores and builds the RLBatch of global step `step`."""
+    c, tok = self.config, self.setup.tokenizer
+    b, g = c.rl.prompts_per_step, c.rl.num_samples
+    problems = self.setup.task.train_batch(step, b)
+    p, pm = tok.encode_batch([q.prompt for q in problems],
+                             max_length=self.prompt_len)
+    ro = generate_jit(self.graphdef, params, p, pm,
+                      jax.random.fold_in(self.key, step), num_samples=g,
+                      max_new_tokens=self.max_new_tokens, eos_id=tok.eos_id,
+                      pad_id=tok.pad_id, sampler=self.sampler)
+    ro_host = jax.device_get(ro)
+    texts = self.decode(ro_host.tokens, ro_host.mask)
+    answers = [q.answer for q in problems for _ in range(g)]
+    reward_N, errors = self.rewards(texts, answers)
+    reward_BG = reward_N.reshape(b, g)
+    adv_N = np.asarray(self.method.advantage_fn(jnp.asarray(reward_BG))
+                       ).reshape(-1)
+    mask = ro_host.mask
+    batch = steps_lib.RLBatch(
+        prompt=np.repeat(p, g, axis=0), prompt_mask=np.repeat(pm, g, axis=0),
+        completion=ro_host.tokens, completion_mask=mask,
+        old_logp=ro_host.logp,
+        advantages=(adv_N[:, None] * mask).astype(np.float32))
+    stats = {
+        "reward/mean": reward_N.mean(),
+        "reward/std": reward_N.std(),
+        "reward/errors": errors,
+        "reward/solved_groups": np.mean(reward_BG.min(axis=1) >= 0.5),
+        "reward/failed_groups": np.mean(reward_BG.max(axis=1) < 0.5),
+        "rollout/length": ro_host.lengths.mean(),
+        "rollout/truncated": 1.0 - ro_host.finished.mean(),
+        "rollout/adv_abs": np.abs(adv_N).mean(),
+    }
+    return batch, stats
+
+  # -- the loop -----------------------------------------------------------------
+  def run(self) -> dict[str, Any]:
+    c = self.config
+    t_start = time.time()
+    latest = self.ckpt.latest_step()
+    meta: dict[str, Any] = {"phase": "sft"}
+    if latest is None:
+      state, sft_sh = state_lib.create_train_state(
+          self.model_cfg, self.sft_opt, self.mesh, seed=c.seed)
+      step = 0
+    else:
+      meta = self.ckpt.restore_meta(latest)
+      opt = self.rl_opt if meta["phase"] == "rl" else self.sft_opt
+      abstract, sh = state_lib.state_shardings(self.model_cfg, opt, self.mesh,
+                                               seed=c.seed)
+      state, meta = self.ckpt.restore(latest, abstract, sh)
+      step = latest
+    _, sft_sh = state_lib.state_shardings(self.model_cfg, self.sft_opt,
+                                          self.mesh, seed=c.seed)
+    _, rl_sh = state_lib.state_shardings(self.model_cfg, self.rl_opt,
+                                         self.mesh, seed=c.seed)
+    writer = metrics_lib.MetricWriter(self.workdir, resume_step=latest)
+    sft_step = steps_lib.jit_step(
+        steps_lib.make_sft_step(self.graphdef, self.sft_opt), sft_sh,
+        self.mesh)
+    rl_step = steps_lib.jit_step(
+        steps_lib.make_rl_step(
+            self.graphdef, self.rl_opt, self.method.policy_loss,
+            temperature=c.rl.temperature, num_epochs=c.rl.num_epochs,
+            num_minibatches=c.rl.num_minibatches,
+            num_microbatches=c.rl.num_microbatches,
+            entropy_coef=c.rl.entropy_coef), rl_sh, self.mesh)
+    bar = _progress(c.progress, self.total_steps, step)
+    last_ckpt = latest
+
+    def save(step, state, meta):
+      nonlocal last_ckpt
+      writer.flush()
+      self.ckpt.save(step, state, meta)
+      last_ckpt = step
+
+    def log_eval(step, params, prefix="eval"):
+      res = self.evaluate(params, step)
+      writer.write(step, {f"{prefix}/{k}": v for k, v in res.items()})
+      return res
+
+    try:
+      while step < c.sft.steps:
+        t0 = time.time()
+        batch = self.encode_sft(self.setup.task.train_batch(step, c.sft.batch_size))
+        state, m = sft_step(state, batch)
+        m = jax.device_get(m)
+        step += 1
+        _check_finite(m, step, last_ckpt)
+        rec = {f"sft/{k}": v for k, v in m.items()}
+        rec["time/step_s"] = time.time() - t0
+        writer.write(step, rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+        if step < c.sft.steps and step % c.checkpoint.every == 0:
+          save(step, state, meta)
+
+      if meta["phase"] == "sft":  # SFT -> RL, exactly once
+        res = log_eval(step, state.params)
+        meta = {"phase": "rl", "sft_accuracy": res["accuracy"],
+                "sft_eval": res, "last_eval": res, "last_eval_step": step}
+        state = state_lib.reset_optimizer(state, self.rl_opt, rl_sh)
+        save(step, state, meta)
+        bar.set_postfix(acc=f"{res['accuracy']:.3f}")
+
+      while step < self.total_steps:
+        t0 = time.time()
+        batch, stats = self.rollout(state.params, step)
+        t1 = time.time()
+        state, m = rl_step(state, batch)
+        m = jax.device_get(m)
+        step += 1
+        _check_finite(m, step, last_ckpt)
+        rec = dict(stats)
+        rec.update({f"rl/{k}": v for k, v in m.items()})
+        rec["time/rollout_s"] = t1 - t0
+        rec["time/step_s"] = time.time() - t0
+        writer.write(step, rec)
+        bar.update(1)
+        rl_done = step - c.sft.steps
+        if rl_done % c.eval.every == 0 or step == self.total_steps:
+          res = log_eval(step, state.params)
+          meta = dict(meta, last_eval=res, last_eval_step=step)
+          bar.set_postfix(reward=f"{stats['reward/mean']:.3f}",
+                          acc=f"{res['accuracy']:.3f}")
+        else:
+          bar.set_postfix(reward=f"{stats['reward/mean']:.3f}")
+        if step % c.checkpoint.every == 0 or step == self.total_steps:
+          save(step, state, meta)
+    finally:
+      bar.close()
+      writer.close()
+
+    summary = {
+        "sft_accuracy": meta["sft_accuracy"],
+        "final_accuracy": meta["last_eval"]["accuracy"],
+        "sft_eval": meta["sft_eval"],
+        "final_eval": meta["last_eval"],
+        "steps": self.total_steps,
+        "seed": c.seed,
+        "wall_time_s": time.time() - t_start,
+    }
+    tmp = os.path.join(self.workdir, "summary.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump(summary, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(self.workdir, "summary.json"))
+    self.state = state
+    return summary
+
+
+def _progress(enabled: bool, total: int, initial: int):
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, disable=not enabled,
+              desc="train", unit="step", dynamic_ncols=True)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the experiment `config` in `workdir`; returns the summary."""
+  return Experiment(config, workdir).run()

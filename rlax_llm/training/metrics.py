@@ -1,0 +1,98 @@
+"""Metric writers: `metrics.jsonl` (one object per logged step) and TensorBoard.
+
+On resume, `MetricWriter(..., resume_step=s)` drops the lines logged after the
+checkpoint at step `s`, so the file of a resumed run ends up identical to that
+of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def to_python(value: Any) -> Any:
+  """A JSON-able scalar from a NumPy / JAX scalar (NaN/Inf become strings)."""
+  if isinstance(value, (str, bool)) or value is None:
+    return value
+  arr = np.asarray(value)
+  if arr.ndim:
+    raise ValueError(f"Metric values must be scalars, got shape {arr.shape}.")
+  if np.issubdtype(arr.dtype, np.integer):
+    return int(arr)
+  if np.issubdtype(arr.dtype, np.bool_):
+    return bool(arr)
+  x = float(arr)
+  return x if math.isfinite(x) else str(x)
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  """All records of a metrics.jsonl file (tolerates a torn last line)."""
+  records = []
+  if not os.path.exists(path):
+    return records
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        break  # a line cut by a kill: everything after it is untrusted
+  return records
+
+
+class MetricWriter:
+  """Appends metrics to `workdir/metrics.jsonl` and TensorBoard event files.
+
+  Args:
+    workdir: the run directory.
+    resume_step: when resuming from a checkpoint, its step; records with a
+      larger step are removed. None starts a fresh file.
+    tensorboard: also write TensorBoard events under `workdir/tensorboard`.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None,
+               tensorboard: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    kept = []
+    if resume_step is not None:
+      kept = [r for r in read_metrics(self.path)
+              if r.get("step", 0) <= resume_step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      for r in kept:
+        f.write(json.dumps(r) + "\n")
+    os.replace(tmp, self.path)
+    self.records = kept
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=resume_step)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    record = {"step": int(step)}
+    record.update({k: to_python(v) for k, v in sorted(metrics.items())})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    self.records.append(record)
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(
+            v, bool):
+          self._tb.add_scalar(k, v, step)
+    return record
+
+  def flush(self):
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,61 @@
+"""Scores completions under the model: per-token log-probs and entropies.
+
+Sequences are laid out as [prompt | completion]: prompts padded on either side
+(`prompt_mask_NP`), completions right-padded (`completion_mask_NT`). Completion
+token t is predicted by the hidden state of the token before it: the last
+valid prompt token for t = 0, completion token t - 1 otherwise. Positions count
+valid tokens, as in `generate`, so the scores equal the rollout's log-probs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+
+from rlax_llm.core import logprobs as logprobs_lib
+
+
+class Scores(NamedTuple):
+  logp: jax.Array  # [N, T] f32, 0 where masked
+  entropy: jax.Array  # [N, T] f32, 0 where masked
+
+
+def predictor_hidden(h_NSD: jax.Array, prompt_mask_NP: jax.Array,
+                     num_completion: int) -> jax.Array:
+  """Hidden states [N, T, D] that predict each completion token."""
+  p = prompt_mask_NP.shape[1]
+  last = p - 1 - jnp.argmax(prompt_mask_NP[:, ::-1].astype(bool), axis=-1)
+  h_first = jnp.take_along_axis(h_NSD, last[:, None, None], axis=1)
+  return jnp.concatenate([h_first, h_NSD[:, p:p + num_completion - 1]], axis=1)
+
+
+def score_completions(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
+                      completion_NT, completion_mask_NT, *,
+                      temperature: float = 1.0) -> Scores:
+  """Log-probs and entropies of completion tokens under softmax(logits / temp).
+
+  Args:
+    graphdef: NNX graph of a `Transformer`.
+    params: its parameter state.
+    prompt_NP: int prompt ids; prompt_mask_NP: bool valid prompt tokens.
+    completion_NT: int completion ids; completion_mask_NT: bool valid ones.
+    temperature: the sampling temperature (> 0) the rollout used; 0 means 1.
+
+  Returns:
+    Scores(logp [N, T], entropy [N, T]) in f32, zero where masked.
+  """
+  model = nnx.merge(graphdef, params)
+  t = completion_NT.shape[1]
+  tokens = jnp.concatenate([prompt_NP, completion_NT], axis=1)
+  mask = jnp.concatenate([prompt_mask_NP, completion_mask_NT], axis=1)
+  h = model.hidden_states(tokens, None, mask.astype(bool))
+  h = predictor_hidden(h, prompt_mask_NP, t)
+  logits = model.logits_from_hidden(h)
+  temp = temperature if temperature > 0 else 1.0
+  out = logprobs_lib.token_logprobs_and_entropy(logits, completion_NT,
+                                                temperature=temp)
+  m = completion_mask_NT.astype(bool)
+  return Scores(jnp.where(m, out.logp, 0.0), jnp.where(m, out.entropy, 0.0))
