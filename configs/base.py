@@ -39,7 +39,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
   # Supervised warm-up on (prompt, answer + EOS).
   c.sft = ml_collections.ConfigDict(dict(
-      steps=200,
+      steps=1500,
       batch_size=64,
       learning_rate=1e-3,
       warmup_steps=20,
@@ -50,37 +50,37 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # RL phase.
   c.rl = ml_collections.ConfigDict(dict(
       method="grpo",
-      steps=100,
-      prompts_per_step=32,   # B
-      num_samples=8,         # G
+      steps=300,
+      prompts_per_step=64,   # B
+      num_samples=16,         # G
       temperature=1.0,
       top_k=0,
       top_p=1.0,
       min_p=0.0,
-      learning_rate=2e-4,
-      warmup_steps=0,
+      learning_rate=3e-4,
+      warmup_steps=20,
       weight_decay=0.0,
       grad_clip=1.0,
       num_epochs=1,          # passes over each rollout batch
-      num_minibatches=2,     # optimiser updates per pass
+      num_minibatches=1,     # optimiser updates per pass (1: on-policy)
       num_microbatches=1,    # gradient accumulation per update
       clip_low=0.2,
       clip_high=0.2,
       dual_clip=0.0,         # 0 disables
       scale_by_std=True,     # False: Dr.GRPO advantages
-      aggregation="seq_mean_token_mean",
+      aggregation="token_mean",
       entropy_coef=0.0,
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
-      every=25,           # RL steps between held-out evaluations
-      num_problems=256,
+      every=50,           # RL steps between held-out evaluations
+      num_problems=512,
       num_samples=8,      # group size G of pass@G
       batch_size=256,
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
-      every=50,           # steps (SFT and RL counted together)
+      every=250,          # steps (SFT and RL counted together)
       max_to_keep=2,
   ))
 

@@ -31,12 +31,15 @@ class Rollout(NamedTuple):
     mask: [N, T] bool, True on generated tokens including the EOS.
     lengths: [N] int32 number of generated tokens (EOS included).
     finished: [N] bool, the sequence ended with EOS (False: truncated at T).
+    steps: int32 scalar, decode iterations run (< T when all sequences ended
+      early).
   """
   tokens: jax.Array
   logp: jax.Array
   mask: jax.Array
   lengths: jax.Array
   finished: jax.Array
+  steps: jax.Array
 
 
 def check_context(prompt_len: int, max_new_tokens: int, max_seq_len: int):
@@ -112,12 +115,12 @@ def generate(graphdef: nnx.GraphDef, params, prompt_BP: jax.typing.ArrayLike,
   init = (jnp.int32(0), jnp.full((b, g, t), pad_id, jnp.int32),
           jnp.zeros((b, g, t), jnp.float32), jnp.zeros((b, g, t), bool),
           jnp.zeros((b, g), bool), logits_BGV, cache)
-  _, tokens, logp, mask, done, _, _ = jax.lax.while_loop(cond, body, init)
+  steps, tokens, logp, mask, done, _, _ = jax.lax.while_loop(cond, body, init)
   # Slots after an early exit were never written: pad_id, mask False.
   return Rollout(tokens=tokens.reshape(b * g, t), logp=logp.reshape(b * g, t),
                  mask=mask.reshape(b * g, t),
                  lengths=jnp.sum(mask, axis=-1).reshape(b * g).astype(jnp.int32),
-                 finished=done.reshape(b * g))
+                 finished=done.reshape(b * g), steps=steps)
 
 
 @functools.partial(jax.jit, static_argnums=(0,),

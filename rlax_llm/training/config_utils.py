@@ -128,3 +128,47 @@ def exit_on_bad_overrides(argv: list[str], default: str,
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+# Fields that may change when a run is resumed: they alter how the rest of the
+# run is observed or stored, or extend it, but not what was already computed.
+RESUMABLE_CHANGES = ("progress", "eval.", "checkpoint.", "mesh.", "rl.steps")
+
+
+def _flat_values(config: ml_collections.ConfigDict, prefix: str = ""):
+  out = {}
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_flat_values(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict, *,
+                        resuming: bool) -> None:
+  """Stores the config of a new run; refuses to resume with a different one.
+
+  Raises:
+    ValueError: naming the fields that differ from the workdir's run.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort(sort_keys=True))
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    a = _flat_values(ml_collections.ConfigDict(saved))
+    b = _flat_values(ml_collections.ConfigDict(current))
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                  and not k.startswith(RESUMABLE_CHANGES))
+    if diff:
+      shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:8])
+      raise ValueError(
+          f"The workdir {workdir!r} holds a run with a different config "
+          f"({shown}). Resuming would mix two experiments: use a new "
+          "--workdir, or restore the original values.")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(current, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

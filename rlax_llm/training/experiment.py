@@ -14,7 +14,6 @@ ends with the same metrics as an uninterrupted run.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -60,26 +59,27 @@ class ArithmeticSetup:
 TASKS: dict[str, Callable[..., Any]] = {"arithmetic": ArithmeticSetup}
 
 
-def _optimizer(section, total_steps: int) -> optax.GradientTransformation:
-  warmup = int(section.warmup_steps)
-  if warmup > 0:
-    lr = optax.join_schedules(
-        [optax.linear_schedule(0.0, section.learning_rate, warmup),
-         optax.constant_schedule(section.learning_rate)], [warmup])
-  else:
-    lr = section.learning_rate
-  parts = []
-  if section.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(section.grad_clip))
-  parts.append(optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=
-                           section.weight_decay))
-  del total_steps
-  return optax.chain(*parts)
+def _optimizer(section) -> optax.GradientTransformation:
+  """Gradient clipping + AdamW with linear warm-up to a constant rate.
+
+  The rate is always a schedule, so the optimiser state has the same structure
+  whatever the warm-up (checkpoints restore across such changes).
+  """
+  warmup = max(int(section.warmup_steps), 0)
+  peak = float(section.learning_rate)
+  lr = optax.join_schedules(
+      [optax.linear_schedule(0.0 if warmup else peak, peak, max(warmup, 1)),
+       optax.constant_schedule(peak)], [warmup])
+  return optax.chain(
+      optax.clip_by_global_norm(section.grad_clip if section.grad_clip > 0
+                                else float("inf")),
+      optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=section.weight_decay))
 
 
 def _check_finite(metrics: dict[str, Any], step: int, last_ckpt: int | None):
   bad = [k for k, v in metrics.items()
-         if isinstance(v, (float, np.floating)) and not math.isfinite(v)]
+         if np.issubdtype(np.asarray(v).dtype, np.floating)
+         and not np.all(np.isfinite(v))]
   if bad:
     where = (f"the last good checkpoint (step {last_ckpt}) is intact"
              if last_ckpt is not None else "no checkpoint had been written")
@@ -129,8 +129,8 @@ class Experiment:
         c.rl.method, clip_low=c.rl.clip_low, clip_high=c.rl.clip_high,
         dual_clip=c.rl.dual_clip or None, scale_by_std=c.rl.scale_by_std,
         aggregation=c.rl.aggregation, max_new_tokens=self.max_new_tokens)
-    self.sft_opt = _optimizer(c.sft, c.sft.steps)
-    self.rl_opt = _optimizer(c.rl, c.rl.steps)
+    self.sft_opt = _optimizer(c.sft)
+    self.rl_opt = _optimizer(c.rl)
     self.graphdef = state_lib.model_graphdef(self.model_cfg)
     self.total_steps = c.sft.steps + c.rl.steps
     test = self.setup.task.test_set(c.eval.num_problems)
@@ -228,6 +228,7 @@ class Experiment:
     t_start = time.time()
     latest = self.ckpt.latest_step()
     meta: dict[str, Any] = {"phase": "sft"}
+    config_utils.check_resume_config(self.workdir, c, resuming=latest is not None)
     if latest is None:
       state, sft_sh = state_lib.create_train_state(
           self.model_cfg, self.sft_opt, self.mesh, seed=c.seed)
@@ -338,7 +339,7 @@ class Experiment:
 
 
 def _progress(enabled: bool, total: int, initial: int):
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm(total=total, initial=initial, disable=not enabled,
               desc="train", unit="step", dynamic_ncols=True)
 

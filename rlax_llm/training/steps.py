@@ -94,7 +94,7 @@ def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
         state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
   return sft_step
@@ -159,7 +159,7 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
     params = optax.apply_updates(params, updates)
     tokens = jnp.maximum(jnp.sum(sums_U["tokens"]), 1.0)
     out = {k: jnp.mean(v) for k, v in metrics_U.items()}
-    out.update(loss=jnp.sum(loss_U), grad_norm=optax.global_norm(grads),
+    out.update(loss=jnp.sum(loss_U), grad_norm=optax.tree.norm(grads),
                entropy=jnp.sum(sums_U["entropy"]) / tokens,
                logp_mismatch_mean=jnp.sum(sums_U["logp_mismatch_mean"]) / tokens,
                logp_mismatch_max=jnp.max(maxdiff_U))

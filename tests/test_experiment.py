@@ -1,0 +1,162 @@
+"""End-to-end runs of the experiment layer on the smoke config."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import smoke
+from rlax_llm.training import experiment
+from rlax_llm.training.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _strip_time(records):
+  return [{k: v for k, v in r.items() if not k.startswith("time/")}
+          for r in records]
+
+
+def _run_cli(workdir, *flags, timeout=300):
+  cmd = [sys.executable, "-m", "experiments.train",
+         "--config=configs/smoke.py", f"--workdir={workdir}", *flags]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("smoke")
+  summary = experiment.run(smoke.get_config(), str(workdir))
+  return workdir, summary
+
+
+def test_smoke_run_writes_every_artifact(smoke_run):
+  workdir, summary = smoke_run
+  c = smoke.get_config()
+  total = c.sft.steps + c.rl.steps
+  on_disk = json.load(open(workdir / "summary.json"))
+  for key in ("sft_accuracy", "final_accuracy"):
+    assert 0.0 <= on_disk[key] <= 1.0
+  assert on_disk["final_accuracy"] == summary["final_accuracy"]
+  records = read_metrics(str(workdir / "metrics.jsonl"))
+  train_steps = [r["step"] for r in records if "time/step_s" in r]
+  assert train_steps == list(range(1, total + 1))
+  eval_steps = [r["step"] for r in records if "eval/accuracy" in r]
+  # Before RL, then every `eval.every` RL steps, and at the end.
+  assert eval_steps == [c.sft.steps, c.sft.steps + 2, c.sft.steps + 4]
+  evals = {r["step"]: r for r in records if "eval/accuracy" in r}
+  assert summary["sft_accuracy"] == evals[c.sft.steps]["eval/accuracy"]
+  assert summary["final_accuracy"] == evals[total]["eval/accuracy"]
+  rl = [r for r in records if "rl/loss" in r]
+  assert len(rl) == c.rl.steps
+  # The rollout's log-probs match the trainer's recomputation.
+  assert max(r["rl/logp_mismatch_max"] for r in rl) < 1e-4
+  assert all(np.isfinite(r["rl/loss"]) for r in rl)
+  assert os.listdir(workdir / "tensorboard")
+  assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")
+                if s.isdigit())[-1] == total
+
+
+def test_rerun_of_a_finished_run_changes_nothing(smoke_run):
+  workdir, summary = smoke_run
+  before = open(workdir / "metrics.jsonl").read()
+  again = experiment.run(smoke.get_config(), str(workdir))
+  assert open(workdir / "metrics.jsonl").read() == before
+  assert again["final_accuracy"] == summary["final_accuracy"]
+
+
+def test_same_seed_same_metrics_other_seed_differs(smoke_run, tmp_path):
+  workdir, _ = smoke_run
+  experiment.run(smoke.get_config(), str(tmp_path / "a"))
+  ref = _strip_time(read_metrics(str(workdir / "metrics.jsonl")))
+  assert _strip_time(read_metrics(str(tmp_path / "a/metrics.jsonl"))) == ref
+  c = smoke.get_config()
+  c.seed = 1
+  experiment.run(c, str(tmp_path / "b"))
+  assert _strip_time(read_metrics(str(tmp_path / "b/metrics.jsonl"))) != ref
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path):
+  flags = ("--config.rl.steps=10", "--config.checkpoint.every=5")
+  full = _run_cli(tmp_path / "full", *flags)
+  assert full.returncode == 0, full.stderr[-2000:]
+
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "experiments.train", "--config=configs/smoke.py",
+       f"--workdir={workdir}", *flags], cwd=REPO,
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  target = workdir / "checkpoints" / "15"  # an RL-phase checkpoint
+  deadline = time.time() + 240
+  while not target.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert target.exists(), "the run never reached its step-15 checkpoint"
+  assert not (workdir / "summary.json").exists(), "killed too late"
+  killed_at = read_metrics(str(workdir / "metrics.jsonl"))[-1]["step"]
+  assert killed_at < 22
+
+  resumed = _run_cli(workdir, *flags)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  want = _strip_time(read_metrics(str(tmp_path / "full/metrics.jsonl")))
+  got = _strip_time(read_metrics(str(workdir / "metrics.jsonl")))
+  assert got == want
+  s_full = json.load(open(tmp_path / "full/summary.json"))
+  s_res = json.load(open(workdir / "summary.json"))
+  for key in ("sft_accuracy", "final_accuracy", "final_eval", "sft_eval"):
+    assert s_res[key] == s_full[key]
+
+
+def test_unknown_config_key_names_it_and_suggests(tmp_path):
+  out = _run_cli(tmp_path / "w", "--config.rl.stepz=3", timeout=120)
+  assert out.returncode == 2
+  assert "rl.stepz" in out.stderr and "--config.rl.steps" in out.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_unwritable_workdir_is_refused(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(PermissionError, match="cannot be written"):
+    experiment.run(smoke.get_config(), str(blocker / "run"))
+
+
+def test_prompt_longer_than_context_is_refused_before_compute(tmp_path):
+  c = smoke.get_config()
+  c.model.max_seq_len = 8  # prompts are up to 6 tokens, answers 4 + EOS
+  with pytest.raises(ValueError, match="exceeds the model context"):
+    experiment.run(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "checkpoints").exists()
+  assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+  c = smoke.get_config()
+  c.sft.learning_rate = 1e38  # parameters overflow within a few steps
+  c.sft.grad_clip = 0.0
+  c.sft.warmup_steps = 0
+  c.checkpoint.every = 1
+  with pytest.raises(FloatingPointError, match="Non-finite"):
+    experiment.run(c, str(tmp_path / "w"))
+  ckpts = [s for s in os.listdir(tmp_path / "w" / "checkpoints")
+           if s.isdigit()]
+  records = read_metrics(str(tmp_path / "w" / "metrics.jsonl"))
+  # Every checkpoint left behind precedes the failing step.
+  last_logged = records[-1]["step"] if records else 0
+  assert all(int(s) <= last_logged for s in ckpts)
+
+
+def test_resuming_with_a_different_config_is_refused(smoke_run):
+  workdir, _ = smoke_run
+  c = smoke.get_config()
+  c.rl.learning_rate = 0.5
+  with pytest.raises(ValueError, match="rl.learning_rate"):
+    experiment.run(c, str(workdir))

@@ -1,0 +1,162 @@
+"""Tests for rlax_llm.core.logprobs."""
+
+import functools
+import math
+
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlax_llm.core import logprobs
+
+VARIANTS = [pytest.param(lambda f: f, id="eager"),
+            pytest.param(jax.jit, id="jit")]
+PROPERTY_SETTINGS = settings(max_examples=20, deadline=None, database=None)
+
+
+def reference_logp_and_entropy(logits_NTV, targets_NT, temperature=1.0):
+  """Plain-loop float64 target log-probs and entropies."""
+  n_rows, n_cols, vocab = logits_NTV.shape
+  logp_NT, entropy_NT = np.zeros((n_rows, n_cols)), np.zeros((n_rows, n_cols))
+  for n in range(n_rows):
+    for t in range(n_cols):
+      z = [float(logits_NTV[n, t, v]) / temperature for v in range(vocab)]
+      top = max(z)
+      log_norm = top + math.log(sum(math.exp(zv - top) for zv in z))
+      logp_NT[n, t] = z[int(targets_NT[n, t])] - log_norm
+      entropy_NT[n, t] = -sum(
+          math.exp(zv - log_norm) * (zv - log_norm) for zv in z
+          if zv != -math.inf)
+  return logp_NT, entropy_NT
+
+
+def random_logits(rng, n_rows, n_cols, vocab, scale=3.0):
+  logits_NTV = (scale * rng.normal(size=(n_rows, n_cols, vocab))).astype(
+      np.float32)
+  targets_NT = rng.integers(0, vocab, size=(n_rows, n_cols))
+  return logits_NTV, targets_NT
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_matches_reference(variant, temperature):
+  logits_NTV, targets_NT = random_logits(np.random.default_rng(0), 3, 4, 11)
+  want_logp, want_entropy = reference_logp_and_entropy(logits_NTV, targets_NT,
+                                                       temperature)
+  logp_NT = variant(functools.partial(logprobs.token_logprobs,
+                                      temperature=temperature))(logits_NTV,
+                                                                targets_NT)
+  entropy_NT = variant(functools.partial(logprobs.entropy_from_logits,
+                                         temperature=temperature))(logits_NTV)
+  both = variant(functools.partial(logprobs.token_logprobs_and_entropy,
+                                   temperature=temperature))(logits_NTV,
+                                                             targets_NT)
+  assert isinstance(both, logprobs.LogprobsAndEntropy)
+  for got, want in [(logp_NT, want_logp), (entropy_NT, want_entropy),
+                    (both.logp, want_logp), (both.entropy, want_entropy)]:
+    assert got.dtype == jnp.float32 and got.shape == (3, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_over_rows():
+  logits_NTV, targets_NT = random_logits(np.random.default_rng(1), 4, 3, 7)
+  row_fn = lambda logits_TV, targets_T: logprobs.token_logprobs_and_entropy(
+      logits_TV[None], targets_T[None], temperature=0.5)
+  got = jax.jit(jax.vmap(row_fn))(logits_NTV, targets_NT)
+  want_logp, want_entropy = reference_logp_and_entropy(logits_NTV, targets_NT,
+                                                       0.5)
+  np.testing.assert_allclose(got.logp[:, 0], want_logp, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.entropy[:, 0], want_entropy, rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_hand_computed():
+  logits_NTV = jnp.array([[[0.0, math.log(3.0)]]])  # p = [1/4, 3/4].
+  targets_NT = jnp.array([[1]])
+  np.testing.assert_allclose(logprobs.token_logprobs(logits_NTV, targets_NT),
+                             [[-0.28768207]], rtol=1e-6)  # ln 3/4
+  np.testing.assert_allclose(logprobs.entropy_from_logits(logits_NTV),
+                             [[0.56233514]], rtol=1e-6)
+  # Temperature 2: p = [1, sqrt 3] / (1 + sqrt 3).
+  out = logprobs.token_logprobs_and_entropy(logits_NTV, targets_NT,
+                                            temperature=2.0)
+  np.testing.assert_allclose(out.logp, [[-0.45574639]], rtol=1e-6)
+  np.testing.assert_allclose(out.entropy, [[0.65680640]], rtol=1e-6)
+
+
+def test_gradient_is_onehot_minus_softmax():
+  logits_NTV, targets_NT = random_logits(np.random.default_rng(2), 2, 3, 5)
+  grad_NTV = jax.grad(
+      lambda x: jnp.sum(logprobs.token_logprobs(x, targets_NT)))(logits_NTV)
+  want_NTV = np.eye(5)[targets_NT] - np.asarray(jax.nn.softmax(logits_NTV))
+  np.testing.assert_allclose(grad_NTV, want_NTV, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_logits_are_upcast_before_softmax():
+  rng = np.random.default_rng(3)
+  logits_NTV, targets_NT = random_logits(rng, 2, 3, 512, scale=8.0)
+  logits_NTV = jnp.asarray(logits_NTV, jnp.bfloat16)
+  out = logprobs.token_logprobs_and_entropy(logits_NTV, targets_NT)
+  assert out.logp.dtype == jnp.float32 and out.entropy.dtype == jnp.float32
+  # Exact float64 answer for the bfloat16-rounded logits: a bfloat16
+  # log-softmax would be off by ~1e-2 here.
+  want_logp, want_entropy = reference_logp_and_entropy(
+      np.asarray(logits_NTV, np.float32), targets_NT)
+  np.testing.assert_allclose(out.logp, want_logp, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.entropy, want_entropy, rtol=1e-5, atol=1e-5)
+
+
+def test_minus_inf_logits_give_finite_values_and_gradients():
+  logits_NTV = jnp.array([[[0.0, -jnp.inf, math.log(3.0)],
+                           [-jnp.inf, 2.0, -jnp.inf]]])
+  targets_NT = jnp.array([[2, 1]])
+
+  def total(x):
+    out = logprobs.token_logprobs_and_entropy(x, targets_NT)
+    return jnp.sum(out.logp) + jnp.sum(out.entropy), out
+
+  (_, out), grad_NTV = jax.value_and_grad(total, has_aux=True)(logits_NTV)
+  np.testing.assert_allclose(out.logp, [[math.log(0.75), 0.0]], atol=1e-6)
+  np.testing.assert_allclose(out.entropy, [[0.56233514, 0.0]], atol=1e-6)
+  assert np.all(np.isfinite(grad_NTV))
+
+
+def test_bad_inputs_raise():
+  with pytest.raises(ValueError, match="temperature"):
+    logprobs.token_logprobs(jnp.zeros((1, 1, 2)), jnp.zeros((1, 1), jnp.int32),
+                            temperature=0.0)
+  with pytest.raises(AssertionError):
+    logprobs.token_logprobs(jnp.zeros((1, 2, 3)), jnp.zeros((2, 1), jnp.int32))
+
+
+_jit_logp_and_entropy = jax.jit(logprobs.token_logprobs_and_entropy)
+_jit_logp_every_target = jax.jit(jax.vmap(
+    lambda logits_NTV, targets_NT, temperature: logprobs.token_logprobs(
+        logits_NTV, targets_NT, temperature=temperature),
+    in_axes=(None, 0, None)))
+
+
+@PROPERTY_SETTINGS
+@given(seed=st.integers(0, 2**32 - 1),
+       scale=st.sampled_from([1e-3, 1.0, 30.0]),
+       temperature=st.sampled_from([0.3, 1.0, 2.0]))
+def test_probabilities_normalise_and_entropy_is_bounded(seed, scale,
+                                                        temperature):
+  vocab = 9
+  logits_NTV, targets_NT = random_logits(np.random.default_rng(seed), 3, 4,
+                                         vocab, scale)
+  out = _jit_logp_and_entropy(logits_NTV, targets_NT,
+                              temperature=temperature)
+  assert np.all(np.asarray(out.logp) <= 1e-6)  # 0 up to rounding.
+  assert np.all(np.asarray(out.entropy) >= -1e-6)
+  assert np.all(np.asarray(out.entropy) <= math.log(vocab) + 1e-5)
+  # Summing exp(logp) over every possible target gives 1.
+  every_target_VNT = np.broadcast_to(
+      np.arange(vocab)[:, None, None], (vocab, 3, 4))
+  logp_VNT = _jit_logp_every_target(logits_NTV, every_target_VNT,
+                                    temperature)
+  np.testing.assert_allclose(np.exp(logp_VNT).sum(0), 1.0, rtol=1e-5)

@@ -1,0 +1,166 @@
+"""Update steps: exact micro-batching, no recompilation, sharded == one device."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import optax
+
+from rlax_llm.methods import grpo
+from rlax_llm.models.config import ModelConfig
+from rlax_llm.parallel.mesh import make_mesh
+from rlax_llm.training import state as state_lib
+from rlax_llm.training import steps as steps_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = ModelConfig(vocab_size=19, num_layers=2, embed_dim=32, num_heads=4,
+                  num_kv_heads=2, head_dim=8, mlp_dim=48, max_seq_len=32)
+
+
+def _rl_batch(n=16, p=5, t=6, seed=0):
+  rng = np.random.default_rng(seed)
+  prompt = rng.integers(2, 19, (n, p)).astype(np.int32)
+  pmask = np.ones((n, p), bool)
+  pmask[::3, :2] = False  # some left padding
+  comp = rng.integers(1, 19, (n, t)).astype(np.int32)
+  lengths = rng.integers(0, t + 1, n)  # includes empty completions
+  cmask = np.arange(t)[None] < lengths[:, None]
+  old = np.where(cmask, rng.normal(-2.0, 0.3, (n, t)), 0).astype(np.float32)
+  adv = (rng.normal(size=(n, 1)) * cmask).astype(np.float32)
+  return steps_lib.RLBatch(prompt, pmask, comp, cmask, old, adv)
+
+
+def _run_rl(num_microbatches, aggregation, num_minibatches=1, epochs=1):
+  # One SGD update with a large rate: the parameter change is -lr * gradient,
+  # far above the float32 resolution of the parameters.
+  opt = optax.sgd(100.0)
+  mesh = make_mesh()
+  state, sh = state_lib.create_train_state(CFG, opt, mesh, seed=0)
+  method = grpo(aggregation=aggregation, max_new_tokens=6)
+  step = steps_lib.make_rl_step(
+      state_lib.model_graphdef(CFG), opt, method.policy_loss,
+      num_epochs=epochs, num_minibatches=num_minibatches,
+      num_microbatches=num_microbatches)
+  new_state, metrics = jax.jit(step)(state, _rl_batch())
+  return state, new_state, metrics
+
+
+def test_microbatching_does_not_change_the_update():
+  for aggregation in ("token_mean", "seq_mean_token_mean",
+                      "seq_mean_token_sum_norm"):
+    old, one, m1 = _run_rl(1, aggregation)
+    _, four, m4 = _run_rl(4, aggregation)
+    d_one = jax.tree.map(lambda a, b: np.asarray(a - b), one.params, old.params)
+    d_four = jax.tree.map(lambda a, b: np.asarray(a - b), four.params,
+                          old.params)
+    for a, b in zip(jax.tree.leaves(d_one), jax.tree.leaves(d_four)):
+      # 2.5e-7 absorbs the float32 rounding of parameters of size ~1.
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max()
+                                 + 2.5e-7)
+    assert np.abs(jax.tree.leaves(d_one)[0]).max() > 0  # it did update
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5, atol=1e-7)
+
+
+def test_first_minibatch_ratio_is_one_when_old_logp_is_current():
+  """With old_logp from the current policy, the first update sees ratio 1."""
+  opt = optax.sgd(0.0)
+  state, _ = state_lib.create_train_state(CFG, opt, make_mesh(), seed=0)
+  graphdef = state_lib.model_graphdef(CFG)
+  batch = _rl_batch()
+  from rlax_llm.training.scoring import score_completions  # pylint: disable=g-import-not-at-top
+  logp = score_completions(graphdef, state.params, batch.prompt,
+                           batch.prompt_mask, batch.completion,
+                           batch.completion_mask).logp
+  batch = batch._replace(old_logp=np.asarray(logp))
+  step = steps_lib.make_rl_step(graphdef, opt, grpo().policy_loss)
+  _, m = jax.jit(step)(state, batch)
+  assert float(m["logp_mismatch_max"]) < 1e-6
+  np.testing.assert_allclose(float(m["ratio_mean"]), 1.0, atol=1e-6)
+  assert float(m["clip_frac"]) == 0.0
+
+
+def test_jitted_step_compiles_once_for_same_shapes():
+  opt = optax.adam(1e-3)
+  mesh = make_mesh()
+  state, sh = state_lib.create_train_state(CFG, opt, mesh, seed=0)
+  step = steps_lib.jit_step(steps_lib.make_rl_step(
+      state_lib.model_graphdef(CFG), opt, grpo().policy_loss,
+      num_minibatches=2), sh, mesh)
+  state, _ = step(state, _rl_batch(seed=1))
+  state, _ = step(state, _rl_batch(seed=2))
+  (compiled,) = step.jitted.values()
+  assert compiled._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_sft_step_lowers_the_loss_on_a_fixed_batch():
+  opt = optax.adam(3e-3)
+  mesh = make_mesh()
+  state, sh = state_lib.create_train_state(CFG, opt, mesh, seed=0)
+  b = _rl_batch()
+  batch = steps_lib.SFTBatch(b.prompt, b.prompt_mask, b.completion,
+                             b.completion_mask)
+  step = steps_lib.jit_step(steps_lib.make_sft_step(
+      state_lib.model_graphdef(CFG), opt), sh, mesh)
+  losses = []
+  for _ in range(30):
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+  assert losses[-1] < 0.5 * losses[0]
+  # Initial loss of a near-uniform model is close to log(V).
+  assert abs(losses[0] - np.log(19)) < 0.3
+
+
+_SHARDED = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import json, jax, numpy as np, optax
+    from tests.test_steps import CFG, _rl_batch
+    from rlax_llm.methods import grpo
+    from rlax_llm.parallel.mesh import make_mesh
+    from rlax_llm.training import state as state_lib, steps as steps_lib
+    assert len(jax.devices()) == 8
+    out = {}
+    for name, shape in [("one", None), ("d8", (8, 1, 1)), ("d2f2t2", (2, 2, 2)),
+                        ("f4t2", (1, 4, 2))]:
+      devices = jax.devices()[:1] if shape is None else None
+      mesh = make_mesh(shape or (1, 1, 1), devices)
+      opt = optax.adam(1e-2)
+      state, sh = state_lib.create_train_state(CFG, opt, mesh, seed=0)
+      gd = state_lib.model_graphdef(CFG)
+      rl = steps_lib.jit_step(steps_lib.make_rl_step(
+          gd, opt, grpo().policy_loss, num_minibatches=2), sh, mesh)
+      sft = steps_lib.jit_step(steps_lib.make_sft_step(gd, opt), sh, mesh)
+      b = _rl_batch()
+      state, m1 = sft(state, steps_lib.SFTBatch(*b[:4]))
+      state, m2 = rl(state, b)
+      leaves = jax.tree.leaves(state.params)
+      specs = [str(x.sharding.spec) for x in leaves]
+      out[name] = dict(sft=float(m1["loss"]), rl=float(m2["loss"]),
+                       p=[np.asarray(x).ravel()[:50].tolist() for x in leaves],
+                       sharded=sum(s != "PartitionSpec()" and "'" in s
+                                   for s in specs))
+    print(json.dumps(out))
+""")
+
+
+def test_sharded_steps_match_one_device():
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import json  # pylint: disable=g-import-not-at-top
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  ref = out["one"]
+  assert ref["sharded"] == 0
+  for name in ("d8", "d2f2t2", "f4t2"):
+    np.testing.assert_allclose(out[name]["sft"], ref["sft"], rtol=1e-5)
+    np.testing.assert_allclose(out[name]["rl"], ref["rl"], rtol=1e-4,
+                               atol=1e-6)
+    for a, b in zip(out[name]["p"], ref["p"]):
+      np.testing.assert_allclose(a, b, atol=2e-5)
+  # With fsdp/tensor axes, weights really are split across devices.
+  assert out["d2f2t2"]["sharded"] > 5 and out["f4t2"]["sharded"] > 5
