@@ -160,3 +160,26 @@ def test_resuming_with_a_different_config_is_refused(smoke_run):
   c.rl.learning_rate = 0.5
   with pytest.raises(ValueError, match="rl.learning_rate"):
     experiment.run(c, str(workdir))
+
+
+def test_evaluate_scores_the_latest_checkpoint_like_training(smoke_run,
+                                                             tmp_path):
+  workdir, summary = smoke_run
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate",
+       "--config=configs/smoke.py", f"--workdir={workdir}"], cwd=REPO,
+      capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  c = smoke.get_config()
+  assert result["step"] == c.sft.steps + c.rl.steps
+  # Same params, same evaluation key: the final evaluation is reproduced.
+  for key in ("accuracy", "pass@1", f"pass@{c.eval.num_samples}",
+              f"maj@{c.eval.num_samples}"):
+    assert result[key] == summary["final_eval"][key]
+  assert json.load(open(workdir / f"eval_step{result['step']}.json")) == result
+  missing = subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate",
+       "--config=configs/smoke.py", f"--workdir={tmp_path / 'none'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert missing.returncode == 2 and "train first" in missing.stderr

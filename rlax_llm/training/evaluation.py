@@ -30,6 +30,24 @@ def pass_at_k(num_correct: np.ndarray, n: int, k: int) -> np.ndarray:
   return out
 
 
+def _majority_correct(texts: Sequence[str], rewards_KG: np.ndarray,
+                     g: int) -> np.ndarray:
+  """maj@G: is the most frequent answer of each group correct?
+
+  Answers are compared after stripping whitespace; ties go to the answer seen
+  first. Its correctness is read off the reward of a sample giving it.
+  """
+  out = np.zeros(rewards_KG.shape[0], np.float64)
+  for i in range(rewards_KG.shape[0]):
+    group = [t.strip() for t in texts[i * g:(i + 1) * g]]
+    counts: dict[str, int] = {}
+    for t in group:
+      counts[t] = counts.get(t, 0) + 1
+    best = max(counts, key=lambda t: (counts[t], -group.index(t)))
+    out[i] = float(rewards_KG[i, group.index(best)] >= 0.5)
+  return out
+
+
 def evaluate(graphdef: nnx.GraphDef, params, *, prompts_BP: np.ndarray,
              prompt_mask_BP: np.ndarray, answers: Sequence[str],
              decode: Callable[[np.ndarray, np.ndarray], list[str]],
@@ -54,10 +72,11 @@ def evaluate(graphdef: nnx.GraphDef, params, *, prompts_BP: np.ndarray,
 
   Returns:
     {"accuracy": greedy accuracy, "pass@G": fraction of prompts with a correct
-     sample, "pass@1": mean sampled reward, "mean_length": greedy length}.
+     sample, "pass@1": mean sampled reward, "maj@G": majority-vote accuracy,
+     "mean_length": greedy length}.
   """
   n = len(answers)
-  greedy, sampled, lengths = [], [], []
+  greedy, sampled, lengths, majority = [], [], [], []
   for i, start in enumerate(range(0, n, batch_size)):
     sl = slice(start, start + batch_size)
     p, m = prompts_BP[sl], prompt_mask_BP[sl]
@@ -80,8 +99,10 @@ def evaluate(graphdef: nnx.GraphDef, params, *, prompts_BP: np.ndarray,
           eos_id=eos_id, pad_id=pad_id, sampler=sampler))
       g = num_samples
       texts = decode(ro.tokens[:k * g], ro.mask[:k * g])
-      sampled.append(reward_fn(texts, [a for a in ans for _ in range(g)])
-                     .reshape(k, g))
+      rewards = np.asarray(reward_fn(texts, [a for a in ans for _ in range(g)])
+                           ).reshape(k, g)
+      sampled.append(rewards)
+      majority.append(_majority_correct(texts, rewards, g))
   out = {"accuracy": float(np.mean(np.concatenate(greedy))),
          "mean_length": float(np.mean(np.concatenate(lengths)))}
   if num_samples:
@@ -90,4 +111,5 @@ def evaluate(graphdef: nnx.GraphDef, params, *, prompts_BP: np.ndarray,
     out[f"pass@{num_samples}"] = float(np.mean(
         pass_at_k(correct, num_samples, num_samples)))
     out["pass@1"] = float(np.mean(pass_at_k(correct, num_samples, 1)))
+    out[f"maj@{num_samples}"] = float(np.mean(np.concatenate(majority)))
   return out

@@ -347,3 +347,30 @@ def _progress(enabled: bool, total: int, initial: int):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the experiment `config` in `workdir`; returns the summary."""
   return Experiment(config, workdir).run()
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict,
+                        workdir: str) -> dict[str, Any]:
+  """Evaluates the latest checkpoint in `workdir`; writes eval_step<N>.json."""
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise FileNotFoundError(
+        f"No checkpoints under {workdir!r}; train first with "
+        f"`python -m experiments.train --workdir={workdir}`.")
+  exp = Experiment(config, workdir)
+  latest = exp.ckpt.latest_step()
+  if latest is None:
+    raise FileNotFoundError(
+        f"{os.path.join(workdir, 'checkpoints')!r} holds no complete "
+        "checkpoint; train first with `python -m experiments.train`.")
+  meta = exp.ckpt.restore_meta(latest)
+  opt = exp.rl_opt if meta.get("phase") == "rl" else exp.sft_opt
+  abstract, sh = state_lib.state_shardings(exp.model_cfg, opt, exp.mesh,
+                                           seed=config.seed)
+  state, _ = exp.ckpt.restore(latest, abstract, sh)
+  result = {"step": latest, **exp.evaluate(state.params, latest)}
+  path = os.path.join(workdir, f"eval_step{latest}.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(result, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+  return result

@@ -1,0 +1,46 @@
+"""Scores the latest checkpoint of a run on the held-out problems.
+
+  python -m experiments.evaluate --config=configs/default.py --workdir=DIR
+
+Prints one JSON object (greedy accuracy, pass@1, pass@G, maj@G) and writes it
+to DIR/eval_step<N>.json, N being the checkpoint's step.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(_HERE), "configs", "default.py")
+if os.path.dirname(_HERE) not in sys.path:
+  sys.path.insert(0, os.path.dirname(_HERE))
+
+if __name__ == "__main__":
+  from rlax_llm.training import config_utils  # pylint: disable=g-import-not-at-top
+  config_utils.exit_on_bad_overrides(sys.argv, _DEFAULT_CONFIG)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default",
+                               "The run directory holding checkpoints/.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from rlax_llm.training import experiment  # pylint: disable=g-import-not-at-top
+  try:
+    result = experiment.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+  app.run(main)
