@@ -4,8 +4,9 @@ import difflib
 
 from rlax_llm.methods.grpo import Method
 from rlax_llm.methods.grpo import grpo
+from rlax_llm.methods.grpo import rloo
 
-METHODS = {"grpo": grpo}
+METHODS = {"grpo": grpo, "rloo": rloo}
 
 
 def get_method(name: str, **kwargs) -> Method:
@@ -18,4 +19,4 @@ def get_method(name: str, **kwargs) -> Method:
   return METHODS[name](**kwargs)
 
 
-__all__ = ["METHODS", "Method", "get_method", "grpo"]
+__all__ = ["METHODS", "Method", "get_method", "grpo", "rloo"]

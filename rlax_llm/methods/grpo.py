@@ -56,3 +56,27 @@ def grpo(*, clip_low: float = 0.2, clip_high: float = 0.2,
                                     dual_clip=dual_clip,
                                     aggregation=aggregation,
                                     norm_constant=norm_constant))
+
+
+def rloo(*, clip_low: float = 0.2, clip_high: float = 0.2,
+         dual_clip: float | None = None, scale_by_std: bool = True,
+         aggregation: str = "token_mean", max_new_tokens: int | None = None,
+         adv_eps: float = 1e-6) -> Method:
+  """RLOO: leave-one-out group baseline, no std scaling, PPO-clip update.
+
+  "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from
+  Human Feedback in LLMs" (arXiv:2402.14740). `scale_by_std` and `adv_eps`
+  are accepted so every PPO-clip-family method takes the same settings; RLOO
+  ignores them.
+  """
+  del scale_by_std, adv_eps
+  norm_constant = (float(max_new_tokens)
+                   if aggregation == "seq_mean_token_sum_norm" else None)
+  return Method(
+      name="rloo",
+      advantage_fn=advantages.rloo_advantages,
+      policy_loss=functools.partial(objectives.ppo_clip_loss,
+                                    clip_low=clip_low, clip_high=clip_high,
+                                    dual_clip=dual_clip,
+                                    aggregation=aggregation,
+                                    norm_constant=norm_constant))
