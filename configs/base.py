@@ -68,8 +68,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       clip_high=0.2,
       dual_clip=0.0,         # 0 disables
       scale_by_std=True,     # False: Dr.GRPO advantages
+      group_baseline=True,   # REINFORCE++: subtract the group mean first
       aggregation="token_mean",
       entropy_coef=0.0,
+      dynamic_sampling=False,  # DAPO: replace groups whose rewards all agree
+      max_sampling_rounds=4,   # extra prompt draws allowed per step for that
   ))
 
   c.eval = ml_collections.ConfigDict(dict(

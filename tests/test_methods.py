@@ -33,6 +33,12 @@ def _shrunk(name):
     ("dr_grpo", [[0.5, -0.5, -0.5, 0.5], [0.25, 0.25, 0.25, -0.75]]),
     # RLOO: r - mean of the other G - 1.
     ("rloo", [[2 / 3, -2 / 3, -2 / 3, 2 / 3], [1 / 3, 1 / 3, 1 / 3, -1.0]]),
+    # REINFORCE++ with group baseline: group-centred, then divided by the
+    # batch (population) std sqrt(1.75 / 8) = 0.467707.
+    ("reinforce_pp", [[1.069045, -1.069045, -1.069045, 1.069045],
+                      [0.534522, 0.534522, 0.534522, -1.603567]]),
+    ("gspo", [[0.866025, -0.866025, -0.866025, 0.866025],
+              [0.5, 0.5, 0.5, -1.5]]),
 ])
 def test_config_selects_the_advantage(name, want, tmp_path):
   exp = experiment.Experiment(_shrunk(name), str(tmp_path))
@@ -60,3 +66,67 @@ def test_rloo_smoke_run_finishes(tmp_path):
 def test_unknown_method_suggests():
   with pytest.raises(ValueError, match="did you mean"):
     get_method("rlooo")
+
+
+def _rollout(name, tmp_path, reward_fn=None, step=20):
+  from rlax_llm.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  exp = experiment.Experiment(_shrunk(name), str(tmp_path))
+  if reward_fn is not None:
+    exp.setup.reward_fn = reward_fn
+  state, _ = state_lib.create_train_state(exp.model_cfg, exp.rl_opt, exp.mesh,
+                                          seed=0)
+  return exp, exp.rollout(state.params, step)
+
+
+def test_dynamic_sampling_keeps_only_informative_groups(tmp_path):
+  def coin(texts, answers):  # a deterministic 0/1 reward per text
+    del answers
+    return np.array([float(sum(map(ord, t)) % 2) for t in texts], np.float32)
+
+  exp, (batch, stats) = _rollout("dapo", tmp_path, coin)
+  b, g = exp.config.rl.prompts_per_step, exp.config.rl.num_samples
+  adv = batch.advantages.reshape(b, g, -1)
+  mask = batch.completion_mask.reshape(b, g, -1)
+  for i in range(b):
+    if mask[i].any():  # a kept group: its rewards differ, so advantages do
+      assert np.abs(adv[i][mask[i]]).max() > 0
+  assert stats["rollout/empty_groups"] == b - int(mask.any((1, 2)).sum())
+
+
+def test_dynamic_sampling_masks_out_a_batch_without_signal(tmp_path):
+  exp, (batch, stats) = _rollout(
+      "dapo", tmp_path, lambda t, a: np.zeros(len(t), np.float32))
+  assert not batch.completion_mask.any()
+  assert not batch.advantages.any()
+  assert stats["rollout/sampling_rounds"] == exp.config.rl.max_sampling_rounds
+  assert stats["rollout/empty_groups"] == exp.config.rl.prompts_per_step
+
+
+def test_dapo_config_uses_clip_higher(tmp_path):
+  exp = experiment.Experiment(_shrunk("dapo"), str(tmp_path))
+  logp = jnp.zeros((1, 3))
+  mask = jnp.ones((1, 3), bool)
+  # ratio e^0.3 = 1.35 > 1 + 0.28 with A > 0: clipped at 1.28.
+  loss, m = exp.method.policy_loss(logp + 0.3, logp, jnp.ones((1, 3)), mask)
+  np.testing.assert_allclose(float(loss), -1.28, rtol=1e-6)
+  assert float(m["clip_frac_high"]) == 1.0
+
+
+def test_gspo_clips_the_sequence_ratio(tmp_path):
+  exp = experiment.Experiment(_shrunk("gspo"), str(tmp_path))
+  old = jnp.zeros((1, 4))
+  mask = jnp.array([[1, 1, 1, 0]], bool)
+  logp = old.at[0, 0].set(0.3)  # sequence ratio exp(0.3 / 3) = 1.105
+  loss, _ = exp.method.policy_loss(logp, old, jnp.ones((1, 4)), mask)
+  # A > 0 and the ratio exceeds 1 + 4e-4: every token sees the clipped ratio.
+  np.testing.assert_allclose(float(loss), -(1 + 4e-4), rtol=1e-6)
+
+
+def test_cispo_weights_logp_by_the_clipped_ratio(tmp_path):
+  exp = experiment.Experiment(_shrunk("cispo"), str(tmp_path))
+  old = jnp.full((1, 2), -1.0)
+  logp = jnp.array([[-0.5, -1.0]])  # ratios e^0.5 = 1.65 (clipped), 1
+  mask = jnp.ones((1, 2), bool)
+  loss, _ = exp.method.policy_loss(logp, old, jnp.ones((1, 2)), mask)
+  # -(w * A * logp) token mean: -(1.28 * -0.5 + 1.0 * -1.0) / 2 = 0.82.
+  np.testing.assert_allclose(float(loss), 0.82, rtol=1e-6)

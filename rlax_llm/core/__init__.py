@@ -4,8 +4,13 @@ Nothing here imports models, data or training code; every function takes
 arrays (and keyword hyper-parameters) and returns arrays.
 """
 
+from rlax_llm.core.advantages import gae_advantages
+from rlax_llm.core.advantages import GAEOutput
 from rlax_llm.core.advantages import grpo_advantages
+from rlax_llm.core.advantages import reinforce_pp_advantages
 from rlax_llm.core.advantages import rloo_advantages
+from rlax_llm.core.advantages import token_level_returns
+from rlax_llm.core.advantages import token_level_rewards
 from rlax_llm.core.aggregation import AGGREGATIONS
 from rlax_llm.core.aggregation import AggregationFn
 from rlax_llm.core.aggregation import aggregate
@@ -17,31 +22,62 @@ from rlax_llm.core.logprobs import entropy_from_logits
 from rlax_llm.core.logprobs import LogprobsAndEntropy
 from rlax_llm.core.logprobs import token_logprobs
 from rlax_llm.core.logprobs import token_logprobs_and_entropy
+from rlax_llm.core.objectives import cispo_loss
+from rlax_llm.core.objectives import dft_loss
+from rlax_llm.core.objectives import entropy_loss
+from rlax_llm.core.objectives import gspo_loss
+from rlax_llm.core.objectives import IMPORTANCE_MODES
+from rlax_llm.core.objectives import importance_weights
 from rlax_llm.core.objectives import KL_ESTIMATORS
+from rlax_llm.core.objectives import kl_loss
 from rlax_llm.core.objectives import kl_penalty
+from rlax_llm.core.objectives import otr_exact_loss
+from rlax_llm.core.objectives import otr_loss
+from rlax_llm.core.objectives import policy_gradient_loss
 from rlax_llm.core.objectives import ppo_clip_loss
 from rlax_llm.core.objectives import ppo_clip_token_loss
 from rlax_llm.core.objectives import PPOClipAux
 from rlax_llm.core.objectives import sft_loss
+from rlax_llm.core.selection import dynamic_sampling_mask
+from rlax_llm.core.selection import overlong_penalty
+from rlax_llm.core.selection import truncation_mask
 
 __all__ = [
     "AGGREGATIONS",
     "AggregationFn",
+    "GAEOutput",
+    "IMPORTANCE_MODES",
     "KL_ESTIMATORS",
     "LogprobsAndEntropy",
     "PPOClipAux",
     "aggregate",
     "as_bool_mask",
+    "cispo_loss",
+    "dft_loss",
+    "dynamic_sampling_mask",
     "entropy_from_logits",
+    "entropy_loss",
+    "gae_advantages",
     "grpo_advantages",
+    "gspo_loss",
+    "importance_weights",
+    "kl_loss",
     "kl_penalty",
     "masked_mean",
     "masked_sum",
     "normalizers",
+    "otr_exact_loss",
+    "otr_loss",
+    "overlong_penalty",
+    "policy_gradient_loss",
     "ppo_clip_loss",
     "ppo_clip_token_loss",
+    "reinforce_pp_advantages",
     "rloo_advantages",
     "sft_loss",
+    "token_level_returns",
+    "token_level_rewards",
     "token_logprobs",
     "token_logprobs_and_entropy",
+    "truncation_mask",
 ]

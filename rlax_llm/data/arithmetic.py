@@ -355,7 +355,8 @@ class ArithmeticTask:
       self._test_cache = self._sample_test(n)
     return self._test_cache[:n]
 
-  def train_batch(self, step: int, batch_size: int) -> list[Problem]:
+  def train_batch(self, step: int, batch_size: int, *,
+                  draw: int = 0) -> list[Problem]:
     """Draws a batch of train-split problems, a pure function of ``step``.
 
     Problems are drawn independently (with replacement), so a batch may
@@ -364,6 +365,9 @@ class ArithmeticTask:
     Args:
       step: Non-negative training step.
       batch_size: Number of problems B.
+      draw: Index of an extra, independent draw for the same step (e.g. when
+        a step samples more prompts to replace uninformative ones); 0 is the
+        step's ordinary batch.
 
     Returns:
       B problems, all in the train split.
@@ -373,7 +377,9 @@ class ArithmeticTask:
     """
     step = _check_count("train_batch", "step", step)
     batch_size = _check_count("train_batch", "batch_size", batch_size)
-    rng = np.random.default_rng([self.config.seed, _TRAIN_STREAM, step])
+    draw = _check_count("train_batch", "draw", draw)
+    key = [self.config.seed, _TRAIN_STREAM, step] + ([draw] if draw else [])
+    rng = np.random.default_rng(key)
     if self.is_enumerated:
       enum = self._enumeration()
       train_idx = enum["train_idx"]

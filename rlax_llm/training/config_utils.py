@@ -75,6 +75,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(c.rl.steps >= 0, f"rl.steps must be >= 0, got {c.rl.steps}.")
   for name in ("sft.batch_size", "rl.prompts_per_step", "rl.num_samples",
                "rl.num_epochs", "rl.num_minibatches", "rl.num_microbatches",
+               "rl.max_sampling_rounds",
                "eval.every", "eval.num_problems", "eval.batch_size",
                "checkpoint.every", "checkpoint.max_to_keep"):
     section, field = name.split(".")

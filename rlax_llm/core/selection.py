@@ -1,0 +1,134 @@
+"""Selection and shaping of rollouts before the loss: DAPO's filters.
+
+Which groups and sequences enter a policy update changes what is learned as
+much as the loss does. DAPO ("DAPO: An Open-Source LLM Reinforcement Learning
+System at Scale", arXiv:2503.14476) drops groups that carry no learning
+signal (dynamic sampling), punishes over-long completions smoothly (soft
+overlong punishment) and can drop truncated completions from the loss
+(overlong filtering). Each is a small function of rewards, lengths and
+masks; combine their outputs with ``&`` and ``+``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from rlax_llm.core import aggregation as agg
+
+__all__ = [
+    "dynamic_sampling_mask",
+    "overlong_penalty",
+    "truncation_mask",
+]
+
+
+def dynamic_sampling_mask(
+    reward_BG: jax.typing.ArrayLike,
+    *,
+    mask_BG: Optional[jax.typing.ArrayLike] = None,
+) -> jax.Array:
+  """Groups worth training on: their valid rewards are not all equal.
+
+    keep_b = max_{g valid} r_{b,g} > min_{g valid} r_{b,g}
+
+  With binary accuracy rewards this is DAPO's ``0 < #correct < G``: a group
+  whose samples are all right or all wrong has zero group-relative advantage
+  and only dilutes the batch. DAPO over-samples prompts and keeps filling the
+  batch with kept groups ("DAPO", arXiv:2503.14476, dynamic sampling). Use
+  ``jnp.repeat(keep_B, G)`` for a per-sequence [N] mask.
+
+  Args:
+    reward_BG: [B, G] scalar reward of each of G completions of B prompts.
+    mask_BG: optional [B, G] validity mask (bool or ``!= 0``); masked samples
+      are ignored (their rewards may be NaN).
+
+  Returns:
+    [B] bool; False for groups with fewer than two valid samples.
+  """
+  reward_BG = jnp.asarray(reward_BG)
+  chex.assert_rank(reward_BG, 2)
+  if mask_BG is None:
+    valid_BG = jnp.ones(reward_BG.shape, jnp.bool_)
+  else:
+    valid_BG = agg.as_bool_mask(mask_BG)
+    chex.assert_equal_shape([reward_BG, valid_BG])
+  reward_BG = reward_BG.astype(jnp.promote_types(reward_BG.dtype,
+                                                 jnp.float32))
+  hi_B = jnp.max(jnp.where(valid_BG, reward_BG, -jnp.inf), axis=-1)
+  lo_B = jnp.min(jnp.where(valid_BG, reward_BG, jnp.inf), axis=-1)
+  return hi_B > lo_B
+
+
+def overlong_penalty(
+    length_N: jax.typing.ArrayLike,
+    *,
+    max_length: int,
+    cache_length: int,
+) -> jax.Array:
+  """DAPO's soft overlong punishment, a length-dependent reward term.
+
+  With ``L = max_length`` and ``C = cache_length``:
+
+    R(|y|) = 0                       if |y| <= L - C
+           = ((L - C) - |y|) / C     if L - C < |y| <= L
+           = -1                      if |y| > L
+
+  Added to the task reward, it ramps linearly from 0 to -1 over the last
+  ``C`` tokens of the budget. From "DAPO: An Open-Source LLM Reinforcement
+  Learning System at Scale" (arXiv:2503.14476), which uses L = 20480 with
+  C = 4096 (a 16384-token expected length).
+
+  Args:
+    length_N: [N] completion lengths (int or float), e.g.
+      ``mask_NT.sum(-1)``.
+    max_length: L, the maximum completion length.
+    cache_length: C, the length of the punishment interval, ``0 < C <= L``.
+
+  Returns:
+    [N] float32 penalties in [-1, 0].
+
+  Raises:
+    ValueError: ``cache_length`` not in (0, max_length].
+  """
+  if not 0 < cache_length <= max_length:
+    raise ValueError(
+        f"cache_length must be in (0, max_length={max_length}], got "
+        f"{cache_length}; DAPO uses max_length=20480, cache_length=4096.")
+  length_N = jnp.asarray(length_N)
+  chex.assert_rank(length_N, 1)
+  length_N = length_N.astype(jnp.float32)
+  expected = max_length - cache_length
+  ramp_N = (expected - length_N) / cache_length
+  return jnp.clip(ramp_N, -1.0, 0.0)
+
+
+def truncation_mask(
+    mask_NT: jax.typing.ArrayLike,
+    truncated_N: jax.typing.ArrayLike,
+) -> jax.Array:
+  """Drops every token of truncated completions from the loss.
+
+    m'_{n,t} = m_{n,t} and not truncated_n
+
+  DAPO's overlong filtering: a completion cut at the length limit gets a
+  reward that judges the cut, not the reasoning, so its tokens are masked
+  out of the loss ("DAPO", arXiv:2503.14476). Pass the result to the
+  objective and to :func:`aggregation.normalizers`.
+
+  Args:
+    mask_NT: [N, T] validity mask (bool or ``!= 0``).
+    truncated_N: [N] bool (or ``!= 0``): the completion hit the length limit
+      without an end-of-sequence token.
+
+  Returns:
+    [N, T] bool mask.
+  """
+  valid_NT = agg.as_bool_mask(mask_NT)
+  truncated_N = agg.as_bool_mask(truncated_N)
+  chex.assert_rank(valid_NT, 2)
+  chex.assert_shape(truncated_N, valid_NT.shape[:1])
+  return valid_NT & ~truncated_N[:, None]
