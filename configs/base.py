@@ -73,6 +73,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       entropy_coef=0.0,
       dynamic_sampling=False,  # DAPO: replace groups whose rewards all agree
       max_sampling_rounds=4,   # extra prompt draws allowed per step for that
+      overlong_buffer=0,       # DAPO soft overlong punishment over the last
+                               # this many tokens of the budget; 0 disables
   ))
 
   c.eval = ml_collections.ConfigDict(dict(

@@ -5,8 +5,10 @@ Run:
 "DAPO: An Open-Source LLM Reinforcement Learning System at Scale"
 (arXiv:2503.14476): clip-higher (clip_low 0.2, clip_high 0.28), token-level
 loss aggregation, and dynamic sampling (groups whose rewards all agree are
-replaced by groups of fresh prompts). Same budget and outputs as
-configs/default.py.
+replaced by groups of fresh prompts). DAPO's soft overlong punishment is
+available as `--config.rl.overlong_buffer=N`; it stays off here because the
+arithmetic budget (longest answer + EOS) leaves no slack to punish. Same
+budget and outputs as configs/default.py.
 """
 
 from configs import default

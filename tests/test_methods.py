@@ -130,3 +130,17 @@ def test_cispo_weights_logp_by_the_clipped_ratio(tmp_path):
   loss, _ = exp.method.policy_loss(logp, old, jnp.ones((1, 2)), mask)
   # -(w * A * logp) token mean: -(1.28 * -0.5 + 1.0 * -1.0) / 2 = 0.82.
   np.testing.assert_allclose(float(loss), 0.82, rtol=1e-6)
+
+
+def test_overlong_buffer_penalises_long_completions(tmp_path):
+  c = _shrunk("dapo")
+  c.rl.overlong_buffer = 2  # budget 5: lengths 4 and 5 get -0.5 and -1
+  exp = experiment.Experiment(c, str(tmp_path))
+  exp.setup.reward_fn = lambda t, a: np.ones(len(t), np.float32)
+  from rlax_llm.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  state, _ = state_lib.create_train_state(exp.model_cfg, exp.rl_opt, exp.mesh,
+                                          seed=0)
+  groups = exp._sample_groups(state.params, 3, 0)  # pylint: disable=protected-access
+  want = 1.0 - np.clip(groups["lengths"] - 3, 0, 2) / 2.0
+  np.testing.assert_allclose(groups["reward"], want, atol=1e-6)
+  assert (groups["lengths"] >= 4).any()  # an untrained model runs long

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from rlax_llm import data as data_lib
+from rlax_llm.core import selection
 from rlax_llm.methods import get_method
 from rlax_llm.models.config import ModelConfig
 from rlax_llm.parallel import mesh as mesh_lib
@@ -204,6 +205,10 @@ class Experiment:
     texts = self.decode(ro.tokens, ro.mask)
     answers = [q.answer for q in problems for _ in range(g)]
     reward_N, errors = self.rewards(texts, answers)
+    if c.rl.overlong_buffer > 0:  # DAPO's soft overlong punishment
+      reward_N = reward_N + np.asarray(selection.overlong_penalty(
+          ro.lengths, max_length=self.max_new_tokens,
+          cache_length=c.rl.overlong_buffer))
     t = self.max_new_tokens
     return dict(prompt=p, prompt_mask=pm, tokens=ro.tokens.reshape(b, g, t),
                 mask=ro.mask.reshape(b, g, t), logp=ro.logp.reshape(b, g, t),
