@@ -45,6 +45,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       warmup_steps=20,
       weight_decay=0.0,
       grad_clip=1.0,
+      loss="cross_entropy",  # or "dft", "otr" (One-Token Rollout)
+      otr_num_candidates=8,  # OTR: K candidate tokens per position
+      otr_kappa=1.2,         # OTR: candidate sampling temperature
+      otr_beta=-0.1,         # OTR: reward of a candidate that misses
   ))
 
   # RL phase.

@@ -164,3 +164,31 @@ def test_sharded_steps_match_one_device():
       np.testing.assert_allclose(a, b, atol=2e-5)
   # With fsdp/tensor axes, weights really are split across devices.
   assert out["d2f2t2"]["sharded"] > 5 and out["f4t2"]["sharded"] > 5
+
+
+def test_sft_step_losses_are_the_core_objectives():
+  """Each supervised objective equals the core function on recomputed logits."""
+  from rlax_llm.core import logprobs, objectives  # pylint: disable=g-import-not-at-top
+  from rlax_llm.training.scoring import completion_logits  # pylint: disable=g-import-not-at-top
+  opt = optax.sgd(0.0)
+  state, _ = state_lib.create_train_state(CFG, opt, make_mesh(), seed=0)
+  gd = state_lib.model_graphdef(CFG)
+  b = _rl_batch()
+  batch = steps_lib.SFTBatch(b.prompt, b.prompt_mask, b.completion,
+                             b.completion_mask)
+  logits = completion_logits(gd, state.params, *batch)
+  logp = logprobs.token_logprobs(logits, batch.completion)
+  rng = state_lib.step_rng(state, 2)
+  want = {
+      "cross_entropy": objectives.sft_loss(logp, batch.completion_mask)[0],
+      "dft": objectives.dft_loss(logp, batch.completion_mask)[0],
+      "otr": objectives.otr_loss(logits, batch.completion,
+                                 batch.completion_mask, rng)[0],
+  }
+  for name, fn in steps_lib.SUPERVISED_LOSSES.items():
+    step = jax.jit(steps_lib.make_sft_step(gd, opt, loss_fn=fn))
+    _, m = step(state, batch)
+    np.testing.assert_allclose(float(m["loss"]), float(want[name]), rtol=1e-5)
+  # The cross-entropy is the mean NLL of the valid tokens.
+  nll = -np.sum(np.asarray(logp) * b.completion_mask) / b.completion_mask.sum()
+  np.testing.assert_allclose(float(want["cross_entropy"]), nll, rtol=1e-5)

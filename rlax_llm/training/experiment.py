@@ -13,6 +13,7 @@ ends with the same metrics as an uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -131,6 +132,14 @@ class Experiment:
         dual_clip=c.rl.dual_clip or None, scale_by_std=c.rl.scale_by_std,
         group_baseline=c.rl.group_baseline, aggregation=c.rl.aggregation,
         max_new_tokens=self.max_new_tokens)
+    if c.sft.loss not in steps_lib.SUPERVISED_LOSSES:
+      raise ValueError(f"Unknown sft.loss {c.sft.loss!r}; choose one of "
+                       f"{sorted(steps_lib.SUPERVISED_LOSSES)}.")
+    self.sft_loss = steps_lib.SUPERVISED_LOSSES[c.sft.loss]
+    if c.sft.loss == "otr":
+      self.sft_loss = functools.partial(
+          self.sft_loss, num_candidates=c.sft.otr_num_candidates,
+          kappa=c.sft.otr_kappa, beta=c.sft.otr_beta)
     self.sft_opt = _optimizer(c.sft)
     self.rl_opt = _optimizer(c.rl)
     self.graphdef = state_lib.model_graphdef(self.model_cfg)
@@ -303,8 +312,8 @@ class Experiment:
                                          self.mesh, seed=c.seed)
     writer = metrics_lib.MetricWriter(self.workdir, resume_step=latest)
     sft_step = steps_lib.jit_step(
-        steps_lib.make_sft_step(self.graphdef, self.sft_opt), sft_sh,
-        self.mesh)
+        steps_lib.make_sft_step(self.graphdef, self.sft_opt,
+                                loss_fn=self.sft_loss), sft_sh, self.mesh)
     rl_step = steps_lib.jit_step(
         steps_lib.make_rl_step(
             self.graphdef, self.rl_opt, self.method.policy_loss,

@@ -32,6 +32,22 @@ def predictor_hidden(h_NSD: jax.Array, prompt_mask_NP: jax.Array,
   return jnp.concatenate([h_first, h_NSD[:, p:p + num_completion - 1]], axis=1)
 
 
+def completion_logits(graphdef: nnx.GraphDef, params, prompt_NP,
+                      prompt_mask_NP, completion_NT, completion_mask_NT
+                      ) -> jax.Array:
+  """f32 logits [N, T, V] that predict each completion token.
+
+  For objectives that need the whole next-token distribution (OTR); log-prob
+  scoring should use `score_completions`, which has the same layout.
+  """
+  model = nnx.merge(graphdef, params)
+  t = completion_NT.shape[1]
+  tokens = jnp.concatenate([prompt_NP, completion_NT], axis=1)
+  mask = jnp.concatenate([prompt_mask_NP, completion_mask_NT], axis=1)
+  h = model.hidden_states(tokens, None, mask.astype(bool))
+  return model.logits_from_hidden(predictor_hidden(h, prompt_mask_NP, t))
+
+
 def score_completions(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
                       completion_NT, completion_mask_NT, *,
                       temperature: float = 1.0) -> Scores:

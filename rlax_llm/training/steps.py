@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlax_llm.core import logprobs as logprobs_lib
 from rlax_llm.core import objectives
 from rlax_llm.parallel import mesh as mesh_lib
-from rlax_llm.training.scoring import score_completions
+from rlax_llm.training.scoring import completion_logits, score_completions
 from rlax_llm.training.state import TrainState, step_rng
 
 Metrics = dict[str, jax.Array]
@@ -75,29 +76,81 @@ def _counts(mask_NT):
           jnp.sum(jnp.any(mask_NT, axis=-1)).astype(jnp.float32))
 
 
-def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                  *, aggregation: str = "token_mean"):
-  """Returns `sft_step(state, SFTBatch) -> (state, metrics)`."""
+# (logits_NTV, targets_NT, mask_NT, rng) -> (loss, metrics): a supervised
+# objective over the completion tokens.
+SupervisedLoss = Callable[..., tuple[jax.Array, Metrics]]
 
-  def loss_fn(params, batch: SFTBatch):
-    scores = score_completions(graphdef, params, batch.prompt,
+
+def cross_entropy(logits_NTV, targets_NT, mask_NT, rng, *,
+                  aggregation: str = "token_mean"):
+  """Plain SFT: the negative log-likelihood of the targets."""
+  del rng
+  logp = logprobs_lib.token_logprobs(logits_NTV, targets_NT)
+  return objectives.sft_loss(logp, mask_NT, aggregation=aggregation)
+
+
+def dynamic_fine_tuning(logits_NTV, targets_NT, mask_NT, rng, *,
+                        aggregation: str = "token_mean"):
+  """DFT: cross-entropy weighted by the stop-gradient target probability."""
+  del rng
+  logp = logprobs_lib.token_logprobs(logits_NTV, targets_NT)
+  return objectives.dft_loss(logp, mask_NT, aggregation=aggregation)
+
+
+def one_token_rollout(logits_NTV, targets_NT, mask_NT, rng, *,
+                      num_candidates: int = 8, kappa: float = 1.2,
+                      beta: float = -0.1, aggregation: str = "token_mean"):
+  """OTR: a policy gradient over K sampled candidate tokens per position."""
+  return objectives.otr_loss(logits_NTV, targets_NT, mask_NT, rng,
+                             num_candidates=num_candidates, kappa=kappa,
+                             beta=beta, aggregation=aggregation)
+
+
+def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                  *, aggregation: str = "token_mean",
+                  loss_fn: SupervisedLoss | None = None):
+  """Returns `sft_step(state, SFTBatch) -> (state, metrics)`.
+
+  Args:
+    graphdef: NNX graph of the policy.
+    optimizer: optax transformation.
+    aggregation: aggregation of the default cross-entropy loss.
+    loss_fn: a `SupervisedLoss` (cross_entropy, dynamic_fine_tuning,
+      one_token_rollout or your own); default cross-entropy. Its rng is
+      fold_in(state rng, step).
+  """
+  if loss_fn is None:
+    loss_fn = functools.partial(cross_entropy, aggregation=aggregation)
+
+  def objective(params, batch: SFTBatch, rng):
+    logits = completion_logits(graphdef, params, batch.prompt,
                                batch.prompt_mask, batch.completion,
                                batch.completion_mask)
-    loss, metrics = objectives.sft_loss(scores.logp, batch.completion_mask,
-                                        aggregation=aggregation)
+    loss, metrics = loss_fn(logits, batch.completion, batch.completion_mask,
+                            rng)
+    out = logprobs_lib.token_logprobs_and_entropy(logits, batch.completion)
+    mask = batch.completion_mask
     metrics = dict(metrics)
-    metrics["entropy"] = _masked_mean(scores.entropy, batch.completion_mask)
+    metrics["nll"] = -_masked_mean(out.logp, mask)
+    metrics["entropy"] = _masked_mean(out.entropy, mask)
+    metrics["token_accuracy"] = _masked_mean(
+        (jnp.argmax(logits, -1) == batch.completion).astype(jnp.float32),
+        mask)
     return loss, metrics
 
   def sft_step(state: TrainState, batch: SFTBatch):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch)
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params, batch, step_rng(state, 2))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
   return sft_step
+
+
+SUPERVISED_LOSSES = {"cross_entropy": cross_entropy,
+                     "dft": dynamic_fine_tuning, "otr": one_token_rollout}
 
 
 def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
