@@ -160,3 +160,159 @@ def test_probabilities_normalise_and_entropy_is_bounded(seed, scale,
   logp_VNT = _jit_logp_every_target(logits_NTV, every_target_VNT,
                                     temperature)
   np.testing.assert_allclose(np.exp(logp_VNT).sum(0), 1.0, rtol=1e-5)
+
+
+def naive_from_hidden(hidden_NTD, kernel_DV, targets_NT, temperature=1.0):
+  logits_NTV = jnp.dot(hidden_NTD, kernel_DV,
+                       preferred_element_type=jnp.float32)
+  return logprobs.token_logprobs_and_entropy(logits_NTV, targets_NT,
+                                             temperature=temperature)
+
+
+def random_hidden(rng, n_rows, n_cols, width, vocab):
+  hidden_NTD = rng.normal(size=(n_rows, n_cols, width)).astype(np.float32)
+  kernel_DV = (rng.normal(size=(width, vocab)) / math.sqrt(width) * 3).astype(
+      np.float32)
+  targets_NT = rng.integers(0, vocab, size=(n_rows, n_cols))
+  return hidden_NTD, kernel_DV, targets_NT
+
+
+def weighted_total(out):
+  """A scalar that uses both outputs with different weights."""
+  return jnp.sum(1.3 * out.logp) + jnp.sum(0.4 * out.entropy)
+
+
+# (N, T, D, V, chunk_size, vocab_chunk): M = N * T is not a multiple of the
+# chunk in most cases, and V not a multiple of the vocabulary block.
+CHUNK_SHAPES = [
+    (3, 5, 16, 37, 4, None),
+    (3, 5, 16, 37, 4, 8),
+    (2, 7, 8, 64, 5, 16),
+    (1, 9, 12, 50, 1024, 7),
+    (4, 4, 16, 33, 16, 33),
+    (2, 3, 8, 20, 6, 100),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("n,t,d,v,chunk_size,vocab_chunk", CHUNK_SHAPES)
+def test_chunked_matches_naive(variant, temperature, n, t, d, v, chunk_size,
+                               vocab_chunk):
+  hidden_NTD, kernel_DV, targets_NT = random_hidden(
+      np.random.default_rng(n * 100 + v), n, t, d, v)
+  chunked = functools.partial(
+      logprobs.chunked_token_logprobs_and_entropy, temperature=temperature,
+      chunk_size=chunk_size, vocab_chunk=vocab_chunk)
+  got = variant(chunked)(hidden_NTD, kernel_DV, targets_NT)
+  want = naive_from_hidden(hidden_NTD, kernel_DV, targets_NT, temperature)
+  assert isinstance(got, logprobs.LogprobsAndEntropy)
+  for g, w in [(got.logp, want.logp), (got.entropy, want.entropy)]:
+    assert g.dtype == jnp.float32 and g.shape == (n, t)
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  # And against the float64 loop on the same logits.
+  logits_NTV = np.einsum("ntd,dv->ntv", hidden_NTD.astype(np.float64),
+                         kernel_DV.astype(np.float64))
+  want_logp, want_entropy = reference_logp_and_entropy(logits_NTV, targets_NT,
+                                                       temperature)
+  np.testing.assert_allclose(got.logp, want_logp, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.entropy, want_entropy, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("vocab_chunk", [None, 8])
+def test_chunked_gradients_match_naive(variant, vocab_chunk):
+  hidden_NTD, kernel_DV, targets_NT = random_hidden(
+      np.random.default_rng(7), 3, 5, 16, 37)
+  chunked = lambda h, k: weighted_total(
+      logprobs.chunked_token_logprobs_and_entropy(
+          h, k, targets_NT, temperature=0.7, chunk_size=4,
+          vocab_chunk=vocab_chunk))
+  naive = lambda h, k: weighted_total(
+      naive_from_hidden(h, k, targets_NT, 0.7))
+  got = variant(jax.grad(chunked, argnums=(0, 1)))(hidden_NTD, kernel_DV)
+  want = jax.grad(naive, argnums=(0, 1))(hidden_NTD, kernel_DV)
+  for g, w in zip(got, want):
+    assert g.shape == w.shape
+    # Relative to the largest entry: single entries near 0 carry f32 noise.
+    np.testing.assert_allclose(g / np.abs(w).max(), w / np.abs(w).max(),
+                               atol=1e-5)
+
+
+def test_chunked_hand_computed():
+  # hidden @ kernel = [0, ln 3] for the first token: p = [1/4, 3/4].
+  hidden_NTD = jnp.array([[[1.0], [0.0]]])
+  kernel_DV = jnp.array([[0.0, math.log(3.0)]])
+  targets_NT = jnp.array([[1, 0]])
+  out = logprobs.chunked_token_logprobs_and_entropy(
+      hidden_NTD, kernel_DV, targets_NT, chunk_size=1, vocab_chunk=1)
+  np.testing.assert_allclose(out.logp, [[-0.28768207, math.log(0.5)]],
+                             rtol=1e-6)
+  np.testing.assert_allclose(out.entropy, [[0.56233514, math.log(2.0)]],
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 5])
+def test_chunked_padding_rows_are_finite(vocab_chunk):
+  # M = 7 tokens in chunks of 4: one zero padding row, plus all-zero hidden
+  # rows among the real ones (uniform distribution, entropy log V).
+  hidden_NTD, kernel_DV, targets_NT = random_hidden(
+      np.random.default_rng(8), 1, 7, 8, 12)
+  hidden_NTD[0, 2:4] = 0.0
+
+  def total(h, k):
+    out = logprobs.chunked_token_logprobs_and_entropy(
+        h, k, targets_NT, chunk_size=4, vocab_chunk=vocab_chunk)
+    return weighted_total(out), out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(
+      total, argnums=(0, 1), has_aux=True))(hidden_NTD, kernel_DV)
+  np.testing.assert_allclose(out.entropy[0, 2:4], math.log(12), rtol=1e-6)
+  np.testing.assert_allclose(out.logp[0, 2:4], -math.log(12), rtol=1e-6)
+  for x in (out.logp, out.entropy, *grads):
+    assert np.all(np.isfinite(x))
+
+
+def test_chunked_bad_inputs_raise():
+  h, k, y = jnp.zeros((1, 2, 3)), jnp.zeros((3, 4)), jnp.zeros((1, 2), int)
+  fn = logprobs.chunked_token_logprobs_and_entropy
+  with pytest.raises(ValueError, match="temperature"):
+    fn(h, k, y, temperature=-1.0)
+  with pytest.raises(ValueError, match="chunk_size"):
+    fn(h, k, y, chunk_size=0)
+  with pytest.raises(ValueError, match="vocab_chunk"):
+    fn(h, k, y, vocab_chunk=0)
+  with pytest.raises(AssertionError):
+    fn(h, jnp.zeros((4, 4)), y)
+  with pytest.raises(AssertionError):
+    fn(h, k, jnp.zeros((2, 1), int))
+
+
+def _temp_bytes(fn, *specs):
+  return jax.jit(fn).lower(*specs).compile().memory_analysis(
+  ).temp_size_in_bytes
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 4096])
+def test_chunked_memory_is_far_below_full_logits(vocab_chunk):
+  m, v, d = 4096, 32768, 128
+  specs = (jax.ShapeDtypeStruct((1, m, d), jnp.float32),
+           jax.ShapeDtypeStruct((d, v), jnp.float32),
+           jax.ShapeDtypeStruct((1, m), jnp.int32))
+  chunked = functools.partial(logprobs.chunked_token_logprobs_and_entropy,
+                              chunk_size=256, vocab_chunk=vocab_chunk)
+  grad_of = lambda f: jax.grad(lambda h, k, y: weighted_total(f(h, k, y)),
+                               argnums=(0, 1))
+  logits_bytes = m * v * 4  # 512 MiB
+  naive_fwd = _temp_bytes(naive_from_hidden, *specs)
+  chunked_fwd = _temp_bytes(chunked, *specs)
+  naive_bwd = _temp_bytes(grad_of(naive_from_hidden), *specs)
+  chunked_bwd = _temp_bytes(grad_of(chunked), *specs)
+  print(f"M*V*4 = {logits_bytes:,}; temp bytes forward naive {naive_fwd:,} "
+        f"chunked {chunked_fwd:,}; grad naive {naive_bwd:,} chunked "
+        f"{chunked_bwd:,}")
+  assert naive_fwd >= logits_bytes
+  assert chunked_fwd < logits_bytes // 8
+  # The backward pass keeps a [D, V] float32 kernel gradient (16 MiB) but
+  # never all the logits.
+  assert chunked_bwd < logits_bytes // 4 < naive_bwd

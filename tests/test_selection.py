@@ -124,3 +124,72 @@ def test_truncation_mask(variant):
   np.testing.assert_array_equal(
       variant(selection.truncation_mask)(mask_NT.astype(np.float32),
                                          truncated_N), want_NT)
+
+
+# ---------------------------------------------------------------- D^3S ------
+
+import itertools  # noqa: E402
+
+from rlax_llm.core.selection import d3s_sample_mask  # noqa: E402
+from rlax_llm.core.selection import d3s_token_mask  # noqa: E402
+from rlax_llm.core.selection import linear_schedule  # noqa: E402
+
+
+def _brute_force_best_variance(adv, valid, k):
+  idx = [i for i in range(len(adv)) if valid[i]]
+  best = -1.0
+  for subset in itertools.combinations(idx, min(k, len(idx))):
+    vals = np.array([adv[i] for i in subset], np.float64)
+    best = max(best, float(vals.var()) if len(vals) else 0.0)
+  return best
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_d3s_sample_mask_reaches_the_brute_force_optimum(jit):
+  rng = np.random.default_rng(0)
+  fn = (jax.jit(d3s_sample_mask, static_argnums=1) if jit
+        else d3s_sample_mask)
+  for trial in range(12):
+    n = 9
+    adv = rng.normal(size=n).round(2)
+    valid = rng.random(n) > 0.2
+    k = int(rng.integers(1, n + 1))
+    keep = np.asarray(fn(jnp.asarray(adv), k, mask_N=jnp.asarray(valid)))
+    assert keep.sum() == min(k, valid.sum()), trial
+    assert not (keep & ~valid).any()
+    got = float(adv[keep].var()) if keep.any() else 0.0
+    np.testing.assert_allclose(got, _brute_force_best_variance(adv, valid, k),
+                               atol=1e-6)
+
+
+def test_d3s_sample_mask_hand_case():
+  # Budget 2 of [0, 5, 1, -3]: the extremes -3 and 5 (variance 16).
+  keep = d3s_sample_mask(jnp.array([0.0, 5.0, 1.0, -3.0]), 2)
+  np.testing.assert_array_equal(np.asarray(keep), [False, True, False, True])
+  assert not np.asarray(d3s_sample_mask(jnp.ones(3), 0)).any()
+
+
+def test_d3s_token_mask_keeps_the_top_fraction():
+  adv = jnp.array([1.0, -2.0])
+  ent = jnp.array([[0.5, 0.1, 0.9], [0.3, 0.2, 0.0]])
+  mask = jnp.array([[1, 1, 1], [1, 1, 0]], bool)
+  # Scores: [0.5, 0.1, 0.9], [0.6, 0.4, -]; 5 valid, fraction 0.4 -> 2 kept.
+  keep = d3s_token_mask(adv, ent, mask, fraction=0.4)
+  np.testing.assert_array_equal(np.asarray(keep),
+                                [[False, False, True], [True, False, False]])
+  assert np.asarray(d3s_token_mask(adv, ent, mask, fraction=1.0)).sum() == 5
+  assert not np.asarray(d3s_token_mask(adv, ent, mask, fraction=0.0)).any()
+  rng = np.random.default_rng(1)
+  a, e = rng.normal(size=(6, 7)), rng.random((6, 7))
+  m = rng.random((6, 7)) > 0.3
+  keep = np.asarray(jax.jit(d3s_token_mask)(a, e, m, fraction=0.3))
+  scores = np.abs(a) * e
+  kept, dropped = scores[keep], scores[m & ~keep]
+  assert keep.sum() == int(np.ceil(0.3 * m.sum()))
+  assert kept.min() >= dropped.max()
+
+
+def test_linear_schedule():
+  np.testing.assert_allclose(
+      [float(linear_schedule(s, start=1.0, end=0.2, num_steps=4))
+       for s in (0, 2, 4, 9)], [1.0, 0.6, 0.2, 0.2], atol=1e-7)

@@ -38,7 +38,10 @@ from rlax_llm.core.objectives import ppo_clip_loss
 from rlax_llm.core.objectives import ppo_clip_token_loss
 from rlax_llm.core.objectives import PPOClipAux
 from rlax_llm.core.objectives import sft_loss
+from rlax_llm.core.selection import d3s_sample_mask
+from rlax_llm.core.selection import d3s_token_mask
 from rlax_llm.core.selection import dynamic_sampling_mask
+from rlax_llm.core.selection import linear_schedule
 from rlax_llm.core.selection import overlong_penalty
 from rlax_llm.core.selection import truncation_mask
 
@@ -54,7 +57,10 @@ __all__ = [
     "as_bool_mask",
     "cispo_loss",
     "dft_loss",
+    "d3s_sample_mask",
+    "d3s_token_mask",
     "dynamic_sampling_mask",
+    "linear_schedule",
     "entropy_from_logits",
     "entropy_loss",
     "gae_advantages",

@@ -20,7 +20,10 @@ import jax.numpy as jnp
 from rlax_llm.core import aggregation as agg
 
 __all__ = [
+    "d3s_sample_mask",
+    "d3s_token_mask",
     "dynamic_sampling_mask",
+    "linear_schedule",
     "overlong_penalty",
     "truncation_mask",
 ]
@@ -132,3 +135,97 @@ def truncation_mask(
   chex.assert_rank(valid_NT, 2)
   chex.assert_shape(truncated_N, valid_NT.shape[:1])
   return valid_NT & ~truncated_N[:, None]
+
+
+def d3s_sample_mask(adv_N: jax.typing.ArrayLike, budget: int, *,
+                    mask_N: Optional[jax.typing.ArrayLike] = None
+                    ) -> jax.Array:
+  """D^3S sample-level selection: the budget-sized subset of largest variance.
+
+    S* = argmax_{S subset of valid rollouts, |S| = k} Var_{i in S}(A_i)
+
+  (population variance). A maximum-variance subset of size k always consists
+  of the i smallest and the k - i largest values for some i, so the search is
+  over k + 1 candidates, each scored in O(1) from prefix sums of the sorted
+  advantages: exact, O(N log N), and jit-able for a static budget. Ties
+  between equal advantages are broken by position (stable sort).
+
+  Args:
+    adv_N: [N] sequence advantages, pooled across groups.
+    budget: k, the number of rollouts to keep (static); clipped to the
+      number of valid rollouts.
+    mask_N: optional [N] validity mask; invalid rollouts are never selected.
+
+  Returns:
+    [N] bool, True on the selected rollouts.
+  """
+  adv_N = jnp.asarray(adv_N, jnp.float32)
+  chex.assert_rank(adv_N, 1)
+  n = adv_N.shape[0]
+  if budget < 0:
+    raise ValueError(f"budget must be >= 0, got {budget}.")
+  valid = (jnp.ones((n,), bool) if mask_N is None
+           else agg.as_bool_mask(mask_N))
+  num_valid = jnp.sum(valid)
+  k = jnp.minimum(budget, num_valid)
+  # Invalid entries sort to the end and are never inside a chosen window.
+  order = jnp.argsort(jnp.where(valid, adv_N, jnp.inf), stable=True)
+  x = jnp.where(valid, adv_N, 0.0)[order]
+  c1 = jnp.concatenate([jnp.zeros(1), jnp.cumsum(x)])
+  c2 = jnp.concatenate([jnp.zeros(1), jnp.cumsum(x * x)])
+  i = jnp.arange(budget + 1)  # i smallest + (k - i) largest valid values
+  i = jnp.minimum(i, k)
+  hi_start = num_valid - (k - i)
+  s1 = c1[i] + c1[num_valid] - c1[hi_start]
+  s2 = c2[i] + c2[num_valid] - c2[hi_start]
+  kf = jnp.maximum(k, 1).astype(jnp.float32)
+  var = s2 / kf - (s1 / kf) ** 2
+  best = jnp.argmax(var)
+  rank = jnp.arange(n)
+  chosen_sorted = (rank < i[best]) | ((rank >= hi_start[best])
+                                      & (rank < num_valid))
+  return jnp.zeros((n,), bool).at[order].set(chosen_sorted) & (k > 0)
+
+
+def d3s_token_mask(adv_NT: jax.typing.ArrayLike,
+                   entropy_NT: jax.typing.ArrayLike,
+                   mask_NT: jax.typing.ArrayLike, *,
+                   fraction: float | jax.Array) -> jax.Array:
+  """D^3S token-level selection: keep the top fraction by |A| x entropy.
+
+    score_{n,t} = |A_{n,t}| * H_{n,t};  keep the ceil(fraction * #valid)
+    highest-scoring valid tokens of the batch.
+
+  Tokens tied with the last kept score are all kept. `fraction` may be a
+  traced scalar (e.g. from `linear_schedule`).
+
+  Args:
+    adv_NT: [N, T] (or [N], broadcast) advantages.
+    entropy_NT: [N, T] per-token policy entropies.
+    mask_NT: [N, T] validity mask.
+    fraction: share of valid tokens to keep, in [0, 1].
+
+  Returns:
+    [N, T] bool, a subset of `mask_NT`.
+  """
+  entropy_NT = jnp.asarray(entropy_NT, jnp.float32)
+  adv_NT = jnp.asarray(adv_NT, jnp.float32)
+  if adv_NT.ndim == 1:
+    adv_NT = adv_NT[:, None]
+  adv_NT = jnp.broadcast_to(adv_NT, entropy_NT.shape)
+  valid = agg.as_bool_mask(mask_NT)
+  chex.assert_equal_shape([entropy_NT, valid])
+  score = jnp.where(valid, jnp.abs(adv_NT) * entropy_NT, -jnp.inf).ravel()
+  num_valid = jnp.sum(valid)
+  k = jnp.ceil(jnp.clip(fraction, 0.0, 1.0) * num_valid).astype(jnp.int32)
+  ranked = jnp.sort(score)[::-1]
+  threshold = ranked[jnp.maximum(k - 1, 0)]
+  keep = (score >= threshold).reshape(valid.shape) & valid
+  return keep & (k > 0)
+
+
+def linear_schedule(step: jax.typing.ArrayLike, *, start: float, end: float,
+                    num_steps: int) -> jax.Array:
+  """start + (end - start) * min(step / num_steps, 1): e.g. a D^3S fraction."""
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(num_steps, 1), 0., 1.)
+  return start + (end - start) * frac
