@@ -2,11 +2,23 @@
 
   python -m experiments.bench generate [--json] [--sequences=16,256] \
       [--samples_per_prompt=8] [--new_tokens=128] [--repeats=3] [--preset=...]
+  python -m experiments.bench logprobs [--json] [--tokens=2048] \
+      [--vocab=32768] [--width=256] [--chunk_size=1024] [--vocab_chunk=8192] \
+      [--repeats=3] [--nofull_size]
 
 What can be measured (the positional argument):
   generate   tokens/s of `rlax_llm.sampling.generate_jit` (prefill + KV-cache
              decode, G samples per prompt sharing one prefill) for the model
              of configs/default.py, sampling with the RL phase's sampler.
+  logprobs   target log-probs + entropies from hidden states and an output
+             kernel: `chunked_token_logprobs_and_entropy` against the naive
+             path that builds the [tokens, vocab] logits, forward and
+             forward + backward (gradient w.r.t. hidden and kernel). Each
+             record has the median time and the compiled memory analysis
+             (temp / argument / output bytes; peak = their sum). Two more
+             records per path give the memory analysis only (compiled, never
+             run) of the target shape 8,192 tokens x 151,936 vocab x 896
+             width, where the full float32 logits alone take ~5 GB.
 
 Each measurement compiles first (timed separately as `compile_s`), then times
 `--repeats` calls with `jax.block_until_ready` and reports their median. Every
@@ -16,7 +28,8 @@ sequences * new_tokens / median seconds. With --json, stdout carries one JSON
 object per measurement and nothing else; otherwise a table.
 
 A default run (256 and 16 sequences x 128 tokens, tiny model) takes well under
-two minutes on 2 CPU cores.
+two minutes on 2 CPU cores; so does a default logprobs run (2,048 tokens x
+32,768 vocab x 256 width, ~1.1 GB peak for the naive backward).
 """
 
 from __future__ import annotations
@@ -53,6 +66,28 @@ _PRESET = flags.DEFINE_string(
     "Model preset of rlax_llm.models.config.PRESETS to use instead of "
     "configs/default.py's model.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and samples.")
+_TOKENS = flags.DEFINE_integer("tokens", 2048,
+                               "logprobs: tokens M = N x T per call.",
+                               lower_bound=1)
+_VOCAB = flags.DEFINE_integer("vocab", 32768, "logprobs: vocabulary size V.",
+                              lower_bound=1)
+_WIDTH = flags.DEFINE_integer("width", 256, "logprobs: model width D.",
+                              lower_bound=1)
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 1024,
+                                   "logprobs: tokens per chunk.",
+                                   lower_bound=1)
+_VOCAB_CHUNK = flags.DEFINE_integer(
+    "vocab_chunk", 8192, "logprobs: vocabulary columns per streamed block; "
+    "0 takes the whole vocabulary per chunk. Streaming keeps the full-size "
+    "forward + backward near 0.7 GB of temporaries (2.5 GB with 0 and "
+    "--chunk_size=1024).", lower_bound=0)
+_FULL_SIZE = flags.DEFINE_bool(
+    "full_size", True, "logprobs: also report the compiled memory analysis "
+    "of the 8,192 x 151,936 x 896 target shape.")
+
+# The target shape of the chunked log-probs: a Qwen2-0.5B-sized unembedding
+# over an 8k-token batch.
+FULL_TOKENS, FULL_VOCAB, FULL_WIDTH = 8192, 151936, 896
 
 # An id outside the vocabulary: the sampler never emits it, so no sequence
 # ends before max_new_tokens.
@@ -173,8 +208,152 @@ def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
   }
 
 
-BENCHES: dict[str, Callable[..., dict[str, Any]]] = {
-    "generate": bench_generate,
+def _logprobs_fns(chunk_size: int, vocab_chunk: int | None):
+  """{path: fn(hidden_1MD, kernel_DV, targets_1M) -> LogprobsAndEntropy}."""
+  # pylint: disable=g-import-not-at-top
+  import functools
+  import jax.numpy as jnp
+  from rlax_llm.core import logprobs
+  # pylint: enable=g-import-not-at-top
+
+  def naive(hidden_NTD, kernel_DV, targets_NT):
+    logits_NTV = jnp.dot(hidden_NTD, kernel_DV,
+                         preferred_element_type=jnp.float32)
+    return logprobs.token_logprobs_and_entropy(logits_NTV, targets_NT)
+
+  chunked = functools.partial(logprobs.chunked_token_logprobs_and_entropy,
+                              chunk_size=chunk_size, vocab_chunk=vocab_chunk)
+  return {"chunked": chunked, "naive": naive}
+
+
+def _logprobs_modes(fn):
+  """{mode: fn(hidden, kernel, targets)} for the forward and the backward."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def loss(hidden_NTD, kernel_DV, targets_NT):
+    out = fn(hidden_NTD, kernel_DV, targets_NT)
+    return out.logp.sum() + 0.01 * out.entropy.sum()
+
+  return {"forward": fn,
+          "forward_backward": jax.value_and_grad(loss, argnums=(0, 1))}
+
+
+def _memory_record(compiled) -> dict[str, int]:
+  mem = compiled.memory_analysis()
+  rec = {"temp_bytes": int(mem.temp_size_in_bytes),
+         "argument_bytes": int(mem.argument_size_in_bytes),
+         "output_bytes": int(mem.output_size_in_bytes)}
+  rec["peak_bytes"] = sum(rec.values())
+  return rec
+
+
+def bench_logprobs(tokens: int = 2048, *, vocab: int = 32768, width: int = 256,
+                   chunk_size: int = 1024, vocab_chunk: int | None = None,
+                   repeats: int = 3, seed: int = 0,
+                   full_size: bool = True) -> list[dict[str, Any]]:
+  """Times and sizes chunked vs naive target log-probs + entropies.
+
+  For each path (chunked, naive) and mode (forward, forward_backward) one
+  record: the compiled memory analysis and the median of `repeats` timed
+  calls after one untimed call, on float32 hidden [1, tokens, width], kernel
+  [width, vocab] and random targets. With `full_size`, one more record per
+  path and mode holds the memory analysis of the 8,192 x 151,936 x 896 shape,
+  lowered from ShapeDtypeStructs and compiled, never run (`executed: false`).
+
+  Args:
+    tokens: M, tokens per call.
+    vocab: V, vocabulary size.
+    width: D, model width.
+    chunk_size: tokens per chunk of the chunked path.
+    vocab_chunk: vocabulary block of the chunked path, or None.
+    repeats: timed calls; the median is reported.
+    seed: seed of the random inputs.
+    full_size: also analyse the target shape.
+
+  Returns:
+    The measurement records, timed ones first.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  # pylint: enable=g-import-not-at-top
+
+  for name, value in (("tokens", tokens), ("vocab", vocab), ("width", width),
+                      ("chunk_size", chunk_size), ("repeats", repeats)):
+    if value < 1:
+      raise ValueError(f"--{name} must be a positive integer, got {value}.")
+  k_h, k_w, k_y = jax.random.split(jax.random.key(seed), 3)
+  hidden_NTD = jax.random.normal(k_h, (1, tokens, width), jnp.float32)
+  kernel_DV = jax.random.normal(k_w, (width, vocab), jnp.float32) / width**0.5
+  targets_NT = jax.random.randint(k_y, (1, tokens), 0, vocab)
+  fns = _logprobs_fns(chunk_size, vocab_chunk)
+
+  def common(path, mode, m, v, d):
+    return {"bench": "logprobs", "path": path, "mode": mode, "tokens": m,
+            "vocab": v, "width": d, "dtype": "float32",
+            "chunk_size": chunk_size if path == "chunked" else None,
+            "vocab_chunk": vocab_chunk if path == "chunked" else None,
+            "logits_bytes": m * v * 4}
+
+  records = []
+  for path, fn in fns.items():
+    for mode, step in _logprobs_modes(fn).items():
+      t0 = time.perf_counter()
+      compiled = jax.jit(step).lower(hidden_NTD, kernel_DV,
+                                     targets_NT).compile()
+      compile_s = time.perf_counter() - t0
+      jax.block_until_ready(compiled(hidden_NTD, kernel_DV, targets_NT))
+      seconds = []
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(hidden_NTD, kernel_DV, targets_NT))
+        seconds.append(time.perf_counter() - t0)
+      records.append({
+          **common(path, mode, tokens, vocab, width), "executed": True,
+          **_memory_record(compiled),
+          "seconds_median": statistics.median(seconds),
+          "seconds_all": seconds, "compile_s": compile_s,
+          "repeats": repeats, **_device_info()})
+      del compiled
+
+  if full_size:
+    specs = (jax.ShapeDtypeStruct((1, FULL_TOKENS, FULL_WIDTH), jnp.float32),
+             jax.ShapeDtypeStruct((FULL_WIDTH, FULL_VOCAB), jnp.float32),
+             jax.ShapeDtypeStruct((1, FULL_TOKENS), jnp.int32))
+    for path, fn in fns.items():
+      for mode, step in _logprobs_modes(fn).items():
+        t0 = time.perf_counter()
+        compiled = jax.jit(step).lower(*specs).compile()
+        records.append({
+            **common(path, mode, FULL_TOKENS, FULL_VOCAB, FULL_WIDTH),
+            "executed": False, **_memory_record(compiled),
+            "compile_s": time.perf_counter() - t0, **_device_info()})
+  return records
+
+
+def _run_generate() -> list[dict[str, Any]]:
+  try:
+    sizes = [int(s) for s in _SEQUENCES.value]
+  except ValueError:
+    raise app.UsageError(f"--sequences must be integers, got "
+                         f"{_SEQUENCES.value}.") from None
+  return [bench_generate(n, samples_per_prompt=_SAMPLES.value,
+                         new_tokens=_NEW_TOKENS.value, repeats=_REPEATS.value,
+                         preset=_PRESET.value, seed=_SEED.value)
+          for n in sizes]
+
+
+def _run_logprobs() -> list[dict[str, Any]]:
+  return bench_logprobs(_TOKENS.value, vocab=_VOCAB.value, width=_WIDTH.value,
+                        chunk_size=_CHUNK_SIZE.value,
+                        vocab_chunk=_VOCAB_CHUNK.value or None,
+                        repeats=_REPEATS.value, seed=_SEED.value,
+                        full_size=_FULL_SIZE.value)
+
+
+BENCHES: dict[str, Callable[[], list[dict[str, Any]]]] = {
+    "generate": _run_generate,
+    "logprobs": _run_logprobs,
 }
 
 
@@ -197,6 +376,19 @@ def _table(records: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def _logprobs_table(records: list[dict[str, Any]]) -> str:
+  head = ("path", "mode", "M x V x D", "median s", "temp MB", "peak MB")
+  mb = lambda b: f"{b / 2**20:,.1f}"
+  rows = [head] + [
+      (r["path"], r["mode"], f"{r['tokens']} x {r['vocab']} x {r['width']}",
+       f"{r['seconds_median']:.4f}" if r["executed"] else "(not run)",
+       mb(r["temp_bytes"]), mb(r["peak_bytes"])) for r in records]
+  widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # stdout/stderr stay readable
   whats = argv[1:]
@@ -208,26 +400,21 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"Unknown benchmark {unknown}; choose from "
                          f"{sorted(BENCHES)}.")
-  try:
-    sizes = [int(s) for s in _SEQUENCES.value]
-  except ValueError:
-    raise app.UsageError(f"--sequences must be integers, got "
-                         f"{_SEQUENCES.value}.") from None
   records = []
   for what in whats:
-    for n in sizes:
-      try:
-        rec = BENCHES[what](n, samples_per_prompt=_SAMPLES.value,
-                            new_tokens=_NEW_TOKENS.value,
-                            repeats=_REPEATS.value, preset=_PRESET.value,
-                            seed=_SEED.value)
-      except ValueError as e:
-        raise app.UsageError(str(e)) from None
-      records.append(rec)
-      if _JSON.value:
+    try:
+      recs = BENCHES[what]()
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    records.extend(recs)
+    if _JSON.value:
+      for rec in recs:
         print(json.dumps(rec), flush=True)
   if not _JSON.value:
-    print(_table(records))
+    generate = [r for r in records if r["bench"] == "generate"]
+    logprobs = [r for r in records if r["bench"] == "logprobs"]
+    print("\n\n".join(([_table(generate)] if generate else []) +
+                       ([_logprobs_table(logprobs)] if logprobs else [])))
 
 
 if __name__ == "__main__":

@@ -78,3 +78,64 @@ def test_table_lists_each_measurement():
                               "4,096", "1.25"]
   assert lines[3].split()[4] == "256" and lines[3].split()[7] == "65,536"
   assert "tiny (400,256 params)" in lines[-1]
+
+
+def test_logprobs_json_lines():
+  proc = _bench("logprobs", "--json", "--tokens=96", "--vocab=1000",
+                "--width=16", "--chunk_size=32", "--vocab_chunk=0",
+                "--repeats=2", "--nofull_size")
+  assert proc.returncode == 0, proc.stderr
+  records = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+  assert [(r["path"], r["mode"]) for r in records] == [
+      ("chunked", "forward"), ("chunked", "forward_backward"),
+      ("naive", "forward"), ("naive", "forward_backward")]
+  for rec in records:
+    assert rec["bench"] == "logprobs" and rec["executed"]
+    assert (rec["tokens"], rec["vocab"], rec["width"]) == (96, 1000, 16)
+    assert rec["logits_bytes"] == 96 * 1000 * 4
+    assert len(rec["seconds_all"]) == 2
+    assert min(rec["seconds_all"]) <= rec["seconds_median"] <= max(
+        rec["seconds_all"])
+    assert rec["peak_bytes"] == (rec["temp_bytes"] + rec["argument_bytes"] +
+                                 rec["output_bytes"])
+    # hidden + kernel + targets in, [1, 96] logp and entropy out.
+    assert rec["argument_bytes"] >= (96 * 16 + 16 * 1000 + 96) * 4
+    assert rec["output_bytes"] >= 2 * 96 * 4
+    assert rec["device"] and rec["jax_version"]
+  by_key = {(r["path"], r["mode"]): r for r in records}
+  assert by_key["chunked", "forward"]["chunk_size"] == 32
+  assert by_key["chunked", "forward"]["vocab_chunk"] is None  # 0: dense
+  assert by_key["naive", "forward"]["chunk_size"] is None
+  for mode in ("forward", "forward_backward"):
+    assert (by_key["chunked", mode]["temp_bytes"] <
+            by_key["naive", mode]["temp_bytes"])
+  assert by_key["naive", "forward"]["temp_bytes"] >= 96 * 1000 * 4
+
+
+def test_bench_logprobs_full_size_is_analysed_not_run():
+  records = bench.bench_logprobs(8, vocab=64, width=8, chunk_size=4,
+                                 vocab_chunk=16, repeats=1)
+  assert len(records) == 8
+  full = [r for r in records if not r["executed"]]
+  assert [(r["path"], r["mode"]) for r in full] == [
+      ("chunked", "forward"), ("chunked", "forward_backward"),
+      ("naive", "forward"), ("naive", "forward_backward")]
+  for rec in full:
+    assert (rec["tokens"], rec["vocab"], rec["width"]) == (8192, 151936, 896)
+    assert "seconds_median" not in rec
+  by_key = {(r["path"], r["mode"]): r for r in full}
+  # The naive forward holds the full float32 logits (~5 GB); the chunked one
+  # only one [4, 16] block at a time.
+  assert by_key["naive", "forward"]["temp_bytes"] >= 8192 * 151936 * 4
+  assert by_key["chunked", "forward"]["temp_bytes"] < 2**20
+  assert by_key["chunked", "forward"]["vocab_chunk"] == 16
+
+
+def test_logprobs_table():
+  recs = bench.bench_logprobs(8, vocab=32, width=4, chunk_size=4, repeats=1,
+                              full_size=False)
+  lines = bench._logprobs_table(recs).splitlines()  # pylint: disable=protected-access
+  assert lines[0].split()[:2] == ["path", "mode"]
+  assert [line.split()[:2] for line in lines[2:]] == [
+      ["chunked", "forward"], ["chunked", "forward_backward"],
+      ["naive", "forward"], ["naive", "forward_backward"]]

@@ -18,6 +18,7 @@ from rlax_llm.core.aggregation import as_bool_mask
 from rlax_llm.core.aggregation import masked_mean
 from rlax_llm.core.aggregation import masked_sum
 from rlax_llm.core.aggregation import normalizers
+from rlax_llm.core.logprobs import chunked_token_logprobs_and_entropy
 from rlax_llm.core.logprobs import entropy_from_logits
 from rlax_llm.core.logprobs import LogprobsAndEntropy
 from rlax_llm.core.logprobs import token_logprobs
@@ -61,6 +62,7 @@ __all__ = [
     "d3s_token_mask",
     "dynamic_sampling_mask",
     "linear_schedule",
+    "chunked_token_logprobs_and_entropy",
     "entropy_from_logits",
     "entropy_loss",
     "gae_advantages",
