@@ -63,13 +63,8 @@ def score_completions(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
   Returns:
     Scores(logp [N, T], entropy [N, T]) in f32, zero where masked.
   """
-  model = nnx.merge(graphdef, params)
-  t = completion_NT.shape[1]
-  tokens = jnp.concatenate([prompt_NP, completion_NT], axis=1)
-  mask = jnp.concatenate([prompt_mask_NP, completion_mask_NT], axis=1)
-  h = model.hidden_states(tokens, None, mask.astype(bool))
-  h = predictor_hidden(h, prompt_mask_NP, t)
-  logits = model.logits_from_hidden(h)
+  logits = completion_logits(graphdef, params, prompt_NP, prompt_mask_NP,
+                             completion_NT, completion_mask_NT)
   temp = temperature if temperature > 0 else 1.0
   out = logprobs_lib.token_logprobs_and_entropy(logits, completion_NT,
                                                 temperature=temp)
