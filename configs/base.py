@@ -81,6 +81,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                                # this many tokens of the budget; 0 disables
   ))
 
+  # How rollouts are produced: "sample" draws rl.num_samples independent
+  # completions per prompt. Tree and partial-rollout engines (configs
+  # latr_arith, branch_arith, april_arith) replace this section with their
+  # own fields.
+  c.rollout = ml_collections.ConfigDict(dict(name="sample"))
+
   c.eval = ml_collections.ConfigDict(dict(
       every=50,           # RL steps between held-out evaluations
       num_problems=512,

@@ -68,7 +68,8 @@ def _require(cond: bool, msg: str):
 def validate(config: ml_collections.ConfigDict) -> None:
   """Range checks of an experiment config (types are checked by ConfigDict)."""
   c = config
-  for section in ("task", "model", "sft", "rl", "eval", "checkpoint", "mesh"):
+  for section in ("task", "model", "sft", "rl", "rollout", "eval",
+                  "checkpoint", "mesh"):
     _require(section in c, f"The config has no '{section}' section; derive it "
              "from configs/base.py (base.get_config()).")
   _require(c.sft.steps >= 0, f"sft.steps must be >= 0, got {c.sft.steps}.")

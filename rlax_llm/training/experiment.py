@@ -20,18 +20,17 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
 from rlax_llm import data as data_lib
-from rlax_llm.core import selection
 from rlax_llm.methods import get_method
+from rlax_llm.methods.rollouts import get_rollout
 from rlax_llm.models.config import ModelConfig
 from rlax_llm.parallel import mesh as mesh_lib
 from rlax_llm.rewards import arithmetic as arith_rewards
-from rlax_llm.sampling.generate import check_context, generate_jit
+from rlax_llm.sampling.generate import check_context
 from rlax_llm.sampling.samplers import SamplerConfig
 from rlax_llm.training import checkpoint as ckpt_lib
 from rlax_llm.training import config_utils
@@ -152,6 +151,7 @@ class Experiment:
                                                    "checkpoints"),
                                       max_to_keep=c.checkpoint.max_to_keep)
     self.key = jax.random.key(c.seed)
+    self.engine = get_rollout(c.rollout.name)(self, c.rollout)
 
   # -- pieces -------------------------------------------------------------------
   def decode(self, tokens_NT, mask_NT) -> list[str]:
@@ -197,96 +197,9 @@ class Experiment:
         num_samples=c.eval.num_samples, sampler=self.sampler,
         batch_size=c.eval.batch_size)
 
-  def _sample_groups(self, params, step: int, draw: int) -> dict[str, Any]:
-    """One round of B prompts x G samples, scored; arrays on the host."""
-    c, tok = self.config, self.setup.tokenizer
-    b, g = c.rl.prompts_per_step, c.rl.num_samples
-    problems = self.setup.task.train_batch(step, b, draw=draw)
-    p, pm = tok.encode_batch([q.prompt for q in problems],
-                             max_length=self.prompt_len)
-    key = jax.random.fold_in(self.key, step)
-    if draw:
-      key = jax.random.fold_in(key, 1_000_000 + draw)
-    ro = jax.device_get(generate_jit(
-        self.graphdef, params, p, pm, key, num_samples=g,
-        max_new_tokens=self.max_new_tokens, eos_id=tok.eos_id,
-        pad_id=tok.pad_id, sampler=self.sampler))
-    texts = self.decode(ro.tokens, ro.mask)
-    answers = [q.answer for q in problems for _ in range(g)]
-    reward_N, errors = self.rewards(texts, answers)
-    if c.rl.overlong_buffer > 0:  # DAPO's soft overlong punishment
-      reward_N = reward_N + np.asarray(selection.overlong_penalty(
-          ro.lengths, max_length=self.max_new_tokens,
-          cache_length=c.rl.overlong_buffer))
-    t = self.max_new_tokens
-    return dict(prompt=p, prompt_mask=pm, tokens=ro.tokens.reshape(b, g, t),
-                mask=ro.mask.reshape(b, g, t), logp=ro.logp.reshape(b, g, t),
-                lengths=ro.lengths.reshape(b, g),
-                finished=ro.finished.reshape(b, g),
-                reward=reward_N.reshape(b, g), errors=errors)
-
   def rollout(self, params, step: int):
-    """Samples, scores and builds the RLBatch of global step `step`.
-
-    With `rl.dynamic_sampling` (DAPO, arXiv:2503.14476), groups whose rewards
-    all agree carry no signal and are replaced by groups of extra prompts, up
-    to `rl.max_sampling_rounds` rounds; slots still empty then are filled with
-    fully masked groups, which contribute nothing, so the batch shape (and the
-    compiled step) never changes.
-    """
-    c = self.config
-    b, g = c.rl.prompts_per_step, c.rl.num_samples
-    first = self._sample_groups(params, step, 0)
-    rounds, kept = [first], None
-    if c.rl.dynamic_sampling:
-      pieces = []
-      count, draw = 0, 0
-      while True:
-        r = rounds[-1]
-        informative = np.flatnonzero(r["reward"].max(1) > r["reward"].min(1))
-        pieces.append({k: v[informative] for k, v in r.items()
-                       if k != "errors"})
-        count += len(informative)
-        draw += 1
-        if count >= b or draw >= c.rl.max_sampling_rounds:
-          break
-        rounds.append(self._sample_groups(params, step, draw))
-      kept = {k: np.concatenate([p_[k] for p_ in pieces])[:b]
-              for k in pieces[0]}
-      missing = b - len(kept["reward"])
-      if missing:  # fully masked filler groups
-        filler = {k: np.zeros((missing,) + v.shape[1:], v.dtype)
-                  for k, v in first.items() if k != "errors"}
-        filler["prompt"] = first["prompt"][:1].repeat(missing, 0)
-        filler["prompt_mask"] = first["prompt_mask"][:1].repeat(missing, 0)
-        kept = {k: np.concatenate([kept[k], filler[k]]) for k in kept}
-    groups = kept if kept is not None else first
-    reward_BG = groups["reward"]
-    adv_N = np.asarray(self.method.advantage_fn(jnp.asarray(reward_BG))
-                       ).reshape(-1)
-    mask = groups["mask"].reshape(b * g, -1)
-    batch = steps_lib.RLBatch(
-        prompt=np.repeat(groups["prompt"], g, axis=0),
-        prompt_mask=np.repeat(groups["prompt_mask"], g, axis=0),
-        completion=groups["tokens"].reshape(b * g, -1),
-        completion_mask=mask, old_logp=groups["logp"].reshape(b * g, -1),
-        advantages=(adv_N[:, None] * mask).astype(np.float32))
-    # Reward statistics describe the step's ordinary draw (round 0).
-    r0 = first["reward"]
-    stats = {
-        "reward/mean": r0.mean(),
-        "reward/std": r0.std(),
-        "reward/errors": sum(r["errors"] for r in rounds),
-        "reward/solved_groups": np.mean(r0.min(axis=1) >= 0.5),
-        "reward/failed_groups": np.mean(r0.max(axis=1) < 0.5),
-        "rollout/length": first["lengths"].mean(),
-        "rollout/truncated": 1.0 - first["finished"].mean(),
-        "rollout/adv_abs": np.abs(adv_N).mean(),
-    }
-    if c.rl.dynamic_sampling:
-      stats["rollout/sampling_rounds"] = len(rounds)
-      stats["rollout/empty_groups"] = b - int(np.sum(mask.reshape(b, -1).any(1)))
-    return batch, stats
+    """The RLBatch and rollout statistics of global step `step`."""
+    return self.engine.rollout(params, step)
 
   # -- the loop -----------------------------------------------------------------
   def run(self) -> dict[str, Any]:
@@ -305,6 +218,7 @@ class Experiment:
       abstract, sh = state_lib.state_shardings(self.model_cfg, opt, self.mesh,
                                                seed=c.seed)
       state, meta = self.ckpt.restore(latest, abstract, sh)
+      self.engine.load_state_dict(meta.get("rollout_state"))
       step = latest
     _, sft_sh = state_lib.state_shardings(self.model_cfg, self.sft_opt,
                                           self.mesh, seed=c.seed)
@@ -327,6 +241,7 @@ class Experiment:
     def save(step, state, meta):
       nonlocal last_ckpt
       writer.flush()
+      meta = dict(meta, rollout_state=self.engine.state_dict())
       self.ckpt.save(step, state, meta)
       last_ckpt = step
 

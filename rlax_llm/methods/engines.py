@@ -1,0 +1,4 @@
+"""Imports every module that registers a rollout engine (see rollouts.py)."""
+
+# pylint: disable=unused-import
+from rlax_llm.methods import rollouts
