@@ -193,3 +193,78 @@ def test_linear_schedule():
   np.testing.assert_allclose(
       [float(linear_schedule(s, start=1.0, end=0.2, num_steps=4))
        for s in (0, 2, 4, 9)], [1.0, 0.6, 0.2, 0.2], atol=1e-7)
+
+
+def reference_xrpo(adv_N, correct_N, logp_NT, mask_NT, group_size, lam,
+                   kappa_clip):
+  n = len(adv_N)
+  s = np.zeros(n)
+  length = mask_NT.sum(-1)
+  for i in range(n):
+    if length[i]:
+      s[i] = sum(logp_NT[i, t] for t in range(logp_NT.shape[1])
+                 if mask_NT[i, t]) / length[i]
+  out = np.array(adv_N, np.float64)
+  etas = np.ones(n)
+  for b in range(n // group_size):
+    rows = [i for i in range(b * group_size, (b + 1) * group_size)
+            if length[i]]
+    mean = np.mean([s[i] for i in rows]) if rows else 0.0
+    for i in rows:
+      etas[i] = np.exp(s[i] - mean)
+  for i in range(n):
+    if correct_N[i] and adv_N[i] > 0:
+      out[i] = adv_N[i] + min(max(lam * (1 - etas[i]), 0.0),
+                              kappa_clip * adv_N[i])
+  return etas, out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_xrpo_sharpening_matches_reference(variant):
+  rng = np.random.default_rng(3)
+  b, g, t = 5, 4, 6
+  reward_BG = rng.integers(0, 2, (b, g)).astype(np.float32)
+  adv_N = np.asarray(advantages.grpo_advantages(reward_BG)).reshape(-1)
+  logp_NT = -rng.gamma(1.0, 1.0, (b * g, t)).astype(np.float32)
+  mask_NT = np.arange(t)[None] < rng.integers(0, t + 1, (b * g, 1))
+  eta = variant(functools.partial(selection.xrpo_novelty,
+                                  group_size=g))(logp_NT, mask_NT)
+  sharp = variant(selection.xrpo_sharpen)(adv_N, reward_BG.reshape(-1) > 0.5,
+                                          eta)
+  want_eta, want = reference_xrpo(adv_N, reward_BG.reshape(-1) > 0.5, logp_NT,
+                                  mask_NT, g, 2.5, 0.5)
+  np.testing.assert_allclose(eta, want_eta, rtol=1e-5)
+  np.testing.assert_allclose(sharp, want, rtol=1e-5, atol=1e-6)
+  changed = ~np.isclose(sharp, adv_N)
+  assert changed.any()
+  # Only correct rollouts with positive advantage are ever changed, upwards.
+  assert np.all((reward_BG.reshape(-1) > 0.5)[changed])
+  assert np.all(sharp[changed] > adv_N[changed])
+
+
+def test_xrpo_hand_computed():
+  # One group of 3: per-token log-likelihoods -1, -2, -3 (mean -2).
+  logp = jnp.array([[-1.0, -1.0], [-2.0, -2.0], [-3.0, 0.0]])
+  mask = jnp.array([[1, 1], [1, 1], [1, 0]])
+  eta = selection.xrpo_novelty(logp, mask, 3)
+  np.testing.assert_allclose(eta, np.exp([1.0, 0.0, -1.0]), rtol=1e-6)
+  adv = jnp.array([1.0, 1.0, 1.0])
+  out = selection.xrpo_sharpen(adv, jnp.array([True, True, True]), eta,
+                               lam=2.5, kappa_clip=0.5)
+  # eta > 1: no bonus; eta = 1: none; eta = e^-1: min(2.5*(1-e^-1), 0.5)=0.5.
+  np.testing.assert_allclose(out, [1.0, 1.0, 1.5], rtol=1e-6)
+  out = selection.xrpo_sharpen(adv, jnp.array([True, True, True]), eta,
+                               lam=0.1, kappa_clip=0.5)
+  np.testing.assert_allclose(out, [1.0, 1.0, 1.0 + 0.1 * (1 - np.exp(-1))],
+                             rtol=1e-6)
+  # Incorrect rollouts and negative advantages are untouched.
+  out = selection.xrpo_sharpen(jnp.array([-1.0, 1.0, 1.0]),
+                               jnp.array([True, True, False]), eta)
+  np.testing.assert_allclose(out, [-1.0, 1.0, 1.0])
+
+
+def test_xrpo_novelty_empty_rows_and_bad_groups():
+  eta = selection.xrpo_novelty(jnp.zeros((4, 3)), jnp.zeros((4, 3)), 2)
+  np.testing.assert_array_equal(eta, np.ones(4))
+  with pytest.raises(ValueError, match="group_size"):
+    selection.xrpo_novelty(jnp.zeros((5, 3)), jnp.ones((5, 3)), 2)

@@ -45,6 +45,8 @@ from rlax_llm.core.selection import dynamic_sampling_mask
 from rlax_llm.core.selection import linear_schedule
 from rlax_llm.core.selection import overlong_penalty
 from rlax_llm.core.selection import truncation_mask
+from rlax_llm.core.selection import xrpo_novelty
+from rlax_llm.core.selection import xrpo_sharpen
 
 __all__ = [
     "AGGREGATIONS",
@@ -88,4 +90,6 @@ __all__ = [
     "token_logprobs",
     "token_logprobs_and_entropy",
     "truncation_mask",
+    "xrpo_novelty",
+    "xrpo_sharpen",
 ]

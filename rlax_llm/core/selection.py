@@ -7,6 +7,11 @@ signal (dynamic sampling), punishes over-long completions smoothly (soft
 overlong punishment) and can drop truncated completions from the loss
 (overlong filtering). Each is a small function of rewards, lengths and
 masks; combine their outputs with ``&`` and ``+``.
+
+D^3S ("Dynamic Dual-level Down-Sampling", arXiv:2509.22115) selects the
+rollouts and tokens with the most informative advantages, and XRPO ("XRPO:
+Pushing the limits of GRPO with Targeted Exploration and Exploitation",
+arXiv:2510.06672) sharpens the advantages of correct but unlikely rollouts.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ __all__ = [
     "linear_schedule",
     "overlong_penalty",
     "truncation_mask",
+    "xrpo_novelty",
+    "xrpo_sharpen",
 ]
 
 
@@ -229,3 +236,73 @@ def linear_schedule(step: jax.typing.ArrayLike, *, start: float, end: float,
   """start + (end - start) * min(step / num_steps, 1): e.g. a D^3S fraction."""
   frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(num_steps, 1), 0., 1.)
   return start + (end - start) * frac
+
+
+def xrpo_novelty(logp_NT: jax.typing.ArrayLike, mask_NT: jax.typing.ArrayLike,
+                 group_size: int) -> jax.Array:
+  """XRPO novelty of each rollout relative to its group.
+
+    s_i   = (1 / |y_i|) sum_t log pi(y_{i,t})        (length-normalised)
+    eta_i = exp(s_i - mean_{j in group(i), |y_j| > 0} s_j)
+
+  eta_i < 1 marks a rollout the policy finds less likely than its siblings do
+  on average (per token, geometric mean). The group mean covers the group's
+  non-empty rollouts; an empty rollout gets eta = 1 (no bonus).
+
+  Args:
+    logp_NT: [N, T] f32 per-token log-probs of the sampled tokens (the
+      behaviour log-probs returned by `generate`).
+    mask_NT: [N, T] validity mask.
+    group_size: G; rows b*G .. b*G+G-1 form group b (N = B * G).
+
+  Returns:
+    [N] f32 novelty eta.
+  """
+  logp_NT = jnp.asarray(logp_NT, jnp.float32)
+  valid = agg.as_bool_mask(mask_NT)
+  chex.assert_equal_shape([logp_NT, valid])
+  n = logp_NT.shape[0]
+  if group_size < 1 or n % group_size:
+    raise ValueError(f"N={n} rollouts do not split into groups of "
+                     f"group_size={group_size}.")
+  length = jnp.sum(valid, axis=-1)
+  s_N = jnp.sum(jnp.where(valid, logp_NT, 0.0), -1) / jnp.maximum(length, 1)
+  nonempty = (length > 0).reshape(-1, group_size)
+  s_BG = s_N.reshape(-1, group_size)
+  mean_B = (jnp.sum(jnp.where(nonempty, s_BG, 0.0), -1, keepdims=True)
+            / jnp.maximum(jnp.sum(nonempty, -1, keepdims=True), 1))
+  eta = jnp.where(nonempty, jnp.exp(s_BG - mean_B), 1.0)
+  return eta.reshape(n)
+
+
+def xrpo_sharpen(adv_N: jax.typing.ArrayLike, correct_N: jax.typing.ArrayLike,
+                 eta_N: jax.typing.ArrayLike, *, lam: float = 2.5,
+                 kappa_clip: float = 0.5) -> jax.Array:
+  """XRPO novelty-aware advantage sharpening.
+
+    A'_i = A_i + min(max(lam * (1 - eta_i), 0), kappa_clip * A_i)
+           for correct rollouts with A_i > 0;  A'_i = A_i otherwise.
+
+  The bonus is positive only for below-average likelihood (eta < 1) and is
+  capped at a fraction `kappa_clip` of the rollout's own advantage, so it
+  amplifies, and never creates or flips, a learning signal. Defaults are the
+  paper's (lam 2.5, kappa_clip 0.5).
+
+  Args:
+    adv_N: [N] sequence advantages (e.g. GRPO's, flattened from [B, G]).
+    correct_N: [N] bool, the rollout was verified correct.
+    eta_N: [N] novelty from `xrpo_novelty`.
+    lam: scale of the novelty bonus.
+    kappa_clip: cap of the bonus relative to A_i.
+
+  Returns:
+    [N] f32 sharpened advantages.
+  """
+  adv_N = jnp.asarray(adv_N, jnp.float32)
+  eta_N = jnp.asarray(eta_N, jnp.float32)
+  correct_N = jnp.asarray(correct_N).astype(bool)
+  chex.assert_rank(adv_N, 1)
+  chex.assert_equal_shape([adv_N, eta_N, correct_N])
+  bonus = jnp.minimum(jnp.maximum(lam * (1.0 - eta_N), 0.0),
+                      kappa_clip * adv_N)
+  return jnp.where(correct_N & (adv_N > 0), adv_N + bonus, adv_N)

@@ -7,11 +7,12 @@ from rlax_llm.methods.policy_gradient import Method
 from rlax_llm.methods.policy_gradient import cispo
 from rlax_llm.methods.policy_gradient import grpo
 from rlax_llm.methods.policy_gradient import gspo
+from rlax_llm.methods.policy_gradient import ppo
 from rlax_llm.methods.policy_gradient import reinforce_pp
 from rlax_llm.methods.policy_gradient import rloo
 
 METHODS = {"grpo": grpo, "rloo": rloo, "reinforce_pp": reinforce_pp,
-           "gspo": gspo, "cispo": cispo}
+           "gspo": gspo, "cispo": cispo, "ppo": ppo}
 
 
 def get_method(name: str, **settings) -> Method:
@@ -31,4 +32,4 @@ def get_method(name: str, **settings) -> Method:
 
 
 __all__ = ["METHODS", "Method", "cispo", "get_method", "grpo", "gspo",
-           "reinforce_pp", "rloo"]
+           "ppo", "reinforce_pp", "rloo"]

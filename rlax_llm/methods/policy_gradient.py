@@ -11,6 +11,7 @@ never sees a config. Variants differ by the small functions they compose:
 | reinforce_pp | batch-normalised (group baseline) | PPO clip                     |
 | gspo         | group-normalised                  | sequence-ratio clip          |
 | cispo        | group-normalised                  | clipped-IS-weight REINFORCE  |
+| ppo          | GAE with a learned critic         | PPO clip (+ value loss)      |
 
 Dr.GRPO and DAPO are GRPO with other settings (see configs/dr_grpo.py and
 configs/dapo.py).
@@ -34,10 +35,14 @@ class Method(NamedTuple):
     advantage_fn: reward_BG -> adv_BG (sequence-level advantages).
     policy_loss: (logp_NT, old_logp_NT, adv_NT, mask_NT, *, num_tokens,
       num_seqs) -> (loss, metrics).
+    critic: True for actor-critic methods (PPO): `advantage_fn` is then the
+      identity and the update step computes GAE advantages with a learned
+      value model (`rlax_llm.training.ppo`).
   """
   name: str
   advantage_fn: Callable[[jax.Array], jax.Array]
   policy_loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+  critic: bool = False
 
 
 def _norm_constant(aggregation: str, max_new_tokens: int | None):
@@ -144,3 +149,24 @@ def cispo(*, clip_low: float = 0.0, clip_high: float = 0.28,
           objectives.cispo_loss, clip_low=clip_low or None,
           clip_high=clip_high, aggregation=aggregation,
           norm_constant=_norm_constant(aggregation, max_new_tokens)))
+
+
+def _identity(reward_BG: jax.Array) -> jax.Array:
+  return reward_BG
+
+
+def ppo(*, clip_low: float = 0.2, clip_high: float = 0.2,
+        dual_clip: float | None = None, aggregation: str = "token_mean",
+        max_new_tokens: int | None = None) -> Method:
+  """PPO with a value model ("Proximal Policy Optimization Algorithms",
+  arXiv:1707.06347; for language models, arXiv:2203.02155).
+
+  The rollout batch carries the raw rewards (identity advantage function);
+  `rlax_llm.training.ppo.make_ppo_step` turns them into GAE advantages with
+  the critic, whitens them, and applies this clipped policy loss plus the
+  clipped value loss.
+  """
+  return Method(name="ppo", advantage_fn=_identity,
+                policy_loss=_ppo_clip(clip_low, clip_high, dual_clip,
+                                      aggregation, max_new_tokens),
+                critic=True)

@@ -195,11 +195,25 @@ class SampleRollout(Engine):
         kept = {k: np.concatenate([kept[k], filler[k]]) for k in kept}
       groups = kept
     adv_BG = np.asarray(exp.method.advantage_fn(jnp.asarray(groups["reward"])))
+    if c.rl.xrpo_lambda > 0:  # XRPO novelty-aware sharpening
+      b_, g_, t_ = groups["tokens"].shape
+      eta = selection.xrpo_novelty(groups["logp"].reshape(b_ * g_, t_),
+                                   groups["mask"].reshape(b_ * g_, t_), g_)
+      sharp = selection.xrpo_sharpen(
+          adv_BG.reshape(-1), groups["reward"].reshape(-1) >= 0.5, eta,
+          lam=c.rl.xrpo_lambda, kappa_clip=c.rl.xrpo_kappa_clip)
+      sharp = np.asarray(sharp).reshape(adv_BG.shape)
+      xrpo_stats = {"rollout/xrpo_sharpened": float(np.mean(sharp != adv_BG)),
+                    "rollout/xrpo_bonus": float(np.mean(sharp - adv_BG))}
+      adv_BG = sharp
+    else:
+      xrpo_stats = {}
     batch = group_batch(groups, adv_BG)
     # Reward statistics describe the step's ordinary draw (round 0).
     stats = reward_stats(first)
     stats["reward/errors"] = sum(r["errors"] for r in rounds)
     stats["rollout/adv_abs"] = np.abs(adv_BG).mean()
+    stats.update(xrpo_stats)
     if c.rl.dynamic_sampling:
       stats["rollout/sampling_rounds"] = len(rounds)
       stats["rollout/empty_groups"] = b - int(
