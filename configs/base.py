@@ -79,6 +79,14 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       max_sampling_rounds=4,   # extra prompt draws allowed per step for that
       overlong_buffer=0,       # DAPO soft overlong punishment over the last
                                # this many tokens of the budget; 0 disables
+      # PPO (method "ppo") only: the critic and GAE.
+      value_learning_rate=1e-3,
+      value_coef=0.5,
+      value_clip=0.2,          # 0 disables the value clip
+      gamma=1.0,
+      gae_lambda=0.95,
+      xrpo_lambda=0.0,         # XRPO advantage sharpening scale; 0 disables
+      xrpo_kappa_clip=0.5,     # XRPO: bonus capped at this fraction of A
   ))
 
   # How rollouts are produced: "sample" draws rl.num_samples independent

@@ -36,6 +36,7 @@ from rlax_llm.training import checkpoint as ckpt_lib
 from rlax_llm.training import config_utils
 from rlax_llm.training import evaluation
 from rlax_llm.training import metrics as metrics_lib
+from rlax_llm.training import ppo as ppo_lib
 from rlax_llm.training import state as state_lib
 from rlax_llm.training import steps as steps_lib
 
@@ -141,6 +142,9 @@ class Experiment:
           kappa=c.sft.otr_kappa, beta=c.sft.otr_beta)
     self.sft_opt = _optimizer(c.sft)
     self.rl_opt = _optimizer(c.rl)
+    self.critic_opt = _optimizer(ml_collections.ConfigDict(dict(
+        warmup_steps=c.rl.warmup_steps, learning_rate=c.rl.value_learning_rate,
+        grad_clip=c.rl.grad_clip, weight_decay=c.rl.weight_decay)))
     self.graphdef = state_lib.model_graphdef(self.model_cfg)
     self.total_steps = c.sft.steps + c.rl.steps
     test = self.setup.task.test_set(c.eval.num_problems)
@@ -197,6 +201,44 @@ class Experiment:
         num_samples=c.eval.num_samples, sampler=self.sampler,
         batch_size=c.eval.batch_size)
 
+  # -- the RL-phase state: a policy TrainState, or PPOState with a critic ----
+  def rl_state_shardings(self):
+    """(abstract state, shardings) of the RL phase."""
+    c = self.config
+    if self.method.critic:
+      return ppo_lib.ppo_state_shardings(self.model_cfg, self.rl_opt,
+                                         self.critic_opt, self.mesh,
+                                         seed=c.seed)
+    return state_lib.state_shardings(self.model_cfg, self.rl_opt, self.mesh,
+                                     seed=c.seed)
+
+  def to_rl_state(self, sft_state, rl_sh):
+    """The SFT -> RL switch: fresh optimiser (and a critic for PPO)."""
+    if self.method.critic:
+      return ppo_lib.to_ppo_state(sft_state, self.rl_opt, self.critic_opt,
+                                  rl_sh, self.model_cfg.embed_dim)
+    return state_lib.reset_optimizer(sft_state, self.rl_opt, rl_sh)
+
+  @staticmethod
+  def policy_params(state):
+    return (state.policy.params if isinstance(state, ppo_lib.PPOState)
+            else state.params)
+
+  def make_rl_step(self):
+    c = self.config
+    common = dict(temperature=c.rl.temperature, num_epochs=c.rl.num_epochs,
+                  num_minibatches=c.rl.num_minibatches,
+                  num_microbatches=c.rl.num_microbatches)
+    if self.method.critic:
+      return ppo_lib.make_ppo_step(
+          self.graphdef, self.rl_opt, self.critic_opt,
+          self.method.policy_loss, gamma=c.rl.gamma, lam=c.rl.gae_lambda,
+          value_coef=c.rl.value_coef, value_clip=c.rl.value_clip or None,
+          aggregation=c.rl.aggregation, **common)
+    return steps_lib.make_rl_step(self.graphdef, self.rl_opt,
+                                  self.method.policy_loss,
+                                  entropy_coef=c.rl.entropy_coef, **common)
+
   def rollout(self, params, step: int):
     """The RLBatch and rollout statistics of global step `step`."""
     return self.engine.rollout(params, step)
@@ -208,33 +250,25 @@ class Experiment:
     latest = self.ckpt.latest_step()
     meta: dict[str, Any] = {"phase": "sft"}
     config_utils.check_resume_config(self.workdir, c, resuming=latest is not None)
+    sft_abstract, sft_sh = state_lib.state_shardings(
+        self.model_cfg, self.sft_opt, self.mesh, seed=c.seed)
+    rl_abstract, rl_sh = self.rl_state_shardings()
     if latest is None:
       state, sft_sh = state_lib.create_train_state(
           self.model_cfg, self.sft_opt, self.mesh, seed=c.seed)
       step = 0
     else:
       meta = self.ckpt.restore_meta(latest)
-      opt = self.rl_opt if meta["phase"] == "rl" else self.sft_opt
-      abstract, sh = state_lib.state_shardings(self.model_cfg, opt, self.mesh,
-                                               seed=c.seed)
+      abstract, sh = ((rl_abstract, rl_sh) if meta["phase"] == "rl"
+                      else (sft_abstract, sft_sh))
       state, meta = self.ckpt.restore(latest, abstract, sh)
       self.engine.load_state_dict(meta.get("rollout_state"))
       step = latest
-    _, sft_sh = state_lib.state_shardings(self.model_cfg, self.sft_opt,
-                                          self.mesh, seed=c.seed)
-    _, rl_sh = state_lib.state_shardings(self.model_cfg, self.rl_opt,
-                                         self.mesh, seed=c.seed)
     writer = metrics_lib.MetricWriter(self.workdir, resume_step=latest)
     sft_step = steps_lib.jit_step(
         steps_lib.make_sft_step(self.graphdef, self.sft_opt,
                                 loss_fn=self.sft_loss), sft_sh, self.mesh)
-    rl_step = steps_lib.jit_step(
-        steps_lib.make_rl_step(
-            self.graphdef, self.rl_opt, self.method.policy_loss,
-            temperature=c.rl.temperature, num_epochs=c.rl.num_epochs,
-            num_minibatches=c.rl.num_minibatches,
-            num_microbatches=c.rl.num_microbatches,
-            entropy_coef=c.rl.entropy_coef), rl_sh, self.mesh)
+    rl_step = steps_lib.jit_step(self.make_rl_step(), rl_sh, self.mesh)
     bar = _progress(c.progress, self.total_steps, step)
     last_ckpt = latest
 
@@ -267,16 +301,16 @@ class Experiment:
           save(step, state, meta)
 
       if meta["phase"] == "sft":  # SFT -> RL, exactly once
-        res = log_eval(step, state.params)
+        res = log_eval(step, self.policy_params(state))
         meta = {"phase": "rl", "sft_accuracy": res["accuracy"],
                 "sft_eval": res, "last_eval": res, "last_eval_step": step}
-        state = state_lib.reset_optimizer(state, self.rl_opt, rl_sh)
+        state = self.to_rl_state(state, rl_sh)
         save(step, state, meta)
         bar.set_postfix(acc=f"{res['accuracy']:.3f}")
 
       while step < self.total_steps:
         t0 = time.time()
-        batch, stats = self.rollout(state.params, step)
+        batch, stats = self.rollout(self.policy_params(state), step)
         t1 = time.time()
         state, m = rl_step(state, batch)
         m = jax.device_get(m)
@@ -290,7 +324,7 @@ class Experiment:
         bar.update(1)
         rl_done = step - c.sft.steps
         if rl_done % c.eval.every == 0 or step == self.total_steps:
-          res = log_eval(step, state.params)
+          res = log_eval(step, self.policy_params(state))
           meta = dict(meta, last_eval=res, last_eval_step=step)
           bar.set_postfix(reward=f"{stats['reward/mean']:.3f}",
                           acc=f"{res['accuracy']:.3f}")
@@ -345,11 +379,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
         f"{os.path.join(workdir, 'checkpoints')!r} holds no complete "
         "checkpoint; train first with `python -m experiments.train`.")
   meta = exp.ckpt.restore_meta(latest)
-  opt = exp.rl_opt if meta.get("phase") == "rl" else exp.sft_opt
-  abstract, sh = state_lib.state_shardings(exp.model_cfg, opt, exp.mesh,
-                                           seed=config.seed)
+  if meta.get("phase") == "rl":
+    abstract, sh = exp.rl_state_shardings()
+  else:
+    abstract, sh = state_lib.state_shardings(exp.model_cfg, exp.sft_opt,
+                                             exp.mesh, seed=config.seed)
   state, _ = exp.ckpt.restore(latest, abstract, sh)
-  result = {"step": latest, **exp.evaluate(state.params, latest)}
+  result = {"step": latest, **exp.evaluate(exp.policy_params(state), latest)}
   path = os.path.join(workdir, f"eval_step{latest}.json")
   with open(path + ".tmp", "w") as f:
     json.dump(result, f, indent=2, sort_keys=True)
