@@ -46,6 +46,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       weight_decay=0.0,
       grad_clip=1.0,
       loss="cross_entropy",  # or "dft", "otr" (One-Token Rollout)
+      ce_warmup_steps=0,     # cross-entropy steps before `loss` takes over
       otr_num_candidates=8,  # OTR: K candidate tokens per position
       otr_kappa=1.2,         # OTR: candidate sampling temperature
       otr_beta=-0.1,         # OTR: reward of a candidate that misses
@@ -109,6 +110,21 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
   # Device mesh (-1 fills with the remaining devices).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  # Multi-process start-up (rlax_llm/parallel/LAUNCHING.md). "auto" joins a
+  # SLURM `srun` step or a Cloud TPU pod by itself, or uses the coordinator
+  # below (or RLAX_COORDINATOR_ADDRESS, RLAX_NUM_PROCESSES, RLAX_PROCESS_ID);
+  # with none of these the run is one process.
+  c.distributed = ml_collections.ConfigDict(dict(
+      method="auto",              # "auto", "none", "explicit", "slurm", "tpu"
+      coordinator_address="",     # "host:port" of process 0
+      num_processes=0,            # 0: from the environment
+      process_id=-1,              # -1: from the environment
+      local_device_ids="",        # e.g. "0,1"; "" = every local device
+      coordinator_port=0,         # SLURM: 0 derives it from the job id
+      initialization_timeout=300,  # seconds to wait for every process
+      cpu_collectives="gloo",     # cross-process collectives on CPU
+  ))
 
   c.progress = True  # a progress bar with ETA on stderr
   return c

@@ -10,6 +10,9 @@ What can be measured (the positional argument):
   generate   tokens/s of `rlax_llm.sampling.generate_jit` (prefill + KV-cache
              decode, G samples per prompt sharing one prefill) for the model
              of configs/default.py, sampling with the RL phase's sampler.
+  rewards    verifications/s of the GSM8K and MATH verifiers on the
+             reference solutions, in-process and through the reward runner's
+             process pool (experiments/bench_rewards.py).
   logprobs   target log-probs + entropies from hidden states and an output
              kernel: `chunked_token_logprobs_and_entropy` against the naive
              path that builds the [tokens, vocab] logits, forward and
@@ -351,9 +354,15 @@ def _run_logprobs() -> list[dict[str, Any]]:
                         full_size=_FULL_SIZE.value)
 
 
+def _run_rewards() -> list[dict[str, Any]]:
+  from experiments import bench_rewards  # pylint: disable=g-import-not-at-top
+  return bench_rewards.run()
+
+
 BENCHES: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "generate": _run_generate,
     "logprobs": _run_logprobs,
+    "rewards": _run_rewards,
 }
 
 
@@ -389,6 +398,18 @@ def _logprobs_table(records: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def _rewards_table(records: list[dict[str, Any]]) -> str:
+  head = ("workload", "mode", "items", "verifications/s", "accuracy")
+  rows = [head] + [
+      (str(r.get("workload")), str(r.get("mode")), str(r.get("items")),
+       f"{r.get('verifications_per_s', 0):,.0f}", f"{r.get('accuracy', 0):.3f}")
+      for r in records]
+  widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # stdout/stderr stay readable
   whats = argv[1:]
@@ -413,8 +434,10 @@ def main(argv):
   if not _JSON.value:
     generate = [r for r in records if r["bench"] == "generate"]
     logprobs = [r for r in records if r["bench"] == "logprobs"]
+    rewards = [r for r in records if r["bench"] == "rewards"]
     print("\n\n".join(([_table(generate)] if generate else []) +
-                       ([_logprobs_table(logprobs)] if logprobs else [])))
+                       ([_logprobs_table(logprobs)] if logprobs else []) +
+                       ([_rewards_table(rewards)] if rewards else [])))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 
 Writes DIR/metrics.jsonl, DIR/tensorboard/, DIR/checkpoints/ and
 DIR/summary.json. Re-running the same command on the same DIR resumes from
-its last checkpoint.
+its last checkpoint. On several hosts, run the same command on every host
+(rlax_llm/parallel/LAUNCHING.md).
 """
 
 import os
@@ -35,6 +36,10 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep library INFO logs quiet
+  # Join the other processes of a multi-host run before anything touches
+  # devices; a no-op for a single process.
+  from rlax_llm.parallel import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(_CONFIG.value.get("distributed"))
   from rlax_llm.training import experiment  # pylint: disable=g-import-not-at-top
   summary = experiment.run(_CONFIG.value, _WORKDIR.value)
   print(f"sft_accuracy={summary['sft_accuracy']:.4f} "

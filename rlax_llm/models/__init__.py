@@ -1,11 +1,18 @@
-"""Decoder models (Flax NNX, Llama/Qwen2 family) and their configs."""
+"""Decoder models (Flax NNX, Llama/Qwen2/Qwen3 family), configs, HF interop.
+
+`rlax_llm.models.hf` (checkpoints) and `rlax_llm.models.hf_tokenizer`
+(tokenizers, chat templates) are imported on use.
+"""
 
 from rlax_llm.models.config import ModelConfig
 from rlax_llm.models.config import PRESETS
+from rlax_llm.models.config import REMAT_POLICIES
 from rlax_llm.models.config import get_model_config
 from rlax_llm.models.transformer import KVCache
 from rlax_llm.models.transformer import Transformer
 from rlax_llm.models.transformer import logical_axes
+from rlax_llm.models.transformer import rope_frequencies
 
-__all__ = ["KVCache", "ModelConfig", "PRESETS", "Transformer",
-           "get_model_config", "logical_axes"]
+__all__ = ["KVCache", "ModelConfig", "PRESETS", "REMAT_POLICIES",
+           "Transformer", "get_model_config", "logical_axes",
+           "rope_frequencies"]

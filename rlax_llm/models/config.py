@@ -9,6 +9,10 @@ from typing import Any
 import jax.numpy as jnp
 
 
+ROPE_SCALINGS = (None, "default", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape and numerics of a decoder-only transformer.
@@ -27,9 +31,29 @@ class ModelConfig:
     norm_eps: epsilon of RMSNorm.
     qkv_bias: add a bias to the q, k, v projections (Qwen2 does).
     tie_embeddings: reuse the token embedding as the output layer.
-    dtype: compute dtype of activations (log-probs are always f32).
-    param_dtype: storage dtype of parameters.
+    dtype: compute dtype of activations (log-probs are always f32); a jnp
+      dtype or its name ("float32", "bfloat16").
+    param_dtype: storage dtype of parameters; a jnp dtype or its name.
     init_std: standard deviation of the normal initialiser.
+    qk_norm: RMSNorm over the head dimension of each query and key head,
+      after the projection and before the rotary embedding (Qwen3).
+    out_bias: add a bias to the attention output projection (Llama's and
+      Qwen3's `attention_bias` also sets this).
+    mlp_bias: add biases to the three MLP projections (Llama's `mlp_bias`).
+    rope_scaling: None or "default" for plain rotary frequencies, "linear"
+      (all frequencies divided by `rope_factor`) or "llama3" (Llama 3.1's
+      wavelength-dependent rescaling).
+    rope_factor: the scaling factor of "linear" and "llama3".
+    rope_low_freq_factor: "llama3": wavelengths above
+      `rope_original_max_len / rope_low_freq_factor` are divided by the factor.
+    rope_high_freq_factor: "llama3": wavelengths below
+      `rope_original_max_len / rope_high_freq_factor` are kept; those between
+      the two bounds are interpolated.
+    rope_original_max_len: "llama3": the context the model was pre-trained on.
+    remat: rematerialisation of each decoder block in the backward pass:
+      "none" (keep every activation), "full" (keep only the block inputs) or
+      "dots_saveable" (keep the matmul outputs, recompute the elementwise
+      ops).
   """
 
   vocab_size: int
@@ -47,8 +71,26 @@ class ModelConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   init_std: float = 0.02
+  qk_norm: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
+  rope_scaling: str | None = None
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  remat: str = "none"
 
   def __post_init__(self):
+    for name in ("dtype", "param_dtype"):
+      value = getattr(self, name)
+      if isinstance(value, str):
+        try:
+          value = jnp.dtype(value).type
+        except TypeError:
+          raise ValueError(f"ModelConfig.{name}={value!r} is not a dtype name; "
+                           "use e.g. 'float32' or 'bfloat16'.") from None
+        object.__setattr__(self, name, value)
     positive = ("vocab_size", "num_layers", "embed_dim", "num_heads",
                 "num_kv_heads", "head_dim", "mlp_dim", "max_seq_len")
     for name in positive:
@@ -63,6 +105,21 @@ class ModelConfig:
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even "
                        "for rotary embeddings.")
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ValueError(f"ModelConfig.rope_scaling={self.rope_scaling!r} is not "
+                       f"supported; use one of {ROPE_SCALINGS}.")
+    if self.rope_scaling in ("linear", "llama3") and self.rope_factor <= 0:
+      raise ValueError(f"ModelConfig.rope_factor={self.rope_factor} must be "
+                       "positive.")
+    if (self.rope_scaling == "llama3"
+        and self.rope_high_freq_factor <= self.rope_low_freq_factor):
+      raise ValueError(
+          f"ModelConfig.rope_high_freq_factor={self.rope_high_freq_factor} "
+          f"must exceed rope_low_freq_factor={self.rope_low_freq_factor} for "
+          "llama3 rope scaling.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat={self.remat!r} is not supported; "
+                       f"use one of {REMAT_POLICIES}.")
 
   @property
   def num_params(self) -> int:
@@ -71,7 +128,13 @@ class ModelConfig:
     attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
     if self.qkv_bias:
       attn += h * (self.num_heads + 2 * self.num_kv_heads)
+    if self.out_bias:
+      attn += d
+    if self.qk_norm:
+      attn += 2 * h
     mlp = 3 * d * self.mlp_dim
+    if self.mlp_bias:
+      mlp += 2 * self.mlp_dim + d
     layer = attn + mlp + 2 * d
     emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
     return self.num_layers * layer + emb + d

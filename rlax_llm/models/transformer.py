@@ -1,8 +1,15 @@
 """A Flax NNX decoder of the Llama / Qwen2 family, with a group-shared KV cache.
 
 Architecture: token embedding -> L x [RMSNorm -> grouped-query attention with
-rotary embeddings (optional q/k/v bias) -> residual -> RMSNorm -> SwiGLU MLP ->
-residual] -> RMSNorm -> output layer (tied to the embedding or separate).
+rotary embeddings (optional q/k/v and output biases, optional per-head q/k
+RMSNorm as in Qwen3, optional "linear"/"llama3" frequency scaling) -> residual
+-> RMSNorm -> SwiGLU MLP (optional biases) -> residual] -> RMSNorm -> output
+layer (tied to the embedding or separate). Checkpoints of the Qwen2/Qwen2.5,
+Qwen3 and Llama 3 families load into it through `rlax_llm.models.hf`.
+
+Numerics: parameters are stored in `cfg.param_dtype`, activations computed in
+`cfg.dtype`; norms, softmax and the rotary embedding run in f32, and logits are
+always f32. `cfg.remat` rematerialises each decoder block in the backward pass.
 
 Three ways to run it:
   * `model(tokens_BT, positions_BT, mask_BT)`: full-sequence causal logits
@@ -25,9 +32,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import math
+
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlax_llm.models.config import ModelConfig
 
@@ -70,19 +80,52 @@ def default_positions(mask_BT: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """Inverse rotary frequencies [H/2] f32 of `cfg`, with its rope scaling.
+
+  "default": inv_freq_i = theta^(-2i/H). "linear": inv_freq / factor.
+  "llama3" (Llama 3.1): with wavelength w = 2 pi / inv_freq and the bounds
+  w_lo = L / low_freq_factor, w_hi = L / high_freq_factor (L the original
+  context), frequencies with w > w_lo are divided by the factor, those with
+  w < w_hi kept, and those between interpolated with
+  s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor):
+  (1 - s) inv_freq / factor + s inv_freq.
+  """
+  h = cfg.head_dim
+  exponent = np.arange(0, h, 2, dtype=np.float32) / np.float32(h)
+  inv_freq = (1.0 / np.float32(cfg.rope_theta) ** exponent).astype(np.float32)
+  if cfg.rope_scaling == "linear":
+    inv_freq = inv_freq / np.float32(cfg.rope_factor)
+  elif cfg.rope_scaling == "llama3":
+    factor = cfg.rope_factor
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_len
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, *,
+         inv_freq=None) -> jax.Array:
   """Rotary position embedding (RoFormer, arXiv:2104.09864), half-split layout.
 
   Args:
     x: [..., T, heads, H].
     positions: [..., T] int.
-    theta: frequency base.
+    theta: frequency base (used when `inv_freq` is None).
+    inv_freq: optional [H/2] inverse frequencies (see `rope_frequencies`).
 
   Returns:
     x rotated, same shape and dtype.
   """
   h = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  if inv_freq is None:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  inv_freq = jnp.asarray(inv_freq, jnp.float32)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., T, H/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[..., None, :]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
@@ -95,9 +138,11 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 class RMSNorm(nnx.Module):
   """Root-mean-square layer norm (arXiv:1910.07467), computed in f32."""
 
-  def __init__(self, cfg: ModelConfig):
+  def __init__(self, cfg: ModelConfig, dim: int | None = None,
+               axis: str = "embed"):
     self.eps = cfg.norm_eps
-    self.scale = _ones((cfg.embed_dim,), ("embed",), cfg)
+    dim = cfg.embed_dim if dim is None else dim
+    self.scale = _ones((dim,), (axis,), cfg)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
@@ -122,6 +167,11 @@ class Attention(nnx.Module):
       self.q_bias = _zeros((hq, h), ("heads", "head_dim"), cfg)
       self.k_bias = _zeros((hk, h), ("kv_heads", "head_dim"), cfg)
       self.v_bias = _zeros((hk, h), ("kv_heads", "head_dim"), cfg)
+    if cfg.out_bias:
+      self.o_bias = _zeros((d,), ("embed",), cfg)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(cfg, h, "head_dim")
+      self.k_norm = RMSNorm(cfg, h, "head_dim")
 
   def qkv(self, x: jax.Array, positions: jax.Array):
     """[..., T, D] -> q [..., T, Hq, H], k, v [..., T, K, H] (rotated)."""
@@ -134,14 +184,22 @@ class Attention(nnx.Module):
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
       v = v + self.v_bias[...].astype(dt)
-    q = rope(q, positions, self.cfg.rope_theta)
-    k = rope(k, positions, self.cfg.rope_theta)
+    if self.cfg.qk_norm:
+      q = self.q_norm(q)
+      k = self.k_norm(k)
+    scaled = self.cfg.rope_scaling not in (None, "default")
+    inv_freq = rope_frequencies(self.cfg) if scaled else None
+    q = rope(q, positions, self.cfg.rope_theta, inv_freq=inv_freq)
+    k = rope(k, positions, self.cfg.rope_theta, inv_freq=inv_freq)
     return q, k, v
 
   def out(self, o: jax.Array) -> jax.Array:
     dt = self.cfg.dtype
-    return jnp.einsum("...nh,nhd->...d", o.astype(dt),
-                      self.o_proj[...].astype(dt))
+    y = jnp.einsum("...nh,nhd->...d", o.astype(dt),
+                   self.o_proj[...].astype(dt))
+    if self.cfg.out_bias:
+      y = y + self.o_bias[...].astype(dt)
+    return y
 
 
 class MLP(nnx.Module):
@@ -153,13 +211,23 @@ class MLP(nnx.Module):
     self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), cfg)
     self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), cfg)
     self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), cfg)
+    if cfg.mlp_bias:
+      self.gate_bias = _zeros((f,), ("mlp",), cfg)
+      self.up_bias = _zeros((f,), ("mlp",), cfg)
+      self.down_bias = _zeros((d,), ("embed",), cfg)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.cfg.dtype
     x = x.astype(dt)
     gate = x @ self.gate_proj[...].astype(dt)
     up = x @ self.up_proj[...].astype(dt)
-    return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
+    if self.cfg.mlp_bias:
+      gate = gate + self.gate_bias[...].astype(dt)
+      up = up + self.up_bias[...].astype(dt)
+    y = (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
+    if self.cfg.mlp_bias:
+      y = y + self.down_bias[...].astype(dt)
+    return y
 
 
 class DecoderLayer(nnx.Module):
@@ -170,6 +238,26 @@ class DecoderLayer(nnx.Module):
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg)
     self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, allowed):
+    """One block over a full sequence: x [B, T, D] -> (x', (k, v))."""
+    q, k, v = self.attn.qkv(self.attn_norm(x), positions)
+    x = x + self.attn.out(full_attention(q, k, v, allowed))
+    x = x + self.mlp(self.mlp_norm(x))
+    return x, (k, v)
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing but the block inputs
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def _block_fn(cfg: ModelConfig):
+  """`DecoderLayer.__call__`, rematerialised as `cfg.remat` asks."""
+  if cfg.remat == "none":
+    return DecoderLayer.__call__
+  return nnx.remat(DecoderLayer.__call__, policy=_REMAT_POLICIES[cfg.remat])
 
 
 def _group(q: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -262,12 +350,11 @@ class Transformer(nnx.Module):
     # A padded query still sees itself, so no row is fully masked (no NaN).
     allowed = (causal & mask_BT[:, None, :]) | (idx[:, None] == idx[None, :])
     x = self.embed(tokens_BT)
+    block = _block_fn(self.cfg)
     kvs = []
     for layer in self.layers:
-      q, k, v = layer.attn.qkv(layer.attn_norm(x), positions_BT)
-      kvs.append((k, v))
-      x = x + layer.attn.out(full_attention(q, k, v, allowed))
-      x = x + layer.mlp(layer.mlp_norm(x))
+      x, kv = block(layer, x, positions_BT, allowed)
+      kvs.append(kv)
     h = self.final_norm(x)
     return (h, kvs) if return_kv else h
 

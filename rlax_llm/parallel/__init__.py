@@ -1,12 +1,32 @@
-"""Device meshes and logical-axis sharding rules."""
+"""Device meshes, logical-axis sharding rules and multi-process start-up."""
 
+from rlax_llm.parallel.distributed import Plan
+from rlax_llm.parallel.distributed import global_batch_to_devices
+from rlax_llm.parallel.distributed import host_local_to_global
+from rlax_llm.parallel.distributed import initialize
+from rlax_llm.parallel.distributed import is_primary
+from rlax_llm.parallel.distributed import process_batch_indices
+from rlax_llm.parallel.distributed import process_batch_slice
 from rlax_llm.parallel.mesh import DEFAULT_RULES
 from rlax_llm.parallel.mesh import MESH_AXES
+from rlax_llm.parallel.mesh import SAMPLE_RULES
+from rlax_llm.parallel.mesh import TRAIN_RULES
 from rlax_llm.parallel.mesh import batch_sharding
+from rlax_llm.parallel.mesh import batch_size_multiple
+from rlax_llm.parallel.mesh import get_rules
+from rlax_llm.parallel.mesh import logical_constraint
+from rlax_llm.parallel.mesh import logical_sharding
 from rlax_llm.parallel.mesh import logical_to_spec
 from rlax_llm.parallel.mesh import make_mesh
 from rlax_llm.parallel.mesh import replicated
 from rlax_llm.parallel.mesh import tree_shardings
+from rlax_llm.parallel.mesh import unsharded_leaves
 
-__all__ = ["DEFAULT_RULES", "MESH_AXES", "batch_sharding", "logical_to_spec",
-           "make_mesh", "replicated", "tree_shardings"]
+__all__ = [
+    "DEFAULT_RULES", "MESH_AXES", "Plan", "SAMPLE_RULES", "TRAIN_RULES",
+    "batch_sharding", "batch_size_multiple", "get_rules",
+    "global_batch_to_devices", "host_local_to_global", "initialize",
+    "is_primary", "logical_constraint", "logical_sharding", "logical_to_spec",
+    "make_mesh", "process_batch_indices", "process_batch_slice", "replicated",
+    "tree_shardings", "unsharded_leaves",
+]

@@ -1,10 +1,20 @@
 """Device meshes and logical-axis sharding rules.
 
-Library code names logical axes ("batch", "embed", "mlp", "heads", "kv_heads",
-"head_dim", "vocab"); a rule table maps each to a mesh axis ("data", "fsdp",
-"tensor"), a tuple of mesh axes, or None (replicated). A dimension whose size
-does not divide by its mesh axes is replicated instead, so one rule table
-serves every model size.
+Library code names logical axes; a rule table maps each to a mesh axis
+("data", "fsdp", "tensor"), a tuple of mesh axes, or None (replicated).
+
+Parameter axes: "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab".
+Activation axes: "batch", "length", "act_embed", "act_mlp", "act_heads",
+"act_kv_heads", "act_vocab".
+
+Two rule sets ship: `TRAIN_RULES` shards weights over fsdp (ZeRO-3 style) and
+tensor and splits the batch over data x fsdp; `SAMPLE_RULES` keeps weights
+tensor-sharded but gathers them over fsdp once per rollout, so the
+token-by-token decode loop does not all-gather every weight at every token.
+
+A dimension whose size does not divide by its mesh axes is replicated instead,
+so one rule table serves every model size; `unsharded_leaves` finds the large
+arrays that ended up whole on a device anyway.
 """
 
 from __future__ import annotations
@@ -14,70 +24,150 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Training: batch over data x fsdp, weights over fsdp (ZeRO-3 style) and tensor.
-DEFAULT_RULES: dict[str, Any] = {
-    "batch": ("data", "fsdp"),
-    "length": None,
+# Training: batch over data x fsdp, weights over fsdp and tensor.
+TRAIN_RULES: dict[str, Any] = {
+    # Parameters.
     "embed": "fsdp",
     "mlp": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
     "vocab": "tensor",
+    # Activations.
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "act_embed": None,
+    "act_mlp": "tensor",
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_vocab": "tensor",
 }
+
+# Sampling: weights stay tensor-sharded but are whole along "embed" (no fsdp),
+# the rollout batch is still split over data x fsdp.
+SAMPLE_RULES: dict[str, Any] = dict(TRAIN_RULES, embed=None)
+
+DEFAULT_RULES = TRAIN_RULES
+RULE_SETS = {"train": TRAIN_RULES, "sample": SAMPLE_RULES}
+
+
+def get_rules(kind: str = "train",
+              overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """A copy of the "train" or "sample" rule set with `overrides` applied.
+
+  Args:
+    kind: "train" or "sample".
+    overrides: logical axis -> mesh axis, tuple of mesh axes or None.
+
+  Raises:
+    ValueError: for an unknown kind, or a rule naming an unknown mesh axis.
+  """
+  if kind not in RULE_SETS:
+    raise ValueError(f"Unknown rule set {kind!r}; choose one of "
+                     f"{sorted(RULE_SETS)}.")
+  rules = dict(RULE_SETS[kind])
+  rules.update(dict(overrides or {}))
+  check_rules(rules)
+  return rules
+
+
+def _names(axes) -> tuple[str, ...]:
+  if axes is None:
+    return ()
+  if isinstance(axes, str):
+    return (axes,)
+  return tuple(axes)
+
+
+def check_rules(rules: Mapping[str, Any]) -> None:
+  """Raises ValueError if a rule maps to something other than mesh axes."""
+  for logical, axes in rules.items():
+    if axes is not None and not isinstance(axes, (str, tuple, list)):
+      raise ValueError(f"Rule {logical!r}: {axes!r} is not a mesh axis, a "
+                       "tuple of mesh axes or None.")
+    bad = [a for a in _names(axes) if a not in MESH_AXES]
+    if bad:
+      raise ValueError(f"Rule {logical!r} -> {axes!r} names unknown mesh "
+                       f"axes {bad}; the mesh axes are {MESH_AXES}.")
+
+
+def _mesh_sizes(shape, n: int) -> list[int]:
+  if shape is None:
+    sizes = [-1, 1, 1]
+  elif hasattr(shape, "items"):  # dict or ConfigDict
+    items = dict(shape.items())
+    unknown = set(items) - set(MESH_AXES)
+    if unknown:
+      raise ValueError(f"Unknown mesh axes {sorted(unknown)}; the axes are "
+                       f"{MESH_AXES}.")
+    sizes = [int(items.get(a, 1)) for a in MESH_AXES]
+  else:
+    sizes = [int(s) for s in shape]
+    if len(sizes) != len(MESH_AXES):
+      raise ValueError(f"Mesh shape {tuple(sizes)} needs one size per axis "
+                       f"{MESH_AXES}.")
+  named = dict(zip(MESH_AXES, sizes))
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"Mesh shape {named}: sizes must be positive, or -1 for "
+                     "the axis that takes the remaining devices.")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"Mesh shape {named}: at most one axis may be -1.")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if n % known:
+      raise ValueError(
+          f"Mesh shape {named} does not divide the {n} devices: the fixed "
+          f"axes need a multiple of {known}. Choose sizes whose product "
+          f"divides {n}.")
+    sizes[sizes.index(-1)] = n // known
+  if math.prod(sizes) != n:
+    raise ValueError(
+        f"Mesh shape {named} needs {math.prod(sizes)} devices but {n} are "
+        "available; make the sizes multiply to the device count or set one "
+        "axis to -1 to fill.")
+  return sizes
 
 
 def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh with axes ("data", "fsdp", "tensor").
 
+  Devices are laid out process by process along the leading axes, so each
+  process owns a contiguous block of the batch (see
+  `distributed.process_batch_slice`). On TPU the physical topology decides
+  the order within that layout.
+
   Args:
-    shape: sizes per axis, as a dict or a 3-sequence; at most one -1, which
-      takes the devices left over. None puts every device on "data".
-    devices: defaults to `jax.devices()`.
+    shape: sizes per axis, as a dict (or ConfigDict) or a 3-sequence; at most
+      one -1, which takes the devices left over. None puts every device on
+      "data".
+    devices: defaults to `jax.devices()` (every process's devices).
 
   Raises:
     ValueError: when the sizes do not multiply to the number of devices.
   """
+  all_devices = devices is None
   devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  if shape is None:
-    sizes = [-1, 1, 1]
-  elif isinstance(shape, Mapping):
-    unknown = set(shape) - set(MESH_AXES)
-    if unknown:
-      raise ValueError(f"Unknown mesh axes {sorted(unknown)}; the axes are "
-                       f"{MESH_AXES}.")
-    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
-  else:
-    sizes = [int(s) for s in shape]
-    if len(sizes) != len(MESH_AXES):
-      raise ValueError(f"Mesh shape {tuple(sizes)} needs one size per axis "
-                       f"{MESH_AXES}.")
-  if sizes.count(-1) > 1:
-    raise ValueError(f"Mesh shape {sizes}: at most one axis may be -1.")
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if n % known:
-      raise ValueError(f"Mesh shape {sizes} does not divide {n} devices.")
-    sizes[sizes.index(-1)] = n // known
-  if math.prod(sizes) != n:
-    raise ValueError(
-        f"Mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-        f"devices but {n} are available; set one axis to -1 to fill.")
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+  sizes = _mesh_sizes(shape, len(devices))
+  grid = None
+  if all_devices and devices[0].platform == "tpu":
+    try:
+      grid = mesh_utils.create_device_mesh(sizes, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      grid = None  # a shape the topology helper cannot lay out
+  if grid is None:
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    grid = np.asarray(devices, dtype=object).reshape(sizes)
+  return Mesh(grid, MESH_AXES)
 
 
 def _axis_size(mesh: Mesh, axes) -> int:
-  if axes is None:
-    return 1
-  if isinstance(axes, str):
-    axes = (axes,)
-  return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(mesh.shape[a] for a in _names(axes))
 
 
 def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int],
@@ -86,7 +176,7 @@ def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int],
 
   A dimension maps to its rule's mesh axes unless its size is not divisible
   by them, or a mesh axis was already used by an earlier dimension; then it is
-  replicated.
+  replicated. Mesh axes of size 1 are dropped.
   """
   if logical is None:
     return P()
@@ -97,8 +187,7 @@ def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int],
   spec = []
   for name, size in zip(logical, shape):
     axes = rules.get(name) if name is not None else None
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    names = tuple(a for a in names if mesh.shape.get(a, 1) > 1)
+    names = tuple(a for a in _names(axes) if mesh.shape.get(a, 1) > 1)
     if (not names or any(a in used for a in names)
         or size % _axis_size(mesh, names)):
       spec.append(None)
@@ -106,6 +195,24 @@ def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int],
     used.update(names)
     spec.append(names[0] if len(names) == 1 else names)
   return P(*spec)
+
+
+def logical_sharding(logical: Sequence[str | None] | None,
+                     shape: Sequence[int], mesh: Mesh,
+                     rules: Mapping[str, Any] = DEFAULT_RULES) -> NamedSharding:
+  """`logical_to_spec` wrapped in a NamedSharding on `mesh`."""
+  return NamedSharding(mesh, logical_to_spec(logical, shape, mesh, rules))
+
+
+def logical_constraint(x: jax.Array, logical: Sequence[str | None],
+                       mesh: Mesh,
+                       rules: Mapping[str, Any] = DEFAULT_RULES) -> jax.Array:
+  """Constrains an activation's sharding inside jit by its logical axes.
+
+  Example: `logical_constraint(h_NTD, ("batch", "length", "act_embed"), mesh)`.
+  """
+  return jax.lax.with_sharding_constraint(
+      x, logical_sharding(logical, x.shape, mesh, rules))
 
 
 def tree_shardings(logical_tree, shape_tree, mesh: Mesh,
@@ -126,20 +233,27 @@ def tree_shardings(logical_tree, shape_tree, mesh: Mesh,
     raise ValueError(f"{len(logical)} logical-axis entries for "
                      f"{len(shapes)} arrays.")
   return jax.tree.unflatten(treedef, [
-      NamedSharding(mesh, logical_to_spec(l, s.shape, mesh, rules))
+      logical_sharding(l, s.shape, mesh, rules)
       for l, s in zip(logical, shapes)])
+
+
+def batch_axes(rules: Mapping[str, Any] = DEFAULT_RULES) -> tuple[str, ...]:
+  """The mesh axes the leading batch dimension is split over."""
+  return _names(rules.get("batch"))
 
 
 def batch_sharding(mesh: Mesh, ndim: int,
                    rules: Mapping[str, Any] = DEFAULT_RULES) -> NamedSharding:
   """Shards the leading (batch) axis of an ndim array over the batch axes."""
-  axes = rules.get("batch")
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  if ndim < 1:
+    return NamedSharding(mesh, P())
+  names = batch_axes(rules)
   lead = names[0] if len(names) == 1 else (names or None)
   return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """A sharding that holds the whole array on every device of `mesh`."""
   return NamedSharding(mesh, P())
 
 
@@ -147,3 +261,28 @@ def batch_size_multiple(mesh: Mesh,
                         rules: Mapping[str, Any] = DEFAULT_RULES) -> int:
   """How many ways the batch axis is split: batch sizes must divide by it."""
   return _axis_size(mesh, rules.get("batch"))
+
+
+def unsharded_leaves(tree, *, min_size: int = 1 << 16) -> list[str]:
+  """Large arrays of `tree` that some device holds in full.
+
+  Args:
+    tree: pytree of jax.Arrays or ShapeDtypeStructs carrying a `.sharding`.
+    min_size: arrays with fewer elements are ignored (norm scales, counters).
+
+  Returns:
+    "path shape spec" strings, one per array of at least `min_size` elements
+    whose per-device shard is the whole array although its sharding spans
+    more than one device. Empty when every large array is split.
+  """
+  out = []
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    sharding = getattr(x, "sharding", None)
+    if sharding is None or math.prod(x.shape) < min_size:
+      continue
+    if len(sharding.device_set) < 2:
+      continue
+    if tuple(sharding.shard_shape(x.shape)) == tuple(x.shape):
+      spec = getattr(sharding, "spec", sharding)
+      out.append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)} {spec}")
+  return out

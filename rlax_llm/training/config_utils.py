@@ -74,6 +74,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
              "from configs/base.py (base.get_config()).")
   _require(c.sft.steps >= 0, f"sft.steps must be >= 0, got {c.sft.steps}.")
   _require(c.rl.steps >= 0, f"rl.steps must be >= 0, got {c.rl.steps}.")
+  _require(0 <= c.sft.ce_warmup_steps <= c.sft.steps,
+           f"sft.ce_warmup_steps must be in [0, sft.steps={c.sft.steps}], "
+           f"got {c.sft.ce_warmup_steps}.")
   for name in ("sft.batch_size", "rl.prompts_per_step", "rl.num_samples",
                "rl.num_epochs", "rl.num_minibatches", "rl.num_microbatches",
                "rl.max_sampling_rounds",
@@ -134,7 +137,8 @@ def exit_on_bad_overrides(argv: list[str], default: str,
 
 # Fields that may change when a run is resumed: they alter how the rest of the
 # run is observed or stored, or extend it, but not what was already computed.
-RESUMABLE_CHANGES = ("progress", "eval.", "checkpoint.", "mesh.", "rl.steps")
+RESUMABLE_CHANGES = ("progress", "eval.", "checkpoint.", "mesh.", "rl.steps",
+                     "distributed.")
 
 
 def _flat_values(config: ml_collections.ConfigDict, prefix: str = ""):
@@ -170,7 +174,12 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict, *,
           f"The workdir {workdir!r} holds a run with a different config "
           f"({shown}). Resuming would mix two experiments: use a new "
           "--workdir, or restore the original values.")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(current, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:  # one writer in a multi-process run
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("rlax_llm:config.json")

@@ -28,6 +28,7 @@ from rlax_llm import data as data_lib
 from rlax_llm.methods import get_method
 from rlax_llm.methods.rollouts import get_rollout
 from rlax_llm.models.config import ModelConfig
+from rlax_llm.parallel import distributed
 from rlax_llm.parallel import mesh as mesh_lib
 from rlax_llm.rewards import arithmetic as arith_rewards
 from rlax_llm.sampling.generate import check_context
@@ -264,12 +265,18 @@ class Experiment:
       state, meta = self.ckpt.restore(latest, abstract, sh)
       self.engine.load_state_dict(meta.get("rollout_state"))
       step = latest
-    writer = metrics_lib.MetricWriter(self.workdir, resume_step=latest)
+    primary = distributed.is_primary()
+    writer = metrics_lib.MetricWriter(self.workdir, resume_step=latest,
+                                      enabled=primary)
     sft_step = steps_lib.jit_step(
         steps_lib.make_sft_step(self.graphdef, self.sft_opt,
                                 loss_fn=self.sft_loss), sft_sh, self.mesh)
+    # Optional cross-entropy warm-up before another supervised objective.
+    ce_step = steps_lib.jit_step(
+        steps_lib.make_sft_step(self.graphdef, self.sft_opt), sft_sh,
+        self.mesh) if c.sft.ce_warmup_steps else None
     rl_step = steps_lib.jit_step(self.make_rl_step(), rl_sh, self.mesh)
-    bar = _progress(c.progress, self.total_steps, step)
+    bar = _progress(c.progress and primary, self.total_steps, step)
     last_ckpt = latest
 
     def save(step, state, meta):
@@ -288,7 +295,8 @@ class Experiment:
       while step < c.sft.steps:
         t0 = time.time()
         batch = self.encode_sft(self.setup.task.train_batch(step, c.sft.batch_size))
-        state, m = sft_step(state, batch)
+        warm = ce_step is not None and step < c.sft.ce_warmup_steps
+        state, m = (ce_step if warm else sft_step)(state, batch)
         m = jax.device_get(m)
         step += 1
         _check_finite(m, step, last_ckpt)
@@ -345,10 +353,11 @@ class Experiment:
         "seed": c.seed,
         "wall_time_s": time.time() - t_start,
     }
-    tmp = os.path.join(self.workdir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(summary, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(self.workdir, "summary.json"))
+    if primary:  # one writer in a multi-process run
+      tmp = os.path.join(self.workdir, "summary.json.tmp")
+      with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+      os.replace(tmp, os.path.join(self.workdir, "summary.json"))
     self.state = state
     return summary
 
@@ -387,7 +396,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
   state, _ = exp.ckpt.restore(latest, abstract, sh)
   result = {"step": latest, **exp.evaluate(exp.policy_params(state), latest)}
   path = os.path.join(workdir, f"eval_step{latest}.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(result, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  if distributed.is_primary():
+    with open(path + ".tmp", "w") as f:
+      json.dump(result, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
   return result

@@ -58,8 +58,15 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, *, resume_step: int | None = None,
-               tensorboard: bool = True):
+               tensorboard: bool = True, enabled: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    # In a multi-process run only the primary process writes (enabled=False
+    # elsewhere); the others keep their records in memory.
+    self.enabled = enabled
+    self.records = []
+    self._tb = None
+    if not enabled:
+      return
     kept = []
     if resume_step is not None:
       kept = [r for r in read_metrics(self.path)
@@ -79,6 +86,9 @@ class MetricWriter:
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     record = {"step": int(step)}
     record.update({k: to_python(v) for k, v in sorted(metrics.items())})
+    if not self.enabled:
+      self.records.append(record)
+      return record
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     self.records.append(record)

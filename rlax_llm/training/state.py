@@ -3,6 +3,9 @@
 The state is created with `jax.eval_shape` -> shardings -> `jax.jit(init,
 out_shardings=...)`, so each device only ever materialises its own shard of
 the parameters and of the optimiser state (which is sharded like them).
+
+Rollouts may use another layout of the same parameters
+(`param_shardings(cfg, mesh, mesh_lib.SAMPLE_RULES)`); `reshard` moves them.
 """
 
 from __future__ import annotations
@@ -53,31 +56,74 @@ def param_logical_axes(cfg: ModelConfig):
   return logical_axes(nnx.split(model)[1])
 
 
+def param_shardings(cfg: ModelConfig, mesh: Mesh,
+                    rules=mesh_lib.DEFAULT_RULES):
+  """NamedShardings of the parameter state under `rules`.
+
+  Pass `mesh_lib.SAMPLE_RULES` for the layout rollouts use (weights whole
+  along "embed", still split over "tensor").
+  """
+  abstract = jax.eval_shape(lambda: init_params(cfg, 0))
+  return mesh_lib.tree_shardings(param_logical_axes(cfg), abstract, mesh,
+                                 rules)
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation,
+                        abstract_opt_state, abstract_params, param_sh,
+                        mesh: Mesh):
+  """Shardings of an optimiser state: moments take their parameter's sharding.
+
+  Leaves that optax identifies as per-parameter (Adam's mu and nu, momentum
+  traces, ...) and have their parameter's shape take its sharding; everything
+  else (step counters, scalars, factored statistics) is replicated.
+  """
+  rep = mesh_lib.replicated(mesh)
+
+  def like_param(leaf, param, sharding):
+    same = getattr(leaf, "shape", None) == tuple(param.shape)
+    return sharding if same else rep
+
+  try:
+    return optax.tree_map_params(optimizer, like_param, abstract_opt_state,
+                                 abstract_params, param_sh,
+                                 transform_non_params=lambda _: rep)
+  except (ValueError, TypeError):
+    # An optimiser whose init cannot be traced with placeholders: match whole
+    # sub-trees with the parameters' structure instead.
+    params_def = jax.tree.structure(param_sh)
+
+    def is_param_tree(x):
+      return jax.tree.structure(x) == params_def
+
+    return jax.tree.map(lambda x: param_sh if is_param_tree(x) else rep,
+                        abstract_opt_state, is_leaf=is_param_tree)
+
+
 def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation,
                     mesh: Mesh, rules=mesh_lib.DEFAULT_RULES,
                     seed: int = 0):
   """(abstract TrainState, TrainState of NamedShardings).
 
-  Optimiser leaves with a parameter's shape take that parameter's sharding;
-  the rest (counters, scalars) are replicated.
+  Optimiser leaves that mirror a parameter take that parameter's sharding;
+  the rest (counters, scalars) are replicated. Nothing is allocated.
   """
-  abstract = jax.eval_shape(lambda: _init(cfg, optimizer, seed))
+  abstract = jax.eval_shape(lambda: init_state(cfg, optimizer, seed))
   param_sh = mesh_lib.tree_shardings(param_logical_axes(cfg), abstract.params,
                                      mesh, rules)
   rep = mesh_lib.replicated(mesh)
-  params_def = jax.tree.structure(abstract.params)
-
-  def is_param_tree(x):
-    return jax.tree.structure(x) == params_def
-
-  # Moments (mu, nu, ...) mirror the parameter tree and take its shardings.
-  opt_sh = jax.tree.map(lambda x: param_sh if is_param_tree(x) else rep,
-                        abstract.opt_state, is_leaf=is_param_tree)
+  opt_sh = opt_state_shardings(optimizer, abstract.opt_state, abstract.params,
+                               param_sh, mesh)
   shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
   return abstract, shardings
 
 
-def _init(cfg, optimizer, seed):
+def init_state(cfg: ModelConfig, optimizer: optax.GradientTransformation,
+               seed: int) -> TrainState:
+  """A fresh TrainState with no sharding of its own.
+
+  Trace it under `jax.eval_shape` or a jit with output shardings (as
+  `create_train_state` does) rather than calling it eagerly on a large model.
+  """
   params = init_params(cfg, seed)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params),
@@ -93,16 +139,31 @@ def create_train_state(cfg: ModelConfig, optimizer: optax.GradientTransformation
     (state, shardings), the shardings a TrainState of the same structure.
   """
   _, shardings = state_shardings(cfg, optimizer, mesh, rules, seed)
-  init = jax.jit(lambda: _init(cfg, optimizer, seed), out_shardings=shardings)
+  init = jax.jit(lambda: init_state(cfg, optimizer, seed),
+                 out_shardings=shardings)
   return init(), shardings
+
+
+def reshard(tree, shardings):
+  """`tree` moved onto `shardings` (e.g. training -> sampling layout).
+
+  Runs as one jitted identity with output shardings, so XLA moves only the
+  shards each device needs; the input stays valid.
+  """
+  return jax.jit(lambda x: x, out_shardings=shardings)(tree)
 
 
 def reset_optimizer(state: TrainState, optimizer: optax.GradientTransformation,
                     shardings: TrainState) -> TrainState:
-  """A state with step 0 and a fresh optimiser state (e.g. SFT -> RL)."""
-  fresh = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(
-      state.params)
-  return state._replace(step=jnp.zeros((), jnp.int32), opt_state=fresh)
+  """A state with step 0 and a fresh optimiser state (e.g. SFT -> RL).
+
+  Both are created on `shardings`, so they are global arrays that every
+  process of a multi-process run can checkpoint.
+  """
+  step, fresh = jax.jit(
+      lambda p: (jnp.zeros((), jnp.int32), optimizer.init(p)),
+      out_shardings=(shardings.step, shardings.opt_state))(state.params)
+  return state._replace(step=step, opt_state=fresh)
 
 
 def step_rng(state: TrainState, *tags: int) -> jax.Array:

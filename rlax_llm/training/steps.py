@@ -24,6 +24,7 @@ import optax
 
 from rlax_llm.core import logprobs as logprobs_lib
 from rlax_llm.core import objectives
+from rlax_llm.parallel import distributed
 from rlax_llm.parallel import mesh as mesh_lib
 from rlax_llm.training.scoring import completion_logits, score_completions
 from rlax_llm.training.state import TrainState, step_rng
@@ -243,26 +244,57 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
 
 
 def jit_step(step_fn, state_shardings: TrainState, mesh,
-             rules=mesh_lib.DEFAULT_RULES, *, batch_type=None):
+             rules=mesh_lib.DEFAULT_RULES, *, batch_type=None,
+             process_local: bool = False):
   """Compiles a step with explicit shardings and donates the input state.
 
   The batch is sharded over the mesh's batch axes along its leading
-  dimension; metrics come back replicated.
-  """
-  def batch_sh(ndims: tuple[int, ...]):
-    return tuple(mesh_lib.batch_sharding(mesh, nd, rules) for nd in ndims)
+  dimension; metrics come back replicated, so every process can read them.
 
+  Batch leaves may be host arrays or jax.Arrays. Host arrays are placed
+  before the call: with `process_local=False` every process passes the same
+  full global batch and each copies only its own rows to its devices; with
+  `process_local=True` each process passes only its own rows
+  (`distributed.process_batch_slice`) and the global batch is assembled from
+  them. jax.Arrays already laid out on the batch sharding pass through.
+
+  Args:
+    step_fn: `(TrainState, batch) -> (TrainState, metrics)`.
+    state_shardings: a TrainState of NamedShardings (`state.state_shardings`).
+    mesh: the training mesh.
+    rules: sharding rules; "batch" names the batch axes.
+    batch_type: unused; batches keep their own NamedTuple type.
+    process_local: whether host-array leaves hold only this process's rows.
+
+  Returns:
+    `call(state, batch) -> (state, metrics)`; `call.jitted` maps (batch tree
+    structure, leaf ranks) to the compiled functions.
+  """
+  del batch_type
   rep = mesh_lib.replicated(mesh)
   cache: dict[Any, Any] = {}
 
+  def place(batch):
+    if process_local:
+      host = jax.tree.map(lambda x: not isinstance(x, jax.Array), batch)
+      if all(jax.tree.leaves(host)):
+        return distributed.host_local_to_global(batch, mesh, rules)
+      if any(jax.tree.leaves(host)):
+        raise ValueError("With process_local=True every batch leaf must be a "
+                         "host array of this process's rows.")
+    return distributed.global_batch_to_devices(batch, mesh, rules)
+
   def call(state, batch):
-    ndims = tuple(jnp.ndim(x) for x in batch)
-    if ndims not in cache:
-      b_sh = type(batch)(*batch_sh(ndims))
-      cache[ndims] = jax.jit(step_fn, in_shardings=(state_shardings, b_sh),
-                             out_shardings=(state_shardings, rep),
-                             donate_argnums=(0,))
-    return cache[ndims](state, batch)
+    batch = place(batch)
+    key = (jax.tree.structure(batch),
+           tuple(jnp.ndim(x) for x in jax.tree.leaves(batch)))
+    if key not in cache:
+      b_sh = jax.tree.map(
+          lambda x: mesh_lib.batch_sharding(mesh, x.ndim, rules), batch)
+      cache[key] = jax.jit(step_fn, in_shardings=(state_shardings, b_sh),
+                           out_shardings=(state_shardings, rep),
+                           donate_argnums=(0,))
+    return cache[key](state, batch)
 
   call.jitted = cache
   return call

@@ -1,0 +1,35 @@
+"""BroRL on the default arithmetic experiment: 512 rollouts per prompt.
+
+Run:
+  python -m experiments.train --config=configs/brorl_arith.py \
+      --workdir=/tmp/rlax_brorl
+BroRL ("BroRL: Scaling Reinforcement Learning via Broadened Exploration",
+arXiv:2510.01180) scales the rollouts per prompt N to hundreds instead of
+scaling training steps. Against configs/default.py (64 prompts x 16 samples =
+1,024 rollouts per step) each step here draws 4 prompts x 512 samples = 2,048
+rollouts with the ordinary "sample" engine; the learning rate grows with the
+square root of the batch ratio and the update keeps the default's single
+minibatch per step, micro-batched so that each micro-batch holds the
+default's 1,024 rows (peak update memory does not grow with N).
+"""
+
+import math
+
+from configs import default
+
+
+def get_config(arg=None):
+  c = default.get_config(arg)
+  base = default.get_config(arg).rl
+  c.rl.num_samples = 512
+  c.rl.prompts_per_step = 4
+  n_base = base.prompts_per_step * base.num_samples  # 64 * 16 = 1,024
+  n_new = c.rl.prompts_per_step * c.rl.num_samples  # 4 * 512 = 2,048
+  # lr = 3e-4 * sqrt(2,048 / 1,024) = 3e-4 * 1.4142 = 4.243e-4
+  c.rl.learning_rate = base.learning_rate * math.sqrt(n_new / n_base)
+  c.rl.num_minibatches = base.num_minibatches  # 1 optimiser update per step
+  # Rows per micro-batch as in the default: 1,024 / (1 * 1) = 1,024, so
+  # 2,048 / (1 * m) = 1,024 gives m = 2.
+  rows = n_base // (base.num_minibatches * base.num_microbatches)
+  c.rl.num_microbatches = n_new // (c.rl.num_minibatches * rows)
+  return c

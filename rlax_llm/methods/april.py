@@ -1,0 +1,266 @@
+"""The "april" rollout engine: partial rollouts with over-provisioning.
+
+Each step decodes `ceil(over_provision * B)` groups of G rows, stops as soon
+as B groups have finished, trains on B finished groups and carries the rest
+to the next step (see `rlax_llm.sampling.partial` and APRIL,
+arXiv:2509.18521). The carried buffer is the engine's `state_dict`, saved in
+every checkpoint, so a resumed run continues exactly.
+
+Tokens of a carried row were sampled by older parameters. Their behaviour
+log-probs are what `RLBatch.old_logp` holds by default (the PPO ratio is then
+taken against the policy that actually sampled each token). With
+`is_correction=True` the engine instead recomputes the current policy's
+log-probs pi_theta and applies truncated importance sampling against the
+behaviour policy mu:
+
+  w_{n,t} = min(pi_theta(y_t) / mu(y_t), is_cap),
+  old_logp <- log pi_theta(y_t),   A_{n,t} <- w_{n,t} A_{n,t},
+
+(V-trace's truncated weights, "IMPALA", arXiv:1802.01561), so the clipped
+ratio of the update is measured from the current policy while the
+off-policy gap is corrected by a bounded weight.
+
+Config section (`config.rollout`):
+  name: "april".
+  over_provision: groups decoded per step / groups trained on (>= 1).
+  is_correction: apply the truncated importance correction above.
+  is_cap: the truncation C of the importance weight (> 0).
+  staleness_bins: bins of the `rollout/staleness_hist_k` histogram.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlax_llm.core import objectives
+from rlax_llm.core import selection
+from rlax_llm.methods import rollouts
+from rlax_llm.models.transformer import KVCache, grouped_decode_attention
+from rlax_llm.sampling import partial as partial_lib
+from rlax_llm.sampling.samplers import SamplerConfig
+from rlax_llm.training.scoring import score_completions
+
+_DEFAULTS = dict(over_provision=2.0, is_correction=False, is_cap=2.0,
+                 staleness_bins=4)
+
+
+def transformer_continuation(graphdef: nnx.GraphDef, params,
+                             max_new_tokens: int
+                             ) -> partial_lib.ContinuationModel:
+  """A `ContinuationModel` over `rlax_llm.models.Transformer`.
+
+  prefill runs [prompt | partial completion] of all B*G rows through the
+  model once (positions count valid tokens, as in `generate`), keeps the
+  prompt keys/values once per prompt and each row's completion keys/values in
+  its decode cache slots 0..length-1. step is `Transformer.decode_step` with a
+  per-row cache slot: row (b, g) writes slot index_bg at position
+  prompt_len_b + index_bg and attends to its slots <= index_bg.
+  """
+  model = nnx.merge(graphdef, params)
+  t = max_new_tokens
+
+  def prefill(prompt_BP, prompt_mask_BP, tokens_BGL, length_BG):
+    b, p = prompt_BP.shape
+    g, l = tokens_BGL.shape[1], tokens_BGL.shape[2]
+    prompt_len_B = jnp.sum(prompt_mask_BP, axis=-1).astype(jnp.int32)
+    if l == 0:  # fresh rows only: one prefill per prompt
+      logits_BV, cache, _ = model.prefill(prompt_BP, prompt_mask_BP,
+                                          num_samples=g, max_new_tokens=t)
+      logits_BGV = jnp.broadcast_to(logits_BV[:, None],
+                                    (b, g, logits_BV.shape[-1]))
+      return logits_BGV, (cache, prompt_len_B)
+    n = b * g
+    comp_mask_NL = (jnp.arange(l) < length_BG[..., None]).reshape(n, l)
+    seq_NS = jnp.concatenate([jnp.repeat(prompt_BP, g, axis=0),
+                              tokens_BGL.reshape(n, l)], axis=1)
+    mask_NS = jnp.concatenate([jnp.repeat(prompt_mask_BP, g, axis=0),
+                               comp_mask_NL], axis=1)
+    h_NSD, kvs = model.hidden_states(seq_NS, None, mask_NS, return_kv=True)
+    last_prompt_B = p - 1 - jnp.argmax(prompt_mask_BP[:, ::-1], axis=-1)
+    length_N = length_BG.reshape(n)
+    last_N = jnp.where(length_N > 0, p + length_N - 1,
+                       jnp.repeat(last_prompt_B, g))
+    h_last = jnp.take_along_axis(h_NSD, last_N[:, None, None], axis=1)[:, 0]
+    logits_BGV = model.logits_from_hidden(h_last).reshape(b, g, -1)
+
+    def split(x_NSKH):
+      x = x_NSKH.reshape(b, g, p + l, *x_NSKH.shape[2:])
+      pad = [(0, 0)] * x.ndim
+      pad[2] = (0, t - l)  # decode slots l..T-1 start empty
+      return x[:, 0, :p], jnp.pad(x[:, :, p:], pad)
+
+    pk, dk = zip(*(split(k) for k, _ in kvs))
+    pv, dv = zip(*(split(v) for _, v in kvs))
+    cache = KVCache(prefix_k=pk, prefix_v=pv, prefix_mask=prompt_mask_BP,
+                    k=dk, v=dv)
+    return logits_BGV, (cache, prompt_len_B)
+
+  def step(tokens_BG, index_BG, carry):
+    cache, prompt_len_B = carry
+    x = model.embed(tokens_BG)
+    positions_BG = prompt_len_B[:, None] + index_BG
+    slots_T = jnp.arange(t)
+    write = (slots_T == index_BG[..., None])[..., None, None]  # [B,G,T,1,1]
+    visible = (slots_T <= index_BG[..., None])[:, :, None, None, :]
+    new_k, new_v = [], []
+    for i, layer in enumerate(model.layers):
+      q, k, v = layer.attn.qkv(layer.attn_norm(x)[:, :, None],
+                               positions_BG[:, :, None])
+      ck = jnp.where(write, k, cache.k[i])
+      cv = jnp.where(write, v, cache.v[i])
+      new_k.append(ck)
+      new_v.append(cv)
+      o = grouped_decode_attention(q[:, :, 0], cache.prefix_k[i],
+                                   cache.prefix_v[i], cache.prefix_mask, ck,
+                                   cv, visible)
+      x = x + layer.attn.out(o)
+      x = x + layer.mlp(layer.mlp_norm(x))
+    logits = model.logits_from_hidden(model.final_norm(x))
+    return logits, (cache._replace(k=tuple(new_k), v=tuple(new_v)),
+                    prompt_len_B)
+
+  return partial_lib.ContinuationModel(prefill, step)
+
+
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("eos_id", "pad_id", "sampler",
+                                    "prefill_len"))
+def partial_generate_jit(graphdef, params, state: partial_lib.PartialState,
+                         rng, target_groups, version, *, eos_id: int,
+                         pad_id: int = 0,
+                         sampler: SamplerConfig = SamplerConfig(),
+                         prefill_len: int | None = None):
+  """`generate_partial` over the Transformer, under `jax.jit`.
+
+  `target_groups` and `version` are traced; `prefill_len` is static (pick it
+  with `partial.prefill_length`: at most log2(T) + 1 compilations per run).
+  """
+  model = transformer_continuation(graphdef, params, state.tokens.shape[-1])
+  return partial_lib.generate_partial(
+      model, state, rng, target_groups=target_groups, version=version,
+      eos_id=eos_id, pad_id=pad_id, sampler=sampler, prefill_len=prefill_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("temperature", "cap"))
+def _corrected(graphdef, params, prompt, prompt_mask, completion, mask,
+               behaviour_logp, adv, *, temperature, cap):
+  cur = score_completions(graphdef, params, prompt, prompt_mask, completion,
+                          mask, temperature=temperature).logp
+  w, metrics = objectives.importance_weights(cur, behaviour_logp, mask,
+                                             mode="truncate", cap=cap)
+  return cur, adv * w, metrics
+
+
+def _check_cfg(cfg) -> dict:
+  unknown = sorted(set(cfg.keys()) - set(_DEFAULTS) - {"name"})
+  if unknown:
+    raise ValueError(f"Unknown config.rollout keys {unknown} for the 'april' "
+                     f"engine; known keys: {sorted(_DEFAULTS)}.")
+  out = {k: cfg.get(k, v) for k, v in _DEFAULTS.items()}
+  if not out["over_provision"] >= 1.0:
+    raise ValueError("config.rollout.over_provision must be >= 1 (groups "
+                     "decoded per group trained on), got "
+                     f"{out['over_provision']}.")
+  if not out["is_cap"] > 0:
+    raise ValueError(f"config.rollout.is_cap must be > 0, got {out['is_cap']}.")
+  if int(out["staleness_bins"]) < 1:
+    raise ValueError("config.rollout.staleness_bins must be >= 1, got "
+                     f"{out['staleness_bins']}.")
+  return out
+
+
+@rollouts.register("april")
+class AprilRollout(rollouts.Engine):
+  """APRIL partial rollouts (module docstring)."""
+
+  def __init__(self, exp, cfg):
+    super().__init__(exp, cfg)
+    opts = _check_cfg(cfg)
+    c = exp.config
+    self.num_groups = c.rl.prompts_per_step
+    self.num_slots = math.ceil(opts["over_provision"] * self.num_groups
+                               - 1e-9)
+    self.is_correction = bool(opts["is_correction"])
+    self.is_cap = float(opts["is_cap"])
+    self.bins = int(opts["staleness_bins"])
+    self.buffer = partial_lib.PartialBuffer(exp.setup.tokenizer.pad_id)
+    # (state, target, params, step) -> (state, steps); replaceable by a
+    # synthetic model in tests.
+    self.generate_fn = self._generate
+
+  def _generate(self, state, target, params, step):
+    exp, tok = self.exp, self.exp.setup.tokenizer
+    out, steps = partial_generate_jit(
+        exp.graphdef, params, state, rollouts.rollout_key(exp.key, step),
+        target, step, eos_id=tok.eos_id, pad_id=tok.pad_id,
+        sampler=exp.sampler,
+        prefill_len=partial_lib.prefill_length(state.length,
+                                               exp.max_new_tokens))
+    return jax.device_get((out, steps))
+
+  def _new_groups(self, step: int, n: int) -> list[partial_lib.Group]:
+    exp, tok = self.exp, self.exp.setup.tokenizer
+    if n == 0:
+      return []
+    problems = exp.setup.task.train_batch(step, n)
+    p, pm = tok.encode_batch([q.prompt for q in problems],
+                             max_length=exp.prompt_len)
+    return [partial_lib.Group.fresh(
+        f"{step}/{i}", p[i], pm[i], q.answer,
+        num_samples=exp.config.rl.num_samples,
+        max_new_tokens=exp.max_new_tokens, pad_id=tok.pad_id)
+            for i, q in enumerate(problems)]
+
+  def rollout(self, params, step: int):
+    exp, c = self.exp, self.exp.config
+    used, info = self.buffer.advance(
+        num_groups=self.num_groups, num_slots=self.num_slots,
+        new_groups=functools.partial(self._new_groups, step),
+        generate=lambda s, target: self.generate_fn(s, target, params, step))
+    st = partial_lib.stack_groups(used)
+    b, g, t = st.tokens.shape
+    mask_BGT = np.arange(t) < st.length[..., None]
+    texts = exp.decode(st.tokens.reshape(b * g, t), mask_BGT.reshape(b * g, t))
+    reward_N, errors = exp.rewards(texts,
+                                   [x.answer for x in used for _ in range(g)])
+    if c.rl.overlong_buffer > 0:  # DAPO's soft overlong punishment
+      reward_N = reward_N + np.asarray(selection.overlong_penalty(
+          st.length.reshape(-1), max_length=t,
+          cache_length=c.rl.overlong_buffer))
+    groups = dict(prompt=st.prompt, prompt_mask=st.prompt_mask,
+                  tokens=st.tokens, mask=mask_BGT, logp=st.logp,
+                  lengths=st.length, finished=st.eos,
+                  reward=reward_N.reshape(b, g),
+                  texts=np.asarray(texts, dtype=object).reshape(b, g))
+    adv_BG = np.asarray(exp.method.advantage_fn(jnp.asarray(groups["reward"])))
+    batch = rollouts.group_batch(groups, adv_BG)
+    stats = rollouts.reward_stats(groups)
+    stats["reward/errors"] = errors
+    stats["rollout/adv_abs"] = np.abs(adv_BG).mean()
+    stats.update(partial_lib.staleness_stats(
+        st.version.reshape(b * g, t), batch.completion_mask, step,
+        num_bins=self.bins))
+    stats.update({f"rollout/{k}": float(v) for k, v in info.items()})
+    if self.is_correction:
+      cur, adv, m = _corrected(
+          exp.graphdef, params, batch.prompt, batch.prompt_mask,
+          batch.completion, batch.completion_mask, batch.old_logp,
+          batch.advantages, temperature=c.rl.temperature, cap=self.is_cap)
+      cur, adv, m = jax.device_get((cur, adv, m))
+      batch = batch._replace(old_logp=np.asarray(cur, np.float32),
+                             advantages=np.asarray(adv, np.float32))
+      stats.update({f"rollout/{k}": float(v) for k, v in m.items()})
+    return batch, stats
+
+  def state_dict(self):
+    return self.buffer.state_dict()
+
+  def load_state_dict(self, state) -> None:
+    self.buffer.load_state_dict(state)
