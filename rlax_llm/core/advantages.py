@@ -83,6 +83,13 @@ def grpo_advantages(
   dropping the std division is Dr.GRPO, "Understanding R1-Zero-Like Training:
   A Critical Perspective" (arXiv:2503.20783).
 
+  verl and TRL: the same centring and the same sample std. They differ at
+  the edges: verl adds eps=1e-6 and gives a group of one sample mean 0 and
+  std 1 (its advantage is the raw reward); TRL adds 1e-4 and, for a group of
+  one, divides by torch's NaN std. Here eps defaults to 1e-6 and groups with
+  fewer than two valid samples get 0, never NaN: one sample carries no
+  group-relative signal.
+
   Args:
     reward_BG: [B, G] scalar reward of each of G completions of B prompts.
     scale_by_std: divide by the group std (GRPO); False gives Dr.GRPO.
@@ -124,6 +131,10 @@ def rloo_advantages(
   REINFORCE Samples, Get a Baseline for Free!" (2019). With ``mask_BG``, G is
   the number of valid samples of the group.
 
+  verl's RLOO advantage is the same leave-one-out baseline (written as
+  G/(G-1) times the group-centred reward); TRL's RLOO trainer computes the
+  same baseline. Groups of one sample get 0 here.
+
   Args:
     reward_BG: [B, G] scalar reward of each of G completions of B prompts.
     mask_BG: optional [B, G] validity mask (bool or ``!= 0``); masked samples
@@ -163,6 +174,12 @@ def reinforce_pp_advantages(
   (arXiv:2501.03262). For token-level rewards (e.g. a per-token KL penalty)
   build returns with :func:`token_level_returns` and normalise them over the
   batch the same way.
+
+  verl's REINFORCE++ (and "-baseline") whiten per-token returns over every
+  valid *token* of the batch, so long completions weigh more in the batch
+  statistics; here the statistics run over sequences (one reward each), which
+  keeps the normalisation independent of completion lengths. With outcome
+  rewards only and equal lengths the two agree.
 
   Args:
     reward_BG: [B, G] scalar reward of each of G completions of B prompts.
@@ -262,6 +279,13 @@ def gae_advantages(
   row's last valid token ``V_{t'} = A_{t'} = 0`` (the episode ends). Computed
   with a reverse ``lax.scan`` over T. From "High-Dimensional Continuous
   Control Using Generalized Advantage Estimation" (arXiv:1506.02438).
+
+  verl's ``compute_gae_advantage_return`` and TRL's PPO trainer compute the
+  same recursion; masked positions inside a sequence are skipped here (the
+  carry passes through them), as in verl's current version, whereas a plain
+  reverse loop over positions would let padding break the chain. Both then
+  whiten the advantages over the batch's valid tokens
+  (``rlax_llm.core.value.whiten``).
 
   Args:
     reward_NT: [N, T] per-token rewards (e.g. from

@@ -197,6 +197,17 @@ def aggregate(
   arXiv:2503.20783). ``mode`` selects an entry of :data:`AGGREGATIONS`; under
   ``jax.jit`` it must be static.
 
+  verl's ``agg_loss`` modes ``token-mean``, ``seq-mean-token-mean``,
+  ``seq-mean-token-sum`` and ``seq-mean-token-sum-norm`` are these four, and
+  TRL's GRPO ``loss_type`` values ``grpo``, ``dapo``/``bnpo`` and ``dr_grpo``
+  are seq_mean_token_mean, token_mean and seq_mean_token_sum_norm (TRL's
+  Dr.GRPO divides by batch size x max_completion_length, the same constant).
+  The difference is where the normaliser comes from: each micro-batch's own
+  counts make the accumulated gradient depend on how the batch was split
+  (a token in a short micro-batch weighs more); here ``num_tokens`` and
+  ``num_seqs`` are those of the whole minibatch, so the split changes
+  nothing (tests/test_aggregation.py checks 1e-6).
+
   Args:
     x_NT: [N, T] per-token values (e.g. per-token losses), any float dtype.
     mask_NT: [N, T] validity mask, bool or numeric (``!= 0`` is valid). Masked

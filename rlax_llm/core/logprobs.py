@@ -99,6 +99,10 @@ def entropy_from_logits(
 
     H[n, t] = -sum_v p[n, t, v] log p[n, t, v],   p = softmax(logits / tau)
 
+  verl's ``entropy_from_logits`` computes the same quantity as
+  ``logsumexp(z) - sum softmax(z) z``; here it comes from the log-softmax,
+  which stays finite for logits of -inf (filtered tokens).
+
   Args:
     logits_NTV: [N, T, V] next-token logits, any float dtype.
     temperature: sampling temperature tau > 0.

@@ -201,6 +201,15 @@ def ppo_clip_loss(
     Divergence", 2020). ``ratio_mean``; ``ratio_max`` / ``ratio_min`` (masked
     max / min).
 
+  verl's ``compute_policy_loss`` (vanilla mode) has the same per-token loss
+  with ``clip_ratio_low``/``clip_ratio_high`` and dual clip ``clip_ratio_c``
+  (applied to negative advantages, as here); TRL's GRPO uses the same
+  ``-min(rho A, clip(rho) A)`` with ``epsilon_low``/``epsilon_high`` and no
+  dual clip. The clip fractions reported here count only tokens whose
+  gradient the clip actually removes; verl's ``pg_clipfrac`` counts tokens
+  where the clipped term is the larger loss, which for A < 0 and
+  rho < 1 - clip_low is the same set.
+
   Args:
     logp_NT: [N, T] log-probs of the sampled tokens under the current policy.
     old_logp_NT: [N, T] log-probs under the policy that sampled them.
@@ -319,6 +328,12 @@ def kl_penalty(
   its loss. k1 and k3 are unbiased for the KL *value*; their gradient as a
   loss is not the gradient of the KL (k2's is, to first order).
 
+  verl's ``kl_penalty`` names these "kl" (k1), "mse" (k2) and
+  "low_var_kl" (k3) and clamps k3 to [-10, 10]; TRL's GRPO uses k3 without a
+  clamp. No clamp is applied here: k3 is non-negative by construction, and a
+  clamp would hide the large values that signal a run drifting away from its
+  reference.
+
   Args:
     logp: log-probs of sampled tokens under pi, any shape (e.g. [N, T]).
     ref_logp: log-probs of the same tokens under pi_ref, same shape.
@@ -407,6 +422,11 @@ def gspo_loss(
   a clipped token); ``approx_kl`` (token mean of the k3 estimator of the
   token ratio, as in :func:`ppo_clip_loss`); ``seq_ratio_mean`` /
   ``seq_ratio_max`` / ``seq_ratio_min`` over non-empty sequences.
+
+  verl's ``gspo`` policy-loss mode and TRL's
+  ``importance_sampling_level="sequence"`` use the same length-normalised
+  sequence log-ratio and apply it to every token with the stop-gradient
+  construction, as here; the paper's defaults (3e-4, 4e-4) are kept.
 
   Args:
     logp_NT: [N, T] log-probs of the sampled tokens under the current policy.
@@ -726,6 +746,12 @@ def importance_weights(
   ``is_capped_frac`` (tokens whose ratio exceeded the cap, i.e. truncated or
   masked), ``is_ratio_max`` (masked max of rho) and ``rollout_kl`` (k3
   estimate of KL(pi_rollout || pi_train), ``rho - 1 - log rho`` per token).
+
+  verl's truncated importance sampling between the rollout engine and the
+  trainer (token level, ``min(rho, cap)``) is ``level="token",
+  mode="truncate"``; TRL's vLLM importance-sampling correction is the same
+  token-level truncation. The sequence level and the masking mode go beyond
+  both.
 
   Args:
     logp_NT: [N, T] log-probs of the sampled tokens under the trainer's

@@ -2,3 +2,6 @@
 
 # pylint: disable=unused-import
 from rlax_llm.methods import rollouts
+from rlax_llm.methods import april
+from rlax_llm.methods import branch
+from rlax_llm.methods import latr

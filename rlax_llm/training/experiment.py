@@ -17,20 +17,20 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import optax
 
-from rlax_llm import data as data_lib
 from rlax_llm.methods import get_method
 from rlax_llm.methods.rollouts import get_rollout
+from rlax_llm.models import hf as hf_lib
 from rlax_llm.models.config import ModelConfig
 from rlax_llm.parallel import distributed
 from rlax_llm.parallel import mesh as mesh_lib
-from rlax_llm.rewards import arithmetic as arith_rewards
+from rlax_llm.rewards import runner as runner_lib
 from rlax_llm.sampling.generate import check_context
 from rlax_llm.sampling.samplers import SamplerConfig
 from rlax_llm.training import checkpoint as ckpt_lib
@@ -40,26 +40,10 @@ from rlax_llm.training import metrics as metrics_lib
 from rlax_llm.training import ppo as ppo_lib
 from rlax_llm.training import state as state_lib
 from rlax_llm.training import steps as steps_lib
-
-
-class ArithmeticSetup:
-  """Task, tokenizer and reward of the synthetic arithmetic experiment."""
-
-  def __init__(self, task_cfg: ml_collections.ConfigDict, seed: int):
-    self.tokenizer = data_lib.CharTokenizer()
-    self.task = data_lib.ArithmeticTask(
-        min_digits=task_cfg.min_digits, max_digits=task_cfg.max_digits,
-        ops=tuple(task_cfg.ops), mul_max_digits=task_cfg.mul_max_digits,
-        test_fraction=task_cfg.test_fraction, seed=seed)
-    self.prompt_len = self.task.max_prompt_length
-    self.max_new_tokens = (task_cfg.max_new_tokens
-                           or self.task.max_answer_length + 1)
-
-  def reward_fn(self, texts: Sequence[str], answers: Sequence[str]):
-    return arith_rewards.batch_verify(texts, answers)
-
-
-TASKS: dict[str, Callable[..., Any]] = {"arithmetic": ArithmeticSetup}
+from rlax_llm.training import tasks as tasks_lib
+# Re-exported: the task setups live in `tasks`.
+from rlax_llm.training.tasks import ArithmeticSetup  # pylint: disable=unused-import
+from rlax_llm.training.tasks import TASKS  # pylint: disable=unused-import
 
 
 def _optimizer(section) -> optax.GradientTransformation:
@@ -77,6 +61,47 @@ def _optimizer(section) -> optax.GradientTransformation:
       optax.clip_by_global_norm(section.grad_clip if section.grad_clip > 0
                                 else float("inf")),
       optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=section.weight_decay))
+
+
+# Model-section fields that apply on top of a Hugging Face config.json.
+HF_OVERRIDES = ("max_seq_len", "dtype", "param_dtype", "remat")
+
+
+def _model_config(section: ml_collections.ConfigDict,
+                  vocab_size: int) -> ModelConfig:
+  """The policy's ModelConfig: from `hf_path`'s config.json, or the fields.
+
+  With `model.hf_path` set, the architecture comes from the checkpoint's
+  config.json; of the section only `HF_OVERRIDES` apply.
+  """
+  hf_path = section.get("hf_path", "")
+  if not hf_path:
+    if "num_layers" not in section:
+      raise ValueError(
+          "config.model.hf_path is empty, and this config's model section "
+          "describes no architecture of its own: pass "
+          "--config.model.hf_path=/path/to/a/local/HF/checkpoint.")
+    fields = {k: v for k, v in section.items()
+              if k not in ("preset", "hf_path")}
+    return ModelConfig(vocab_size=vocab_size, **fields)
+  config_file = os.path.join(hf_path, hf_lib.CONFIG_NAME)
+  if not os.path.isfile(config_file):
+    raise FileNotFoundError(
+        f"config.model.hf_path={hf_path!r} holds no {hf_lib.CONFIG_NAME}; "
+        "pass a local directory with config.json, model.safetensors and "
+        "tokenizer.json (a Hugging Face checkpoint; nothing is downloaded).")
+  with open(config_file) as f:
+    hf = json.load(f)
+  cfg = hf_lib.config_from_hf(hf, **_hf_overrides(section))
+  if cfg.vocab_size < vocab_size:
+    raise ValueError(
+        f"The checkpoint's vocab_size={cfg.vocab_size} is smaller than its "
+        f"tokenizer's ({vocab_size}); tokenizer and weights do not match.")
+  return cfg
+
+
+def _hf_overrides(section) -> dict[str, Any]:
+  return {k: section[k] for k in HF_OVERRIDES if k in section}
 
 
 def _check_finite(metrics: dict[str, Any], step: int, last_ckpt: int | None):
@@ -100,12 +125,10 @@ class Experiment:
     self.config = config
     self.workdir = config_utils.prepare_workdir(workdir)
     c = config
-    if c.task.name not in TASKS:
-      raise ValueError(f"Unknown task {c.task.name!r}; known: {sorted(TASKS)}.")
-    self.setup = TASKS[c.task.name](c.task, c.seed)
+    self.setup = tasks_lib.make_setup(c, self.workdir)
     tok = self.setup.tokenizer
-    model_fields = {k: v for k, v in c.model.items() if k != "preset"}
-    self.model_cfg = ModelConfig(vocab_size=tok.vocab_size, **model_fields)
+    self.hf_path = c.model.get("hf_path", "")
+    self.model_cfg = _model_config(c.model, tok.vocab_size)
     self.prompt_len = self.setup.prompt_len
     self.max_new_tokens = self.setup.max_new_tokens
     # Refuse prompts longer than the context before any compute.
@@ -148,23 +171,88 @@ class Experiment:
         grad_clip=c.rl.grad_clip, weight_decay=c.rl.weight_decay)))
     self.graphdef = state_lib.model_graphdef(self.model_cfg)
     self.total_steps = c.sft.steps + c.rl.steps
-    test = self.setup.task.test_set(c.eval.num_problems)
-    self.test_answers = [p.answer for p in test]
-    self.test_prompts, self.test_mask = tok.encode_batch(
-        [p.prompt for p in test], max_length=self.prompt_len)
+    self.set_eval_split(c.eval.split)
     self.ckpt = ckpt_lib.Checkpointer(os.path.join(self.workdir,
                                                    "checkpoints"),
                                       max_to_keep=c.checkpoint.max_to_keep)
     self.key = jax.random.key(c.seed)
     self.engine = get_rollout(c.rollout.name)(self, c.rollout)
+    r = c.get("reward") or ml_collections.ConfigDict(dict(
+        mode="auto", num_workers=2, timeout_s=10.0))
+    if r.mode not in ("auto", "process", "inline"):
+      raise ValueError(f"config.reward.mode={r.mode!r}; choose 'auto' (the "
+                       "task's default), 'process' or 'inline'.")
+    self.reward_cfg = r
+    self.use_runner = (r.mode == "process" or (
+        r.mode == "auto" and getattr(self.setup, "use_runner", False)))
+    self._runner = None
+    # Reward failures since the last `take_reward_counts()`.
+    self.reward_counts = {"errors": 0, "timeouts": 0}
+
+  def set_eval_split(self, split: str) -> None:
+    """Encodes the held-out problems of `split` (eval.num_problems of them)."""
+    c, tok = self.config, self.setup.tokenizer
+    if hasattr(self.setup, "eval_set"):
+      test = self.setup.eval_set(split, c.eval.num_problems)
+    elif split == "test":
+      test = self.setup.task.test_set(c.eval.num_problems)
+    else:
+      raise ValueError(f"Task {c.task.name!r} has only the 'test' split "
+                       f"(config.eval.split={split!r}).")
+    self.eval_split = split
+    self.test_answers = [p.answer for p in test]
+    self.test_prompts, self.test_mask = tok.encode_batch(
+        [p.prompt for p in test], max_length=self.prompt_len)
 
   # -- pieces -------------------------------------------------------------------
   def decode(self, tokens_NT, mask_NT) -> list[str]:
-    return self.setup.tokenizer.decode_batch(np.asarray(tokens_NT),
-                                             np.asarray(mask_NT))
+    tok = self.setup.tokenizer
+    tokens, mask = np.asarray(tokens_NT), np.asarray(mask_NT)
+    # A pretrained model's vocabulary may have rows past the tokenizer's
+    # (padding); such ids decode to nothing.
+    mask = mask & (tokens < tok.vocab_size)
+    return tok.decode_batch(tokens, mask)
+
+  def reward_runner(self) -> runner_lib.RewardRunner:
+    """The run's reward worker pool (started on first use; see `close`)."""
+    if self._runner is None:
+      self._runner = runner_lib.RewardRunner(
+          self.setup.reward_item_fn, num_workers=self.reward_cfg.num_workers,
+          timeout_s=self.reward_cfg.timeout_s)
+    return self._runner
+
+  def close(self) -> None:
+    """Stops the reward workers (idempotent)."""
+    if self._runner is not None:
+      self._runner.close()
+      self._runner = None
+
+  def take_reward_counts(self) -> dict[str, int]:
+    """Reward errors and timeouts since the last call (then reset)."""
+    out = dict(self.reward_counts)
+    self.reward_counts = {"errors": 0, "timeouts": 0}
+    return out
 
   def rewards(self, texts, answers) -> tuple[np.ndarray, int]:
-    """Scores texts; a reward function that raises scores 0 and is counted."""
+    """Scores texts; returns (reward_N, errors); never raises for an item.
+
+    With the runner (`config.reward`), each item is scored in a worker
+    process under a deadline; an item that raises, crashes its worker or
+    runs past `reward.timeout_s` scores 0 and is counted (errors and
+    timeouts in `reward_counts`). In-process, a batch reward function that
+    raises is retried item by item; failing items score 0 and are counted.
+    """
+    if self.use_runner:
+      kwargs = []
+      for a in answers:
+        try:
+          kwargs.append(self.setup.reward_kwargs(a))
+        except Exception:  # pylint: disable=broad-except
+          kwargs.append({"_unreadable_reference": a})  # the item errors
+      res = self.reward_runner().score(list(texts), kwargs)
+      self.reward_counts["errors"] += res.errors
+      self.reward_counts["timeouts"] += res.timeouts
+      return np.asarray(res.rewards, np.float32), res.errors
     try:
       r = np.asarray(self.setup.reward_fn(texts, answers), np.float32)
       if r.shape != (len(texts),) or not np.all(np.isfinite(r)):
@@ -176,18 +264,27 @@ class Experiment:
       errors = 0
       for i, (t, a) in enumerate(zip(texts, answers)):
         try:
-          out[i] = float(np.asarray(self.setup.reward_fn([t], [a]))[0])
+          v = float(np.asarray(self.setup.reward_fn([t], [a]))[0])
+          if not np.isfinite(v):
+            raise ValueError("non-finite reward")
+          out[i] = v
         except Exception:  # pylint: disable=broad-except
           errors += 1
+      self.reward_counts["errors"] += errors
       return out, errors
 
   def encode_sft(self, problems) -> steps_lib.SFTBatch:
+    """(prompt, target + EOS) pairs; targets past the budget are cut."""
     tok = self.setup.tokenizer
     p, pm = tok.encode_batch([q.prompt for q in problems],
                              max_length=self.prompt_len)
-    a, am = tok.encode_batch([q.answer for q in problems],
-                             max_length=self.max_new_tokens, pad_side="right",
-                             add_eos=True)
+    t = self.max_new_tokens
+    a = np.full((len(problems), t), tok.pad_id, np.int32)
+    am = np.zeros((len(problems), t), bool)
+    for i, q in enumerate(problems):
+      ids = tok.encode(tasks_lib.sft_target(q), add_eos=True)[:t]
+      a[i, :len(ids)] = ids
+      am[i, :len(ids)] = True
     return steps_lib.SFTBatch(p, pm, a, am)
 
   def evaluate(self, params, step: int) -> dict[str, float]:
