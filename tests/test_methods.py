@@ -140,7 +140,8 @@ def test_overlong_buffer_penalises_long_completions(tmp_path):
   from rlax_llm.training import state as state_lib  # pylint: disable=g-import-not-at-top
   state, _ = state_lib.create_train_state(exp.model_cfg, exp.rl_opt, exp.mesh,
                                           seed=0)
-  groups = exp._sample_groups(state.params, 3, 0)  # pylint: disable=protected-access
+  from rlax_llm.methods import rollouts  # pylint: disable=g-import-not-at-top
+  groups = rollouts.sample_groups(exp, state.params, 3, 0)
   want = 1.0 - np.clip(groups["lengths"] - 3, 0, 2) / 2.0
   np.testing.assert_allclose(groups["reward"], want, atol=1e-6)
   assert (groups["lengths"] >= 4).any()  # an untrained model runs long

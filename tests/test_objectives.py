@@ -13,6 +13,7 @@ import pytest
 
 from rlax_llm.core import aggregation
 from rlax_llm.core import objectives
+from rlax_llm.core import supervised
 
 MODES = sorted(aggregation.AGGREGATIONS)
 VARIANTS = [pytest.param(lambda f: f, id="eager"),
@@ -866,8 +867,8 @@ def test_otr_matches_reference_given_its_candidates(variant):
   fn = variant(functools.partial(objectives.otr_loss, num_candidates=5,
                                  kappa=0.8, beta=-0.3))
   loss, metrics = fn(logits_NTV, targets_NT, mask_NT, rng)
-  prepared, _, _ = objectives._prepare_logits(logits_NTV, targets_NT, mask_NT)
-  cand_NTK = np.asarray(objectives._otr_candidates(prepared, rng, 5, 0.8))
+  prepared, _, _ = supervised._prepare_logits(logits_NTV, targets_NT, mask_NT)
+  cand_NTK = np.asarray(supervised._otr_candidates(prepared, rng, 5, 0.8))
   want_NT = reference_otr(logits_NTV, targets_NT, mask_NT, cand_NTK, -0.3)
   np.testing.assert_allclose(
       loss, reference_aggregate(want_NT, mask_NT, "token_mean"), rtol=1e-5)
@@ -878,7 +879,7 @@ def test_otr_matches_reference_given_its_candidates(variant):
 
 def test_otr_candidates_follow_the_tempered_distribution():
   logits_V = jnp.array([1.0, 0.0, -1.0, 2.0, -jnp.inf])
-  cand = objectives._otr_candidates(logits_V[None, None],
+  cand = supervised._otr_candidates(logits_V[None, None],
                                     jax.random.PRNGKey(1), 20000, 1.5)
   freq_V = np.bincount(np.asarray(cand).ravel(), minlength=5) / 20000
   q_V = np.asarray(jax.nn.softmax(logits_V / 1.5))

@@ -1,7 +1,9 @@
 """Policy objectives on masked [N, T] token batches.
 
-PPO clip, GSPO, CISPO, plain policy gradient, SFT, DFT, One-Token Rollout,
-KL and entropy terms, and importance weights for rollout/trainer mismatch.
+PPO clip, GSPO, CISPO, plain policy gradient, and importance weights for
+rollout/trainer mismatch. Supervised objectives (SFT, DFT, One-Token Rollout)
+live in :mod:`rlax_llm.core.supervised` and KL/entropy terms in
+:mod:`rlax_llm.core.regularizers`; both are re-exported here.
 
 Each objective is a per-token loss function (``*_token_loss``, returning
 ``loss_NT`` and auxiliary arrays) followed by :func:`aggregation.aggregate`.
@@ -18,6 +20,7 @@ into them. Values at masked positions are ignored, even ``inf`` or ``NaN``,
 and receive zero gradient.
 """
 
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional
@@ -27,6 +30,14 @@ import jax
 import jax.numpy as jnp
 
 from rlax_llm.core import aggregation as agg
+from rlax_llm.core._common import (Metrics, _broadcast_adv, _check_static,
+                                   _masked_extremum, _prepare_adv,
+                                   _prepare_logp, _seq_mask)
+# Re-exported: `objectives.kl_penalty`, `objectives.sft_loss`, ... stay valid.
+from rlax_llm.core.regularizers import KL_ESTIMATORS, entropy_loss, kl_loss
+from rlax_llm.core.regularizers import kl_penalty
+from rlax_llm.core.supervised import dft_loss, otr_exact_loss, otr_loss
+from rlax_llm.core.supervised import sft_loss
 
 __all__ = [
     "IMPORTANCE_MODES",
@@ -47,8 +58,6 @@ __all__ = [
     "sft_loss",
 ]
 
-Metrics = dict[str, jax.Array]
-
 
 class PPOClipAux(NamedTuple):
   """Per-token by-products of :func:`ppo_clip_token_loss`, all [N, T].
@@ -67,23 +76,6 @@ class PPOClipAux(NamedTuple):
   clipped_low_NT: jax.Array
   clipped_high_NT: jax.Array
   dual_clipped_NT: jax.Array
-
-
-def _check_static(name: str, value, *, greater_than: float) -> None:
-  """Validates hyper-parameters given as Python numbers (traced ones pass)."""
-  if isinstance(value, (int, float)) and not value > greater_than:
-    raise ValueError(f"{name} must be > {greater_than}, got {value}.")
-
-
-def _broadcast_adv(adv: jax.typing.ArrayLike, shape_NT) -> jax.Array:
-  """Takes [N] (per sequence) or [N, T] (per token) advantages to [N, T]."""
-  adv = jnp.asarray(adv)
-  if adv.ndim == 1:
-    chex.assert_shape(adv, shape_NT[:1])
-    adv = adv[:, None]
-  else:
-    chex.assert_shape(adv, shape_NT)
-  return jnp.broadcast_to(adv, shape_NT)
 
 
 def ppo_clip_token_loss(
@@ -158,13 +150,6 @@ def ppo_clip_token_loss(
   )
   return loss_NT, aux
 
-
-def _masked_extremum(x_NT: jax.Array, valid_NT: jax.Array,
-                     reduce: Callable[..., jax.Array],
-                     fill: float) -> jax.Array:
-  """Masked max/min of ``x_NT``; 0 when nothing is valid."""
-  value = reduce(jnp.where(valid_NT, x_NT, fill))
-  return jnp.where(jnp.any(valid_NT), value, 0)
 
 
 def ppo_clip_loss(
@@ -247,145 +232,6 @@ def ppo_clip_loss(
   }
   return loss, metrics
 
-
-def sft_loss(
-    logp_NT: jax.typing.ArrayLike,
-    mask_NT: jax.typing.ArrayLike,
-    *,
-    aggregation: str = "token_mean",
-    num_tokens: Optional[jax.typing.ArrayLike] = None,
-    num_seqs: Optional[jax.typing.ArrayLike] = None,
-    norm_constant: Optional[jax.typing.ArrayLike] = None,
-) -> tuple[jax.Array, Metrics]:
-  """Negative log-likelihood of target tokens (supervised fine-tuning).
-
-    L = aggregate_{n,t}( -log pi(y_{n,t} | y_{n,<t}) )
-
-  With the default ``"token_mean"`` this is the usual per-token cross-entropy.
-
-  Args:
-    logp_NT: [N, T] log-prob of each target token (see
-      :func:`logprobs.token_logprobs`).
-    mask_NT: [N, T] validity mask (bool or ``!= 0``), e.g. completion tokens.
-    aggregation: mode of :func:`aggregation.aggregate` (static under jit).
-    num_tokens: global token count for micro-batching.
-    num_seqs: global sequence count for micro-batching.
-    norm_constant: divisor of ``"seq_mean_token_sum_norm"``.
-
-  Returns:
-    ``(loss, metrics)`` with metrics ``sft_loss`` (the loss) and ``nll`` (the
-    masked token mean of ``-logp`` over this call's batch), float32 scalars.
-  """
-  logp_NT = jnp.asarray(logp_NT, jnp.float32)
-  valid_NT = agg.as_bool_mask(mask_NT)
-  chex.assert_rank(logp_NT, 2)
-  chex.assert_equal_shape([logp_NT, valid_NT])
-  nll_NT = -logp_NT
-  loss = agg.aggregate(nll_NT, valid_NT, aggregation, num_tokens=num_tokens,
-                       num_seqs=num_seqs, norm_constant=norm_constant)
-  metrics = {
-      "sft_loss": jax.lax.stop_gradient(loss),
-      "nll": jax.lax.stop_gradient(agg.masked_mean(nll_NT, valid_NT)),
-  }
-  return loss, metrics
-
-
-def _kl_k1(delta: jax.Array) -> jax.Array:
-  return -delta
-
-
-def _kl_k2(delta: jax.Array) -> jax.Array:
-  return 0.5 * delta**2
-
-
-def _kl_k3(delta: jax.Array) -> jax.Array:
-  return jnp.expm1(delta) - delta
-
-
-# Each maps delta = ref_logp - logp (log of ref / pi) to a KL(pi || ref) term.
-KL_ESTIMATORS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "k1": _kl_k1,
-    "k2": _kl_k2,
-    "k3": _kl_k3,
-}
-
-
-def kl_penalty(
-    logp: jax.typing.ArrayLike,
-    ref_logp: jax.typing.ArrayLike,
-    kind: str = "k3",
-) -> jax.Array:
-  """Per-sample estimate of KL(pi || pi_ref) from samples of pi, elementwise.
-
-  With ``delta = ref_logp - logp = log(pi_ref / pi)``:
-
-    k1 = -delta                    = logp - ref_logp   (unbiased, high variance)
-    k2 = delta^2 / 2                                   (biased, low variance)
-    k3 = exp(delta) - delta - 1                        (unbiased, >= 0)
-
-  From J. Schulman, "Approximating KL Divergence" (2020,
-  http://joschu.net/blog/kl-approx.html); GRPO (arXiv:2402.03300) adds k3 to
-  its loss. k1 and k3 are unbiased for the KL *value*; their gradient as a
-  loss is not the gradient of the KL (k2's is, to first order).
-
-  verl's ``kl_penalty`` names these "kl" (k1), "mse" (k2) and
-  "low_var_kl" (k3) and clamps k3 to [-10, 10]; TRL's GRPO uses k3 without a
-  clamp. No clamp is applied here: k3 is non-negative by construction, and a
-  clamp would hide the large values that signal a run drifting away from its
-  reference.
-
-  Args:
-    logp: log-probs of sampled tokens under pi, any shape (e.g. [N, T]).
-    ref_logp: log-probs of the same tokens under pi_ref, same shape.
-    kind: one of :data:`KL_ESTIMATORS` (``"k1"``, ``"k2"``, ``"k3"``).
-
-  Returns:
-    float32 array of ``logp``'s shape. Mask it when aggregating, e.g.
-    ``aggregate(kl_penalty(logp_NT, ref_NT), mask_NT)``; no gradient flows
-    into ``ref_logp``.
-
-  Raises:
-    ValueError: unknown ``kind``.
-  """
-  try:
-    estimator = KL_ESTIMATORS[kind]
-  except KeyError:
-    raise ValueError(f"Unknown KL estimator kind {kind!r}; valid kinds are "
-                     f"{sorted(KL_ESTIMATORS)}.") from None
-  logp = jnp.asarray(logp, jnp.float32)
-  ref_logp = jax.lax.stop_gradient(jnp.asarray(ref_logp, jnp.float32))
-  chex.assert_equal_shape([logp, ref_logp])
-  return estimator(ref_logp - logp)
-
-
-def _prepare_logp(logp_NT, mask_NT, *others):
-  """float32 ``logp_NT`` (0 where masked), bool mask, stop-gradient others.
-
-  Zeroing masked log-probs first keeps NaN / inf padding out of every later
-  expression, including ``logp - stop_gradient(logp)`` tricks.
-  """
-  logp_NT = jnp.asarray(logp_NT, jnp.float32)
-  valid_NT = agg.as_bool_mask(mask_NT)
-  chex.assert_rank(logp_NT, 2)
-  chex.assert_equal_shape([logp_NT, valid_NT])
-  out = [jnp.where(valid_NT, logp_NT, 0), valid_NT]
-  for other_NT in others:
-    other_NT = jax.lax.stop_gradient(jnp.asarray(other_NT, jnp.float32))
-    chex.assert_equal_shape([logp_NT, other_NT])
-    out.append(jnp.where(valid_NT, other_NT, 0))
-  return out
-
-
-def _prepare_adv(adv, valid_NT):
-  """[N] or [N, T] advantages -> stop-gradient float32 [N, T], 0 if masked."""
-  adv_NT = jax.lax.stop_gradient(
-      _broadcast_adv(adv, valid_NT.shape).astype(jnp.float32))
-  return jnp.where(valid_NT, adv_NT, 0)
-
-
-def _seq_mask(valid_NT: jax.Array) -> jax.Array:
-  """[N] bool: the row has at least one valid token."""
-  return jnp.any(valid_NT, axis=-1)
 
 
 def gspo_loss(
@@ -603,96 +449,6 @@ def policy_gradient_loss(
   return loss, metrics
 
 
-def kl_loss(
-    logp_NT: jax.typing.ArrayLike,
-    ref_logp_NT: jax.typing.ArrayLike,
-    mask_NT: jax.typing.ArrayLike,
-    *,
-    kind: str = "k3",
-    aggregation: str = "token_mean",
-    num_tokens: Optional[jax.typing.ArrayLike] = None,
-    num_seqs: Optional[jax.typing.ArrayLike] = None,
-    norm_constant: Optional[jax.typing.ArrayLike] = None,
-) -> tuple[jax.Array, Metrics]:
-  """KL(pi || pi_ref) penalty as a loss: :func:`kl_penalty` aggregated.
-
-    L = aggregate_{n,t}( k(ref_logp - logp) )      k in {k1, k2, k3}
-
-  GRPO ("DeepSeekMath", arXiv:2402.03300) adds ``beta * L`` with ``k3`` and
-  ``"seq_mean_token_mean"``; the estimators are from J. Schulman,
-  "Approximating KL Divergence" (2020). Scale by the KL coefficient outside.
-
-  Args:
-    logp_NT: [N, T] log-probs of the sampled tokens under the current policy.
-    ref_logp_NT: [N, T] log-probs under the reference policy (no gradient).
-    mask_NT: [N, T] validity mask (bool or ``!= 0``).
-    kind: one of :data:`KL_ESTIMATORS`.
-    aggregation: mode of :func:`aggregation.aggregate` (static under jit).
-    num_tokens: global token count for micro-batching.
-    num_seqs: global sequence count for micro-batching.
-    norm_constant: divisor of ``"seq_mean_token_sum_norm"``.
-
-  Returns:
-    ``(loss, metrics)`` with metrics ``kl_loss`` (the loss), ``kl`` (masked
-    token mean of the chosen estimator) and ``kl_max`` (masked max).
-
-  Raises:
-    ValueError: unknown ``kind``.
-  """
-  logp_NT, valid_NT, ref_logp_NT = _prepare_logp(logp_NT, mask_NT,
-                                                 ref_logp_NT)
-  kl_NT = kl_penalty(logp_NT, ref_logp_NT, kind)
-  loss = agg.aggregate(kl_NT, valid_NT, aggregation, num_tokens=num_tokens,
-                       num_seqs=num_seqs, norm_constant=norm_constant)
-  kl_NT = jax.lax.stop_gradient(kl_NT)
-  metrics = {
-      "kl_loss": jax.lax.stop_gradient(loss),
-      "kl": agg.masked_mean(kl_NT, valid_NT),
-      "kl_max": _masked_extremum(kl_NT, valid_NT, jnp.max, -jnp.inf),
-  }
-  return loss, metrics
-
-
-def entropy_loss(
-    entropy_NT: jax.typing.ArrayLike,
-    mask_NT: jax.typing.ArrayLike,
-    *,
-    aggregation: str = "token_mean",
-    num_tokens: Optional[jax.typing.ArrayLike] = None,
-    num_seqs: Optional[jax.typing.ArrayLike] = None,
-    norm_constant: Optional[jax.typing.ArrayLike] = None,
-) -> tuple[jax.Array, Metrics]:
-  """Entropy bonus as a loss: minimising it raises the policy entropy.
-
-    L = -aggregate_{n,t}( H(pi(. | y_{n,<t})) )
-
-  Add ``coef * L`` to a policy loss, as in the entropy-regularised objective
-  of "Asynchronous Methods for Deep Reinforcement Learning" (A3C,
-  arXiv:1602.01783) and PPO (arXiv:1707.06347).
-
-  Args:
-    entropy_NT: [N, T] entropy of each next-token distribution, differentiable
-      (e.g. from :func:`logprobs.token_logprobs_and_entropy`).
-    mask_NT: [N, T] validity mask (bool or ``!= 0``).
-    aggregation: mode of :func:`aggregation.aggregate` (static under jit).
-    num_tokens: global token count for micro-batching.
-    num_seqs: global sequence count for micro-batching.
-    norm_constant: divisor of ``"seq_mean_token_sum_norm"``.
-
-  Returns:
-    ``(loss, metrics)`` with metrics ``entropy_loss`` (the loss) and
-    ``entropy`` (masked token mean of the entropy), float32 scalars.
-  """
-  entropy_NT, valid_NT = _prepare_logp(entropy_NT, mask_NT)
-  loss = -agg.aggregate(entropy_NT, valid_NT, aggregation,
-                        num_tokens=num_tokens, num_seqs=num_seqs,
-                        norm_constant=norm_constant)
-  metrics = {
-      "entropy_loss": jax.lax.stop_gradient(loss),
-      "entropy": jax.lax.stop_gradient(agg.masked_mean(entropy_NT, valid_NT)),
-  }
-  return loss, metrics
-
 
 def _truncate(log_ratio, log_cap):
   """Truncated IS: min(rho, cap); returns (weight, capped)."""
@@ -801,220 +557,3 @@ def importance_weights(
   }
   return w_NT, metrics
 
-
-def dft_loss(
-    logp_NT: jax.typing.ArrayLike,
-    mask_NT: jax.typing.ArrayLike,
-    *,
-    aggregation: str = "token_mean",
-    num_tokens: Optional[jax.typing.ArrayLike] = None,
-    num_seqs: Optional[jax.typing.ArrayLike] = None,
-    norm_constant: Optional[jax.typing.ArrayLike] = None,
-) -> tuple[jax.Array, Metrics]:
-  """Dynamic fine-tuning: cross-entropy weighted by the target's probability.
-
-    L = aggregate_{n,t}( -sg[pi(y_t)] log pi(y_t) )
-
-  Rescaling each token's SFT gradient by its (stop-gradient) probability
-  undoes the ``1 / pi`` importance weight hidden in the SFT gradient seen as
-  a policy gradient. From "On the Generalization of SFT: A Reinforcement
-  Learning Perspective with Reward Rectification" (arXiv:2508.05629).
-
-  Args:
-    logp_NT: [N, T] log-prob of each target token.
-    mask_NT: [N, T] validity mask (bool or ``!= 0``).
-    aggregation: mode of :func:`aggregation.aggregate` (static under jit).
-    num_tokens: global token count for micro-batching.
-    num_seqs: global sequence count for micro-batching.
-    norm_constant: divisor of ``"seq_mean_token_sum_norm"``.
-
-  Returns:
-    ``(loss, metrics)`` with metrics ``dft_loss`` (the loss), ``nll`` (masked
-    token mean of ``-logp``) and ``target_prob`` (masked token mean of
-    ``pi(y_t)``), float32 scalars.
-  """
-  logp_NT, valid_NT = _prepare_logp(logp_NT, mask_NT)
-  prob_NT = jax.lax.stop_gradient(jnp.exp(logp_NT))
-  loss = agg.aggregate(-prob_NT * logp_NT, valid_NT, aggregation,
-                       num_tokens=num_tokens, num_seqs=num_seqs,
-                       norm_constant=norm_constant)
-  metrics = {
-      "dft_loss": jax.lax.stop_gradient(loss),
-      "nll": jax.lax.stop_gradient(agg.masked_mean(-logp_NT, valid_NT)),
-      "target_prob": agg.masked_mean(prob_NT, valid_NT),
-  }
-  return loss, metrics
-
-
-def _prepare_logits(logits_NTV, targets_NT, mask_NT):
-  """float32 logits (0 at masked positions), int32 targets, bool mask.
-
-  Zeroing the logits of masked positions keeps NaN padding out of the
-  log-softmax, whose gradient would otherwise turn ``0 * NaN`` into NaN.
-  """
-  logits_NTV = jnp.asarray(logits_NTV)
-  valid_NT = agg.as_bool_mask(mask_NT)
-  targets_NT = jnp.asarray(targets_NT)
-  chex.assert_rank(logits_NTV, 3)
-  chex.assert_shape([valid_NT, targets_NT], logits_NTV.shape[:2])
-  logits_NTV = jnp.where(valid_NT[..., None],
-                         logits_NTV.astype(jnp.float32), 0)
-  targets_NT = jnp.where(valid_NT, targets_NT, 0).astype(jnp.int32)
-  return logits_NTV, targets_NT, valid_NT
-
-
-def _gather_last(x_NTV: jax.Array, index_NTK: jax.Array) -> jax.Array:
-  """x_NTV[n, t, index[n, t, k]] -> [N, T, K]."""
-  return jnp.take_along_axis(x_NTV, index_NTK, axis=-1)
-
-
-def _otr_candidates(logits_NTV: jax.Array, rng: jax.Array, num_candidates: int,
-                    kappa: float) -> jax.Array:
-  """[N, T, K] int32 draws from softmax(logits / kappa), inverse-CDF.
-
-  Memory is O(N T V + N T K): the K uniforms are located in one cumulative
-  sum of the sampling distribution by binary search.
-  """
-  q_NTV = jax.nn.softmax(jax.lax.stop_gradient(logits_NTV) / kappa, axis=-1)
-  cdf_NTV = jnp.cumsum(q_NTV, axis=-1)
-  n_rows, n_cols, vocab = q_NTV.shape
-  u_NTK = jax.random.uniform(rng, (n_rows, n_cols, num_candidates))
-  search = lambda cdf_V, v_K: jnp.searchsorted(cdf_V, v_K, side="right")
-  flat_cdf = cdf_NTV.reshape(-1, vocab)
-  flat_u = (u_NTK * cdf_NTV[..., -1:]).reshape(-1, num_candidates)
-  index = jax.vmap(search)(flat_cdf, flat_u).reshape(u_NTK.shape)
-  return jnp.minimum(index, vocab - 1).astype(jnp.int32)
-
-
-def otr_loss(
-    logits_NTV: jax.typing.ArrayLike,
-    targets_NT: jax.typing.ArrayLike,
-    mask_NT: jax.typing.ArrayLike,
-    rng: jax.Array,
-    *,
-    num_candidates: int = 8,
-    kappa: float = 1.2,
-    beta: float = -0.1,
-    aggregation: str = "token_mean",
-    num_tokens: Optional[jax.typing.ArrayLike] = None,
-    num_seqs: Optional[jax.typing.ArrayLike] = None,
-    norm_constant: Optional[jax.typing.ArrayLike] = None,
-) -> tuple[jax.Array, Metrics]:
-  """One-Token Rollout: a one-step policy gradient on supervised targets.
-
-  At each valid position (state ``s = y_{<t}``, target ``x = y_t``) draw K
-  candidates from the sampling distribution ``q = softmax(logits / kappa)``:
-
-    a_1..a_K ~ q,   R(a) = 1 if a = x else beta
-    l_t = -(1/K) sum_j sg[R(a_j)] log pi(a_j | s),   pi = softmax(logits)
-    L   = aggregate_{n,t}( l_t )
-
-  Candidates and rewards carry no gradient. Its expectation over the draws
-  is :func:`otr_exact_loss`. From "One-Token Rollout: Guiding Supervised
-  Fine-Tuning of LLMs with Policy Gradient" (arXiv:2509.26313), whose
-  ``kappa = 1.2`` and ``beta = -0.1`` are the defaults; ``num_candidates=8``
-  is this library's default.
-
-  Args:
-    logits_NTV: [N, T, V] logits of each next-token distribution (any float
-      dtype; upcast to float32).
-    targets_NT: [N, T] int supervised target tokens.
-    mask_NT: [N, T] validity mask (bool or ``!= 0``). Logits and targets at
-      masked positions are ignored (even NaN) and get zero gradient.
-    rng: PRNG key for the candidate draws.
-    num_candidates: K, draws per position (static).
-    kappa: sampling temperature of the candidates.
-    beta: reward of a candidate that is not the target.
-    aggregation: mode of :func:`aggregation.aggregate` (static under jit).
-    num_tokens: global token count for micro-batching.
-    num_seqs: global sequence count for micro-batching.
-    norm_constant: divisor of ``"seq_mean_token_sum_norm"``.
-
-  Returns:
-    ``(loss, metrics)`` with metrics ``otr_loss`` (the loss), ``hit_rate``
-    (fraction of candidates equal to the target), ``nll`` and
-    ``target_prob`` (masked token means of ``-log pi(x)`` and ``pi(x)``).
-  """
-  _check_static("kappa", kappa, greater_than=0)
-  _check_static("num_candidates", num_candidates, greater_than=0)
-  logits_NTV, targets_NT, valid_NT = _prepare_logits(logits_NTV, targets_NT,
-                                                     mask_NT)
-  logp_NTV = jax.nn.log_softmax(logits_NTV, axis=-1)
-  cand_NTK = _otr_candidates(logits_NTV, rng, num_candidates, kappa)
-  hit_NTK = cand_NTK == targets_NT[..., None]
-  reward_NTK = jnp.where(hit_NTK, 1.0, jnp.asarray(beta, jnp.float32))
-  loss_NT = -jnp.mean(reward_NTK * _gather_last(logp_NTV, cand_NTK), axis=-1)
-  loss = agg.aggregate(loss_NT, valid_NT, aggregation, num_tokens=num_tokens,
-                       num_seqs=num_seqs, norm_constant=norm_constant)
-  target_logp_NT = jax.lax.stop_gradient(
-      _gather_last(logp_NTV, targets_NT[..., None])[..., 0])
-  mean = lambda x_NT: agg.masked_mean(x_NT, valid_NT)
-  metrics = {
-      "otr_loss": jax.lax.stop_gradient(loss),
-      "hit_rate": mean(jnp.mean(hit_NTK, axis=-1)),
-      "nll": mean(-target_logp_NT),
-      "target_prob": mean(jnp.exp(target_logp_NT)),
-  }
-  return loss, metrics
-
-
-def otr_exact_loss(
-    logits_NTV: jax.typing.ArrayLike,
-    targets_NT: jax.typing.ArrayLike,
-    mask_NT: jax.typing.ArrayLike,
-    *,
-    kappa: float = 1.2,
-    beta: float = -0.1,
-    aggregation: str = "token_mean",
-    num_tokens: Optional[jax.typing.ArrayLike] = None,
-    num_seqs: Optional[jax.typing.ArrayLike] = None,
-    norm_constant: Optional[jax.typing.ArrayLike] = None,
-) -> tuple[jax.Array, Metrics]:
-  """One-Token Rollout in expectation: the sum over the vocabulary.
-
-    l_t = -sum_a sg[q(a)] R(a) log pi(a)
-        = -beta sum_a sg[q(a)] log pi(a) - (1 - beta) sg[q(x)] log pi(x)
-
-  with ``q = softmax(logits / kappa)``, ``pi = softmax(logits)`` and the
-  reward ``R`` of :func:`otr_loss`, whose expected value (and gradient) over
-  the K draws this is. At ``kappa = 1`` the first term's gradient vanishes
-  (``sum_a pi(a) grad log pi(a) = 0``) and the gradient is ``(1 - beta)``
-  times that of :func:`dft_loss`. From "One-Token Rollout: Guiding
-  Supervised Fine-Tuning of LLMs with Policy Gradient" (arXiv:2509.26313).
-
-  Args:
-    logits_NTV: [N, T, V] logits of each next-token distribution.
-    targets_NT: [N, T] int supervised target tokens.
-    mask_NT: [N, T] validity mask (bool or ``!= 0``).
-    kappa: temperature of the (stop-gradient) weighting distribution q.
-    beta: reward of a token that is not the target.
-    aggregation: mode of :func:`aggregation.aggregate` (static under jit).
-    num_tokens: global token count for micro-batching.
-    num_seqs: global sequence count for micro-batching.
-    norm_constant: divisor of ``"seq_mean_token_sum_norm"``.
-
-  Returns:
-    ``(loss, metrics)`` with metrics ``otr_loss`` (the loss), ``nll`` and
-    ``target_prob`` (masked token means of ``-log pi(x)`` and ``pi(x)``).
-  """
-  _check_static("kappa", kappa, greater_than=0)
-  logits_NTV, targets_NT, valid_NT = _prepare_logits(logits_NTV, targets_NT,
-                                                     mask_NT)
-  logp_NTV = jax.nn.log_softmax(logits_NTV, axis=-1)
-  q_NTV = jax.lax.stop_gradient(jax.nn.softmax(logits_NTV / kappa, axis=-1))
-  # q log pi with 0 * (-inf) read as 0 for tokens of zero probability.
-  q_logp_NTV = jnp.where(q_NTV > 0, q_NTV * logp_NTV, 0)
-  target_q_logp_NT = _gather_last(q_logp_NTV, targets_NT[..., None])[..., 0]
-  loss_NT = -(beta * jnp.sum(q_logp_NTV, axis=-1) +
-              (1 - beta) * target_q_logp_NT)
-  loss = agg.aggregate(loss_NT, valid_NT, aggregation, num_tokens=num_tokens,
-                       num_seqs=num_seqs, norm_constant=norm_constant)
-  target_logp_NT = jax.lax.stop_gradient(
-      _gather_last(logp_NTV, targets_NT[..., None])[..., 0])
-  mean = lambda x_NT: agg.masked_mean(x_NT, valid_NT)
-  metrics = {
-      "otr_loss": jax.lax.stop_gradient(loss),
-      "nll": mean(-target_logp_NT),
-      "target_prob": mean(jnp.exp(target_logp_NT)),
-  }
-  return loss, metrics
