@@ -47,6 +47,18 @@ from rlax_llm.core.selection import overlong_penalty
 from rlax_llm.core.selection import truncation_mask
 from rlax_llm.core.selection import xrpo_novelty
 from rlax_llm.core.selection import xrpo_sharpen
+from rlax_llm.core.tree_advantages import depth_advantages
+from rlax_llm.core.tree_advantages import depth_prune_mask
+from rlax_llm.core.tree_advantages import node_values
+from rlax_llm.core.tree_advantages import path_log_weights
+from rlax_llm.core.tree_advantages import token_advantages
+from rlax_llm.core.tree_advantages import tree_advantages
+from rlax_llm.core.tree_advantages import TreeAdvantages
+from rlax_llm.core.tree_advantages import validate_tree
+from rlax_llm.core.tree_advantages import width_prune_mask
+from rlax_llm.core.value import explained_variance
+from rlax_llm.core.value import value_loss
+from rlax_llm.core.value import whiten
 
 __all__ = [
     "AGGREGATIONS",
@@ -92,4 +104,16 @@ __all__ = [
     "truncation_mask",
     "xrpo_novelty",
     "xrpo_sharpen",
+    "TreeAdvantages",
+    "depth_advantages",
+    "depth_prune_mask",
+    "explained_variance",
+    "node_values",
+    "path_log_weights",
+    "token_advantages",
+    "tree_advantages",
+    "validate_tree",
+    "value_loss",
+    "whiten",
+    "width_prune_mask",
 ]

@@ -322,7 +322,6 @@ def width_prune_mask(node_adv: Sequence[jax.typing.ArrayLike],
   chex.assert_rank(mask_NT, 2)
   if keep <= 0:
     return mask_NT
-  g = math.prod(branching)
   n, t = mask_NT.shape
   kept = []
   for d, a_BM in enumerate(node_adv):

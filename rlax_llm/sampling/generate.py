@@ -21,6 +21,10 @@ import jax.numpy as jnp
 
 from rlax_llm.sampling.samplers import SamplerConfig, sample_token
 
+# Decode steps per segment of the loop, and the most segments (see `generate`).
+_SEGMENT = 32
+_MAX_SEGMENTS = 4
+
 
 class Rollout(NamedTuple):
   """Sampled completions, flattened to N = B * G (samples of a prompt adjacent).
@@ -90,37 +94,69 @@ def generate(graphdef: nnx.GraphDef, params, prompt_BP: jax.typing.ArrayLike,
 
   last_logits_BV, cache, prompt_len_B = model.prefill(
       prompt_BP, prompt_mask_BP, num_samples=g, max_new_tokens=t)
-  logits_BGV = jnp.broadcast_to(last_logits_BV[:, None],
-                                (b, g, last_logits_BV.shape[-1]))
+  logits_NV = jnp.repeat(last_logits_BV, g, axis=0)
+  positions_BG = jnp.broadcast_to(prompt_len_B[:, None], (b, g))
 
-  def cond(carry):
-    i, _, _, _, done, _, _ = carry
-    return (i < t) & ~jnp.all(done)
+  def cond_until(end):
+    def cond(carry):
+      i, _, _, _, done_N, _, _ = carry
+      return (i < end) & ~jnp.all(done_N)
+    return cond
 
   def body(carry):
-    i, tokens, logp, mask, done, logits, cache = carry
-    s = sample_token(jax.random.fold_in(rng, i), logits.reshape(b * g, -1),
-                     sampler)
-    tok = jnp.where(done, pad_id, s.token.reshape(b, g))
-    lp = jnp.where(done, 0.0, s.logp.reshape(b, g))
-    tokens = tokens.at[:, :, i].set(tok)
-    logp = logp.at[:, :, i].set(lp)
-    mask = mask.at[:, :, i].set(~done)
-    new_done = done | (tok == eos_id)
+    # Token buffers are [T, N]: step i writes one contiguous row.
+    i, tokens_TN, logp_TN, mask_TN, done_N, logits_NV, cache = carry
+    s = sample_token(jax.random.fold_in(rng, i), logits_NV, sampler)
+    tok_N = jnp.where(done_N, pad_id, s.token)
+    tokens_TN = jax.lax.dynamic_update_index_in_dim(tokens_TN, tok_N, i, 0)
+    logp_TN = jax.lax.dynamic_update_index_in_dim(
+        logp_TN, jnp.where(done_N, 0.0, s.logp), i, 0)
+    mask_TN = jax.lax.dynamic_update_index_in_dim(mask_TN, ~done_N, i, 0)
+    new_done_N = done_N | (tok_N == eos_id)
     # Only the sequences still running after this token need a next step, but
     # the batch decodes in lockstep; finished rows are masked out above.
-    logits, cache = model.decode_step(tok, prompt_len_B[:, None] + i, cache, i)
-    return i + 1, tokens, logp, mask, new_done, logits, cache
+    logits_BGV, cache = model.decode_step(tok_N.reshape(b, g),
+                                          positions_BG + i, cache, i)
+    return (i + 1, tokens_TN, logp_TN, mask_TN, new_done_N,
+            logits_BGV.reshape(b * g, -1), cache)
 
-  init = (jnp.int32(0), jnp.full((b, g, t), pad_id, jnp.int32),
-          jnp.zeros((b, g, t), jnp.float32), jnp.zeros((b, g, t), bool),
-          jnp.zeros((b, g), bool), logits_BGV, cache)
-  steps, tokens, logp, mask, done, _, _ = jax.lax.while_loop(cond, body, init)
+  # The decode runs in segments of static length: during the segment ending at
+  # step e the cache holds e slots, so attention reads only the slots written so
+  # far (rounded up to the segment) rather than all T. Slots past the current
+  # step are masked in `decode_step`, so the logits do not depend on the split.
+  ends = _segment_ends(t)
+  cache = _resize_decode_cache(cache, ends[0])
+  carry = (jnp.int32(0), jnp.full((t, b * g), pad_id, jnp.int32),
+           jnp.zeros((t, b * g), jnp.float32), jnp.zeros((t, b * g), bool),
+           jnp.zeros((b * g,), bool), logits_NV, cache)
+  for end in ends:
+    carry = carry[:-1] + (_resize_decode_cache(carry[-1], end),)
+    carry = jax.lax.while_loop(cond_until(end), body, carry)
+  steps, tokens_TN, logp_TN, mask_TN, done_N, _, _ = carry
   # Slots after an early exit were never written: pad_id, mask False.
-  return Rollout(tokens=tokens.reshape(b * g, t), logp=logp.reshape(b * g, t),
-                 mask=mask.reshape(b * g, t),
-                 lengths=jnp.sum(mask, axis=-1).reshape(b * g).astype(jnp.int32),
-                 finished=done.reshape(b * g), steps=steps)
+  mask_NT = mask_TN.T
+  return Rollout(tokens=tokens_TN.T, logp=logp_TN.T, mask=mask_NT,
+                 lengths=jnp.sum(mask_NT, axis=-1, dtype=jnp.int32),
+                 finished=done_N, steps=steps)
+
+
+def _segment_ends(max_new_tokens: int) -> list[int]:
+  """Static ends of the decode segments: every _SEGMENT steps, at most
+  _MAX_SEGMENTS of them (each segment is one more compiled loop)."""
+  size = max(_SEGMENT, -(-max_new_tokens // _MAX_SEGMENTS))
+  return list(range(size, max_new_tokens, size)) + [max_new_tokens]
+
+
+def _resize_decode_cache(cache, length: int):
+  """The cache with `length` decode slots (zero-padded or truncated)."""
+  def resize(x):
+    if x.shape[2] >= length:
+      return jax.lax.slice_in_dim(x, 0, length, axis=2)
+    pad = [(0, 0)] * x.ndim
+    pad[2] = (0, length - x.shape[2])
+    return jnp.pad(x, pad)
+  return cache._replace(k=tuple(map(resize, cache.k)),
+                        v=tuple(map(resize, cache.v)))
 
 
 @functools.partial(jax.jit, static_argnums=(0,),

@@ -1,0 +1,108 @@
+"""Every method learns: expected reward rises on an easy task.
+
+One module-scoped supervised warm-up trains a small model on 1-digit
+addition and subtraction until it solves about a quarter of the problems when
+sampling; each method then runs a short RL phase from that same checkpoint,
+through its own config's rollout engine and update step. The measure is the
+expected reward (pass@1 over 16 samples per problem, temperature 1) on a fixed
+set of 96 training-distribution problems, before and after: 1,536 samples, a
+standard error of about 0.015. A control run with a vanishing learning rate
+sees the same prompts and sampling keys and must not move the measure, so a
+rise can only come from the update.
+"""
+
+import importlib
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import smoke
+from rlax_llm.training import checkpoint as ckpt_lib
+from rlax_llm.training import evaluation
+from rlax_llm.training import experiment
+from rlax_llm.training import state as state_lib
+from rlax_llm.training import steps as steps_lib
+
+RL_STEPS = 20
+METHODS = ["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo",
+           "reinforce_pp", "ppo", "xrpo"]
+
+
+def _easy(name: str, *, rl_steps: int = RL_STEPS, learning_rate=3e-4):
+  c = importlib.import_module(f"configs.{name}").get_config()
+  s = smoke.get_config()
+  c.task.max_digits = 1
+  c.task.ops = "+-"
+  c.task.test_fraction = 0.3
+  c.sft.steps = 120
+  c.sft.batch_size = 32
+  c.rl.steps = rl_steps
+  c.rl.prompts_per_step = 16
+  c.rl.num_samples = 8
+  c.rl.learning_rate = learning_rate
+  c.rl.warmup_steps = 0
+  c.eval = s.eval
+  c.eval.num_problems = 16
+  c.eval.num_samples = 0
+  c.checkpoint.every = 10_000
+  c.progress = False
+  return c
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+  """A run that only does the supervised warm-up; returns its workdir."""
+  workdir = str(tmp_path_factory.mktemp("sft"))
+  experiment.run(_easy("grpo", rl_steps=0), workdir)
+  return workdir
+
+
+def _expected_reward(exp, params):
+  problems = exp.setup.task.train_batch(100_000, 96)
+  tok = exp.setup.tokenizer
+  prompts, mask = tok.encode_batch([q.prompt for q in problems],
+                                   max_length=exp.prompt_len)
+  res = evaluation.evaluate(
+      exp.graphdef, params, prompts_BP=prompts, prompt_mask_BP=mask,
+      answers=[q.answer for q in problems], decode=exp.decode,
+      reward_fn=lambda t, a: exp.rewards(t, a)[0], rng=jax.random.key(123),
+      max_new_tokens=exp.max_new_tokens, eos_id=tok.eos_id,
+      pad_id=tok.pad_id, num_samples=16, sampler=exp.sampler, batch_size=96)
+  return res["pass@1"]
+
+
+def _learn(name, sft_dir, tmp_path, **kwargs):
+  exp = experiment.Experiment(_easy(name, **kwargs), str(tmp_path))
+  ckpt = ckpt_lib.Checkpointer(os.path.join(sft_dir, "checkpoints"))
+  latest = ckpt.latest_step()
+  abstract, sh = state_lib.state_shardings(exp.model_cfg, exp.rl_opt,
+                                           exp.mesh, seed=0)
+  state, _ = ckpt.restore(latest, abstract, sh)
+  _, rl_sh = exp.rl_state_shardings()
+  state = exp.to_rl_state(state, rl_sh)
+  rl_step = steps_lib.jit_step(exp.make_rl_step(), rl_sh, exp.mesh)
+  before = _expected_reward(exp, exp.policy_params(state))
+  for step in range(latest, latest + RL_STEPS):
+    batch, _ = exp.rollout(exp.policy_params(state), step)
+    state, metrics = rl_step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+  after = _expected_reward(exp, exp.policy_params(state))
+  return before, after
+
+
+@pytest.mark.slow
+def test_control_without_updates_does_not_move(sft_dir, tmp_path):
+  before, after = _learn("grpo", sft_dir, tmp_path, learning_rate=1e-12)
+  print(f"control: expected reward {before:.3f} -> {after:.3f}")
+  assert 0.1 < before < 0.7  # the warm-up leaves room to learn
+  assert abs(after - before) < 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", METHODS)
+def test_method_raises_expected_reward(name, sft_dir, tmp_path):
+  before, after = _learn(name, sft_dir, tmp_path)
+  print(f"{name}: expected reward {before:.3f} -> {after:.3f}")
+  assert after >= before + 0.03, (before, after)
