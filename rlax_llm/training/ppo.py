@@ -133,7 +133,8 @@ def make_ppo_step(graphdef: nnx.GraphDef, policy_opt, critic_opt,
                   lam: float = 0.95, value_coef: float = 0.5,
                   value_clip: float | None = 0.2,
                   whiten_advantages: bool = True,
-                  aggregation: str = "token_mean"):
+                  aggregation: str = "token_mean", logprob_chunk: int = 0,
+                  vocab_chunk: int | None = None):
   """Returns `ppo_step(PPOState, RLBatch) -> (PPOState, metrics)`.
 
   The batch's `advantages` field holds each sequence's reward, broadcast over
@@ -150,6 +151,7 @@ def make_ppo_step(graphdef: nnx.GraphDef, policy_opt, critic_opt,
     value_clip: clip range of the value loss (None disables).
     whiten_advantages: normalise GAE advantages over the batch's tokens.
     aggregation: aggregation of the value loss.
+    logprob_chunk, vocab_chunk: memory-bounded scoring, as in `make_rl_step`.
   """
   num_updates = num_epochs * num_minibatches
   vloss = functools.partial(value_lib.value_loss, clip=value_clip,
@@ -163,7 +165,9 @@ def make_ppo_step(graphdef: nnx.GraphDef, policy_opt, critic_opt,
     p_params, c_params = params
     scores = score_completions(graphdef, p_params, micro.prompt,
                                micro.prompt_mask, micro.completion,
-                               micro.completion_mask, temperature=temperature)
+                               micro.completion_mask, temperature=temperature,
+                               chunk_size=logprob_chunk,
+                               vocab_chunk=vocab_chunk)
     pl, pm = policy_loss(scores.logp, micro.old_logp, adv,
                          micro.completion_mask, num_tokens=num_tokens,
                          num_seqs=num_seqs)

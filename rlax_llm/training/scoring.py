@@ -50,8 +50,15 @@ def completion_logits(graphdef: nnx.GraphDef, params, prompt_NP,
 
 def score_completions(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
                       completion_NT, completion_mask_NT, *,
-                      temperature: float = 1.0) -> Scores:
+                      temperature: float = 1.0, chunk_size: int = 0,
+                      vocab_chunk: int | None = None) -> Scores:
   """Log-probs and entropies of completion tokens under softmax(logits / temp).
+
+  With `chunk_size` > 0 the [N, T, V] logits are never built: the predictor
+  hidden states go through `chunked_token_logprobs_and_entropy` with the
+  model's output kernel, `chunk_size` tokens (and `vocab_chunk` vocabulary
+  columns) at a time, rematerialised in the backward pass. The values equal
+  the dense path's to float32 rounding.
 
   Args:
     graphdef: NNX graph of a `Transformer`.
@@ -59,14 +66,28 @@ def score_completions(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
     prompt_NP: int prompt ids; prompt_mask_NP: bool valid prompt tokens.
     completion_NT: int completion ids; completion_mask_NT: bool valid ones.
     temperature: the sampling temperature (> 0) the rollout used; 0 means 1.
+    chunk_size: tokens per chunk of the memory-bounded path; 0 = dense.
+    vocab_chunk: vocabulary columns per streamed block (chunked path only).
 
   Returns:
     Scores(logp [N, T], entropy [N, T]) in f32, zero where masked.
   """
-  logits = completion_logits(graphdef, params, prompt_NP, prompt_mask_NP,
-                             completion_NT, completion_mask_NT)
   temp = temperature if temperature > 0 else 1.0
-  out = logprobs_lib.token_logprobs_and_entropy(logits, completion_NT,
-                                                temperature=temp)
+  if chunk_size > 0:
+    model = nnx.merge(graphdef, params)
+    t = completion_NT.shape[1]
+    tokens = jnp.concatenate([prompt_NP, completion_NT], axis=1)
+    mask = jnp.concatenate([prompt_mask_NP, completion_mask_NT], axis=1)
+    h = model.hidden_states(tokens, None, mask.astype(bool))
+    h_NTD = predictor_hidden(h, prompt_mask_NP, t)
+    out = logprobs_lib.chunked_token_logprobs_and_entropy(
+        h_NTD.astype(model.cfg.dtype),
+        model.output_kernel().astype(model.cfg.dtype), completion_NT,
+        temperature=temp, chunk_size=chunk_size, vocab_chunk=vocab_chunk)
+  else:
+    logits = completion_logits(graphdef, params, prompt_NP, prompt_mask_NP,
+                               completion_NT, completion_mask_NT)
+    out = logprobs_lib.token_logprobs_and_entropy(logits, completion_NT,
+                                                  temperature=temp)
   m = completion_mask_NT.astype(bool)
   return Scores(jnp.where(m, out.logp, 0.0), jnp.where(m, out.entropy, 0.0))

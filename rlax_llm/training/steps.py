@@ -157,7 +157,8 @@ SUPERVISED_LOSSES = {"cross_entropy": cross_entropy,
 def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                  policy_loss: PolicyLoss, *, temperature: float = 1.0,
                  num_epochs: int = 1, num_minibatches: int = 1,
-                 num_microbatches: int = 1, entropy_coef: float = 0.0):
+                 num_microbatches: int = 1, entropy_coef: float = 0.0,
+                 logprob_chunk: int = 0, vocab_chunk: int | None = None):
   """Returns `rl_step(state, RLBatch) -> (state, metrics)`.
 
   Args:
@@ -172,6 +173,9 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
       num_minibatches * num_microbatches.
     num_microbatches: gradient-accumulation chunks per minibatch.
     entropy_coef: weight of an entropy bonus (token mean), 0 disables.
+    logprob_chunk: tokens per chunk when scoring without the [N, T, V]
+      logits (`score_completions`); 0 builds them.
+    vocab_chunk: vocabulary columns per block of the chunked path.
 
   The metric `logp_mismatch_*` compares the rollout's log-probs with the
   trainer's recomputation before any update (first minibatch of epoch one).
@@ -181,7 +185,9 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
   def micro_loss(params, micro: RLBatch, num_tokens, num_seqs):
     scores = score_completions(graphdef, params, micro.prompt,
                                micro.prompt_mask, micro.completion,
-                               micro.completion_mask, temperature=temperature)
+                               micro.completion_mask, temperature=temperature,
+                               chunk_size=logprob_chunk,
+                               vocab_chunk=vocab_chunk)
     loss, metrics = policy_loss(scores.logp, micro.old_logp, micro.advantages,
                                 micro.completion_mask, num_tokens=num_tokens,
                                 num_seqs=num_seqs)
