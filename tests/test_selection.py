@@ -268,3 +268,21 @@ def test_xrpo_novelty_empty_rows_and_bad_groups():
   np.testing.assert_array_equal(eta, np.ones(4))
   with pytest.raises(ValueError, match="group_size"):
     selection.xrpo_novelty(jnp.zeros((5, 3)), jnp.ones((5, 3)), 2)
+
+
+def test_xrpo_under_vmap_matches_per_batch_calls():
+  rng = np.random.default_rng(5)
+  logp = -rng.gamma(1.0, 1.0, (3, 8, 4)).astype(np.float32)
+  mask = rng.random((3, 8, 4)) < 0.8
+  adv = rng.normal(size=(3, 8)).astype(np.float32)
+  correct = rng.random((3, 8)) < 0.5
+
+  def both(lp, m, a, c):
+    eta = selection.xrpo_novelty(lp, m, 4)
+    return eta, selection.xrpo_sharpen(a, c, eta)
+
+  eta_v, sharp_v = jax.vmap(both)(logp, mask, adv, correct)
+  for i in range(3):
+    eta, sharp = both(logp[i], mask[i], adv[i], correct[i])
+    np.testing.assert_allclose(eta_v[i], eta, rtol=1e-6)
+    np.testing.assert_allclose(sharp_v[i], sharp, rtol=1e-6)
