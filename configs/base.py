@@ -76,6 +76,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       group_baseline=True,   # REINFORCE++: subtract the group mean first
       aggregation="token_mean",
       entropy_coef=0.0,
+      logprob_chunk=0,       # >0: score tokens this many at a time without
+                             # building the [N, T, V] logits
+      vocab_chunk=0,         # with logprob_chunk: vocabulary block; 0 = all
       dynamic_sampling=False,  # DAPO: replace groups whose rewards all agree
       max_sampling_rounds=4,   # extra prompt draws allowed per step for that
       overlong_buffer=0,       # DAPO soft overlong punishment over the last
@@ -101,6 +104,18 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       num_problems=512,
       num_samples=8,      # group size G of pass@G
       batch_size=256,
+      split="test",       # the held-out split scored (gsm8k also has "train")
+  ))
+
+  # How rewards are computed. "auto": the task's default (arithmetic in this
+  # process; countdown, gsm8k, math500 in worker processes, each item under
+  # a deadline); "process" or "inline" force one. A worker item that raises,
+  # crashes or passes the deadline scores 0 and is logged as reward/errors
+  # or reward/timeouts; training goes on.
+  c.reward = ml_collections.ConfigDict(dict(
+      mode="auto",
+      num_workers=2,
+      timeout_s=10.0,     # per item
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(

@@ -1,9 +1,13 @@
-"""Scores the latest checkpoint of a run on the held-out problems.
+"""Scores the latest checkpoint of a run on a held-out split.
 
-  python -m experiments.evaluate --config=configs/default.py --workdir=DIR
+  python -m experiments.evaluate --config=configs/default.py --workdir=DIR \
+      [--split=test] [--config.key=value ...]
 
-Prints one JSON object (greedy accuracy, pass@1, pass@G, maj@G) and writes it
-to DIR/eval_step<N>.json, N being the checkpoint's step.
+Pass the same config (and overrides) the run was trained with. Prints one
+JSON object (greedy accuracy, pass@1 and pass@G by the unbiased estimator,
+maj@G, the split and its problem count) and writes it to
+DIR/eval_step<N>.json (the config's `eval.split`) or
+DIR/eval_<split>_step<N>.json (another split), N being the checkpoint's step.
 """
 
 import json
@@ -28,6 +32,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
                                "The run directory holding checkpoints/.")
+_SPLIT = flags.DEFINE_string(
+    "split", None, "Split to score (default: the config's eval.split); "
+    "e.g. 'test' or, for gsm8k, 'train'.")
 
 
 def main(argv):
@@ -35,8 +42,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from rlax_llm.training import experiment  # pylint: disable=g-import-not-at-top
   try:
-    result = experiment.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
-  except FileNotFoundError as e:
+    result = experiment.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value,
+                                            split=_SPLIT.value)
+  except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(json.dumps(result, sort_keys=True))

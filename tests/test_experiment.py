@@ -167,7 +167,8 @@ def test_evaluate_scores_the_latest_checkpoint_like_training(smoke_run,
   workdir, summary = smoke_run
   out = subprocess.run(
       [sys.executable, "-m", "experiments.evaluate",
-       "--config=configs/smoke.py", f"--workdir={workdir}"], cwd=REPO,
+       "--config=configs/smoke.py", f"--workdir={workdir}", "--split=test"],
+      cwd=REPO,
       capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])

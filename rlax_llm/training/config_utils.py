@@ -87,6 +87,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(value >= 1, f"{name} must be >= 1, got {value}.")
   _require(c.eval.num_samples >= 0,
            f"eval.num_samples must be >= 0, got {c.eval.num_samples}.")
+  if "reward" in c:
+    _require(c.reward.num_workers >= 1, "reward.num_workers must be >= 1, "
+             f"got {c.reward.num_workers}.")
+    _require(c.reward.timeout_s > 0, "reward.timeout_s must be > 0, got "
+             f"{c.reward.timeout_s}.")
   for name in ("sft.learning_rate", "rl.learning_rate"):
     section, field = name.split(".")
     _require(c[section][field] > 0,

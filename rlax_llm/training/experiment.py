@@ -8,7 +8,18 @@ logging, checkpoints, resumption and input checks.
 Steps are counted globally: SFT steps 1..S, then RL steps S+1..S+R. A
 checkpoint at step s holds the state after step s and every log line up to
 step s, so a run resumed from it rewrites nothing it had already written and
-ends with the same metrics as an uninterrupted run.
+ends with the same metrics as an uninterrupted run. Its metadata also holds
+the rollout engine's host state and, for tasks read from a data stream
+(gsm8k, math500), the stream's position, so a resumed run reads the same
+records.
+
+The task (`config.task.name`, see `rlax_llm.training.tasks`) gives the
+tokenizer, problems and reward. Rewards run in this process or in a pool of
+worker processes with a per-item deadline (`config.reward`); one pool serves
+the whole run and is closed when it ends, also on error. Each RL step logs
+`reward/errors` and `reward/timeouts`. With `config.model.hf_path` the
+policy's architecture and initial weights come from a local Hugging Face
+checkpoint.
 """
 
 from __future__ import annotations
@@ -326,7 +337,9 @@ class Experiment:
     c = self.config
     common = dict(temperature=c.rl.temperature, num_epochs=c.rl.num_epochs,
                   num_minibatches=c.rl.num_minibatches,
-                  num_microbatches=c.rl.num_microbatches)
+                  num_microbatches=c.rl.num_microbatches,
+                  logprob_chunk=c.rl.get("logprob_chunk", 0),
+                  vocab_chunk=c.rl.get("vocab_chunk", 0) or None)
     if self.method.critic:
       return ppo_lib.make_ppo_step(
           self.graphdef, self.rl_opt, self.critic_opt,
@@ -336,6 +349,12 @@ class Experiment:
     return steps_lib.make_rl_step(self.graphdef, self.rl_opt,
                                   self.method.policy_loss,
                                   entropy_coef=c.rl.entropy_coef, **common)
+
+  def data_metrics(self) -> dict[str, float]:
+    """The train stream's data/... metrics of this step (if it has any)."""
+    if hasattr(self.setup, "step_metrics"):
+      return self.setup.step_metrics()
+    return {}
 
   def rollout(self, params, step: int):
     """The RLBatch and rollout statistics of global step `step`."""
@@ -351,9 +370,49 @@ class Experiment:
     sft_abstract, sft_sh = state_lib.state_shardings(
         self.model_cfg, self.sft_opt, self.mesh, seed=c.seed)
     rl_abstract, rl_sh = self.rl_state_shardings()
+    try:
+      return self._run(t_start, latest, meta, sft_sh, rl_abstract, rl_sh,
+                       sft_abstract)
+    finally:
+      self.close()
+
+  def initial_state(self):
+    """(TrainState, shardings) of a fresh run, on the SFT phase's shardings.
+
+    With `model.hf_path` the parameters are the checkpoint's, streamed onto
+    their shardings tensor by tensor; otherwise a seeded random init.
+    """
+    c = self.config
+    if not self.hf_path:
+      return state_lib.create_train_state(self.model_cfg, self.sft_opt,
+                                          self.mesh, seed=c.seed)
+    _, sh = state_lib.state_shardings(self.model_cfg, self.sft_opt, self.mesh,
+                                      seed=c.seed)
+    cfg, params = hf_lib.load_params(
+        self.hf_path, dtype=self.model_cfg.dtype,
+        param_dtype=self.model_cfg.param_dtype, mesh=self.mesh,
+        rules=mesh_lib.DEFAULT_RULES, **{
+            k: v for k, v in _hf_overrides(c.model).items()
+            if k not in ("dtype", "param_dtype")})
+    if cfg != self.model_cfg:
+      raise ValueError(f"{self.hf_path!r} changed while the run started: "
+                       f"{cfg} != {self.model_cfg}.")
+    opt, seed = self.sft_opt, c.seed
+
+    def init(p):
+      return state_lib.TrainState(
+          step=jax.numpy.zeros((), jax.numpy.int32), params=p,
+          opt_state=opt.init(p),
+          rng=jax.random.key_data(jax.random.key(seed)))
+
+    state = jax.jit(init, out_shardings=sh, donate_argnums=0)(params)
+    return state, sh
+
+  def _run(self, t_start, latest, meta, sft_sh, rl_abstract, rl_sh,
+           sft_abstract):
+    c = self.config
     if latest is None:
-      state, sft_sh = state_lib.create_train_state(
-          self.model_cfg, self.sft_opt, self.mesh, seed=c.seed)
+      state, sft_sh = self.initial_state()
       step = 0
     else:
       meta = self.ckpt.restore_meta(latest)
@@ -361,6 +420,8 @@ class Experiment:
                       else (sft_abstract, sft_sh))
       state, meta = self.ckpt.restore(latest, abstract, sh)
       self.engine.load_state_dict(meta.get("rollout_state"))
+      if hasattr(self.setup, "load_state_dict"):
+        self.setup.load_state_dict(meta.get("data_state"))
       step = latest
     primary = distributed.is_primary()
     writer = metrics_lib.MetricWriter(self.workdir, resume_step=latest,
@@ -380,6 +441,8 @@ class Experiment:
       nonlocal last_ckpt
       writer.flush()
       meta = dict(meta, rollout_state=self.engine.state_dict())
+      if hasattr(self.setup, "state_dict"):  # the train stream's position
+        meta["data_state"] = self.setup.state_dict()
       self.ckpt.save(step, state, meta)
       last_ckpt = step
 
@@ -398,6 +461,7 @@ class Experiment:
         step += 1
         _check_finite(m, step, last_ckpt)
         rec = {f"sft/{k}": v for k, v in m.items()}
+        rec.update(self.data_metrics())
         rec["time/step_s"] = time.time() - t0
         writer.write(step, rec)
         bar.update(1)
@@ -415,8 +479,12 @@ class Experiment:
 
       while step < self.total_steps:
         t0 = time.time()
+        self.take_reward_counts()
         batch, stats = self.rollout(self.policy_params(state), step)
         t1 = time.time()
+        counts = self.take_reward_counts()
+        stats = dict(stats, **{f"reward/{k}": v for k, v in counts.items()})
+        stats.update(self.data_metrics())
         state, m = rl_step(state, batch)
         m = jax.device_get(m)
         step += 1
@@ -470,29 +538,47 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return Experiment(config, workdir).run()
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict,
-                        workdir: str) -> dict[str, Any]:
-  """Evaluates the latest checkpoint in `workdir`; writes eval_step<N>.json."""
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                        split: str | None = None) -> dict[str, Any]:
+  """Evaluates the latest checkpoint in `workdir` on a split.
+
+  Greedy accuracy, pass@1 and pass@G (unbiased estimator over G samples) and
+  maj@G on `eval.num_problems` problems of `split` (default
+  `config.eval.split`). Writes `eval_step<N>.json` (for the config's split)
+  or `eval_<split>_step<N>.json` (another split) and returns the result.
+  """
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise FileNotFoundError(
         f"No checkpoints under {workdir!r}; train first with "
         f"`python -m experiments.train --workdir={workdir}`.")
   exp = Experiment(config, workdir)
-  latest = exp.ckpt.latest_step()
-  if latest is None:
-    raise FileNotFoundError(
-        f"{os.path.join(workdir, 'checkpoints')!r} holds no complete "
-        "checkpoint; train first with `python -m experiments.train`.")
-  meta = exp.ckpt.restore_meta(latest)
-  if meta.get("phase") == "rl":
-    abstract, sh = exp.rl_state_shardings()
-  else:
-    abstract, sh = state_lib.state_shardings(exp.model_cfg, exp.sft_opt,
-                                             exp.mesh, seed=config.seed)
-  state, _ = exp.ckpt.restore(latest, abstract, sh)
-  result = {"step": latest, **exp.evaluate(exp.policy_params(state), latest)}
-  path = os.path.join(workdir, f"eval_step{latest}.json")
+  try:
+    latest = exp.ckpt.latest_step()
+    if latest is None:
+      raise FileNotFoundError(
+          f"{os.path.join(workdir, 'checkpoints')!r} holds no complete "
+          "checkpoint; train first with `python -m experiments.train`.")
+    split = split or config.eval.split
+    if split != exp.eval_split:
+      exp.set_eval_split(split)
+    meta = exp.ckpt.restore_meta(latest)
+    if meta.get("phase") == "rl":
+      abstract, sh = exp.rl_state_shardings()
+    else:
+      abstract, sh = state_lib.state_shardings(exp.model_cfg, exp.sft_opt,
+                                               exp.mesh, seed=config.seed)
+    state, _ = exp.ckpt.restore(latest, abstract, sh)
+    result = {"step": latest, "split": split,
+              "num_problems": len(exp.test_answers),
+              **exp.evaluate(exp.policy_params(state), latest)}
+    result["reward/errors"] = exp.reward_counts["errors"]
+    result["reward/timeouts"] = exp.reward_counts["timeouts"]
+  finally:
+    exp.close()
+  name = (f"eval_step{latest}.json" if split == config.eval.split
+          else f"eval_{split}_step{latest}.json")
+  path = os.path.join(workdir, name)
   if distributed.is_primary():
     with open(path + ".tmp", "w") as f:
       json.dump(result, f, indent=2, sort_keys=True)
