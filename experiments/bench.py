@@ -1,7 +1,8 @@
 """Benchmarks: throughput of rlax_llm's compute paths on this machine.
 
   python -m experiments.bench generate [--json] [--sequences=16,256] \
-      [--samples_per_prompt=8] [--new_tokens=128] [--repeats=3] [--preset=...]
+      [--samples_per_prompt=8] [--new_tokens=128] [--repeats=3] [--preset=...] \
+      [--notransformers] [--noroofline]
   python -m experiments.bench logprobs [--json] [--tokens=2048] \
       [--vocab=32768] [--width=256] [--chunk_size=1024] [--vocab_chunk=8192] \
       [--repeats=3] [--nofull_size]
@@ -9,7 +10,10 @@
 What can be measured (the positional argument):
   generate   tokens/s of `rlax_llm.sampling.generate_jit` (prefill + KV-cache
              decode, G samples per prompt sharing one prefill) for the model
-             of configs/default.py, sampling with the RL phase's sampler.
+             of configs/default.py, sampling with the RL phase's sampler;
+             in the same run and on the same weights, tokens/s of
+             transformers' `generate` (torch, CPU) and the f32 matmul
+             roofline of this machine (below).
   rewards    verifications/s of the GSM8K and MATH verifiers on the
              reference solutions, in-process and through the reward runner's
              process pool (experiments/bench_rewards.py).
@@ -30,9 +34,51 @@ sampler cannot emit, so no sequence stops early and tokens/s counts
 sequences * new_tokens / median seconds. With --json, stdout carries one JSON
 object per measurement and nothing else; otherwise a table.
 
-A default run (256 and 16 sequences x 128 tokens, tiny model) takes well under
-two minutes on 2 CPU cores; so does a default logprobs run (2,048 tokens x
-32,768 vocab x 256 width, ~1.1 GB peak for the naive backward).
+generate compared with transformers. The freshly initialised parameters are
+written with `rlax_llm.models.hf.save_pretrained` to a temporary directory and
+loaded with `transformers.AutoModelForCausalLM.from_pretrained(dir,
+dtype=torch.float32)`; the run stops unless both models' logits on the
+benchmark prompts agree within 1e-4 (`logits_max_abs_diff`). transformers'
+`generate` gets the same left-padded prompts with their attention mask, each
+repeated G times, `do_sample=True`, temperature 1, no top-k / top-p (the RL
+sampler's settings), `max_new_tokens = min_new_tokens = --new_tokens` and the
+KV cache, under `torch.inference_mode()` with torch's default thread count
+(`torch_threads`), timed as the median of `--repeats` calls after one untimed
+call. `speedup_vs_transformers` = tokens_per_s / transformers_tokens_per_s.
+
+FLOPs and the roofline. The model FLOPs of one decoded token are
+
+  F_tok = 2 W + 4 L Hq H c,   W = L (D Hq H + 2 D K H + Hq H D + 3 D F) + D V,
+
+W the weights a token multiplies (q, k, v, o, gate, up, down and the output
+layer; the embedding is a gather), L layers, D width, Hq query heads and K
+key/value heads of size H, F the MLP width, V the vocabulary, and c the
+context the token attends to (q.k and p.v over c keys). The j-th new token
+(j = 0 .. T-1) of a prompt of P columns sees c = P + j + 1, so the mean is
+`decode_flops_per_token` = 2 W + 4 L Hq H (P + (T + 1) / 2). Both frameworks
+are credited with the same useful FLOPs (padding, a cache longer than the
+context and the prefill are not counted): `flops_per_s` = tokens_per_s x
+F_tok, and likewise `transformers_flops_per_s`.
+The roofline is measured in the same run: every distinct f32 matmul of one
+decode step at that N ([N, D] x [D, Hq H], [N, D] x [D, K H], [N, Hq H] x
+[Hq H, D], [N, D] x [D, F], [N, F] x [F, D], [N, D] x [D, V]) and a
+1024^3 square matmul are timed with JAX (a jitted loop) and torch (a loop of
+`torch.mm`), reported in `matmul_flops_per_s`; each shape's rate R_i is the
+faster framework's. With F_i a step's FLOPs in shape i,
+
+  roofline_flops_per_s = sum_i F_i / sum_i (F_i / R_i)
+
+is the rate at which the step's matmuls alone run on this machine, and
+`peak_flops_per_s` the square matmul's. `roofline_fraction` =
+flops_per_s / roofline_flops_per_s (`transformers_roofline_fraction` for
+transformers; `*_peak_fraction` against the square matmul). At N = 16 the
+target is speedup >= 3, at N = 256 speedup >= 1.5 and roofline_fraction >=
+0.6 (`target_speedup`, `target_roofline_fraction`, `targets_met`).
+
+A default generate run (16 and 256 sequences x 128 tokens, tiny model, with
+transformers and the roofline) takes about a minute on 2 CPU cores; a default
+logprobs run (2,048 tokens x 32,768 vocab x 256 width, ~1.1 GB peak for the
+naive backward) well under two.
 """
 
 from __future__ import annotations
@@ -69,6 +115,11 @@ _PRESET = flags.DEFINE_string(
     "Model preset of rlax_llm.models.config.PRESETS to use instead of "
     "configs/default.py's model.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and samples.")
+_TRANSFORMERS = flags.DEFINE_bool(
+    "transformers", True, "generate: also time transformers' generate on the "
+    "same weights (exported with rlax_llm.models.hf.save_pretrained).")
+_ROOFLINE = flags.DEFINE_bool(
+    "roofline", True, "generate: also measure the f32 matmul roofline.")
 _TOKENS = flags.DEFINE_integer("tokens", 2048,
                                "logprobs: tokens M = N x T per call.",
                                lower_bound=1)
@@ -96,6 +147,9 @@ FULL_TOKENS, FULL_VOCAB, FULL_WIDTH = 8192, 151936, 896
 # ends before max_new_tokens.
 NO_EOS_ID = -1
 
+# Largest |rlax_llm - transformers| logit the comparison accepts.
+LOGITS_ATOL = 1e-4
+
 
 def _device_info() -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
@@ -104,15 +158,235 @@ def _device_info() -> dict[str, Any]:
           "num_devices": jax.device_count(), "jax_version": jax.__version__}
 
 
+# Decode FLOPs and the matmul roofline ------------------------------------------
+def decode_matmul_params(cfg) -> int:
+  """Weights one decoded token multiplies: every projection + the output layer.
+
+  L x (D Hq H [q] + 2 D K H [k, v] + Hq H D [o] + 3 D F [gate, up, down])
+  + D V [output layer]. The embedding lookup is a gather (no FLOPs); norms,
+  rotary embedding, biases and the softmax are not counted.
+  """
+  d, hq, kh, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  per_layer = d * hq * h + 2 * d * kh * h + hq * h * d + 3 * d * cfg.mlp_dim
+  return cfg.num_layers * per_layer + d * cfg.vocab_size
+
+
+def decode_flops_per_token(cfg, prompt_len: int, new_tokens: int) -> float:
+  """Mean model FLOPs of one decoded token (see the module docstring).
+
+  2 x decode_matmul_params + 4 L Hq H c, where c = prompt_len + j + 1 is the
+  context the j-th new token attends to (q.k and p.v, 2 FLOPs per
+  multiply-add), averaged over j = 0 .. new_tokens - 1:
+  mean c = prompt_len + (new_tokens + 1) / 2.
+  """
+  mean_context = prompt_len + (new_tokens + 1) / 2
+  attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * mean_context
+  return 2 * decode_matmul_params(cfg) + attention
+
+
+def decode_matmul_shapes(cfg, sequences: int) -> list[tuple[str, int, int,
+                                                            int, int]]:
+  """(name, M, K, N, count per decode step) of the step's matmuls."""
+  d, f = cfg.embed_dim, cfg.mlp_dim
+  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  l = cfg.num_layers
+  return [("q_proj", sequences, d, q, l), ("kv_proj", sequences, d, kv, 2 * l),
+          ("o_proj", sequences, q, d, l), ("mlp_in", sequences, d, f, 2 * l),
+          ("mlp_out", sequences, f, d, l),
+          ("vocab", sequences, d, cfg.vocab_size, 1)]
+
+
+def _jax_matmul_rate(m: int, k: int, n: int, iters: int,
+                     repeats: int) -> float:
+  """FLOP/s of an f32 [M, K] x [K, N] jnp.dot, `iters` per jitted call."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  # pylint: enable=g-import-not-at-top
+  a = jax.random.normal(jax.random.key(1), (m, k), jnp.float32)
+  w = jax.random.normal(jax.random.key(2), (k, n), jnp.float32) / k**0.5
+
+  @jax.jit
+  def loop(a, w):
+    def body(_, carry):
+      a, _ = carry
+      out = jnp.dot(a, w)
+      # A dependency on the product keeps XLA from hoisting it out of the
+      # loop; it costs M x K adds against M x K x N multiply-adds.
+      return a + 1e-30 * out[:, :1], out
+    return jax.lax.fori_loop(0, iters, body,
+                             (a, jnp.zeros((m, n), jnp.float32)))[1]
+
+  jax.block_until_ready(loop(a, w))
+  seconds = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(loop(a, w))
+    seconds.append(time.perf_counter() - t0)
+  return 2 * m * k * n * iters / statistics.median(seconds)
+
+
+def _torch_matmul_rate(m: int, k: int, n: int, iters: int,
+                       repeats: int) -> float:
+  """FLOP/s of an f32 [M, K] x [K, N] torch.mm, `iters` calls per timing."""
+  import torch  # pylint: disable=g-import-not-at-top
+  gen = torch.Generator().manual_seed(0)
+  a = torch.randn(m, k, generator=gen)
+  w = torch.randn(k, n, generator=gen) / k**0.5
+  out = torch.empty(m, n)
+  with torch.inference_mode():
+    torch.mm(a, w, out=out)
+    seconds = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      for _ in range(iters):
+        torch.mm(a, w, out=out)
+      seconds.append(time.perf_counter() - t0)
+  return 2 * m * k * n * iters / statistics.median(seconds)
+
+
+def matmul_roofline(cfg, sequences: int, *, repeats: int = 3,
+                    square: int = 1024,
+                    with_torch: bool = True) -> dict[str, Any]:
+  """Measures f32 matmul FLOP/s on this machine for the decode step's shapes.
+
+  Each distinct shape of `decode_matmul_shapes` and one [square, square]^2
+  matmul is timed with JAX (inside one jitted loop) and with torch (a loop of
+  `torch.mm` calls); a shape's rate is the faster of the two. The roofline of
+  the step is its matmul FLOPs over the time those matmuls take at those
+  rates: sum_i F_i / sum_i (F_i / rate_i).
+
+  Returns:
+    {"roofline_flops_per_s", "peak_flops_per_s" (the square matmul, best of
+     both), "matmul_flops_per_s": {shape name: {"jax", "torch", "shape"}}}.
+  """
+  target = 2e8  # FLOPs per timing: long enough to dwarf the call overhead
+  rates, flops, time_s = {}, 0.0, 0.0
+  shapes = decode_matmul_shapes(cfg, sequences) + [
+      ("square", square, square, square, 0)]
+  for name, m, k, n, count in shapes:
+    iters = max(1, min(2000, int(target / (2 * m * k * n))))
+    rate = {"shape": [m, k, n],
+            "jax": _jax_matmul_rate(m, k, n, iters, repeats)}
+    if with_torch:
+      rate["torch"] = _torch_matmul_rate(m, k, n, iters, repeats)
+    rates[name] = rate
+    best = max(rate.get("torch", 0.0), rate["jax"])
+    flops += 2 * m * k * n * count
+    time_s += 2 * m * k * n * count / best
+  square_rate = rates["square"]
+  return {"roofline_flops_per_s": flops / time_s,
+          "peak_flops_per_s": max(square_rate.get("torch", 0.0),
+                                  square_rate["jax"]),
+          "matmul_flops_per_s": rates}
+
+
+# transformers on the same weights -----------------------------------------------
+def export_to_transformers(model_cfg, params, path: str):
+  """Writes `params` as an HF checkpoint and loads it back with transformers.
+
+  Returns:
+    The f32 `transformers` causal LM, in eval mode.
+  """
+  # pylint: disable=g-import-not-at-top
+  import torch
+  import transformers
+  from rlax_llm.models import hf
+  # pylint: enable=g-import-not-at-top
+  hf.save_pretrained((model_cfg, params), path)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      path, dtype=torch.float32)
+  return model.eval()
+
+
+def logits_max_abs_diff(graphdef, params, hf_model, prompt_BP,
+                        mask_BP) -> float:
+  """Max |rlax - transformers| logit over the valid prompt positions.
+
+  Both models see the same padded prompts, mask and positions (valid tokens
+  counted from 0, as `rlax_llm.models.transformer.default_positions`).
+  """
+  # pylint: disable=g-import-not-at-top
+  import flax.nnx as nnx
+  import numpy as np
+  import torch
+  # pylint: enable=g-import-not-at-top
+  prompt_BP, mask_BP = np.asarray(prompt_BP), np.asarray(mask_BP, bool)
+  positions_BP = np.maximum(np.cumsum(mask_BP, axis=-1) - 1, 0)
+  ours = np.asarray(nnx.merge(graphdef, params)(prompt_BP, None, mask_BP))
+  with torch.inference_mode():
+    theirs = hf_model(input_ids=torch.from_numpy(prompt_BP.astype(np.int64)),
+                      attention_mask=torch.from_numpy(mask_BP.astype(np.int64)),
+                      position_ids=torch.from_numpy(positions_BP)).logits
+  diff = np.abs(ours - theirs.float().numpy())
+  return float(diff[mask_BP].max())
+
+
+def time_transformers_generate(hf_model, prompt_BP, mask_BP, *,
+                               samples_per_prompt: int, new_tokens: int,
+                               pad_id: int, repeats: int,
+                               seed: int) -> dict[str, Any]:
+  """Times transformers' `generate` (do_sample, temperature 1, no top-k/p).
+
+  Each left-padded prompt is repeated G times (rows b * G + g, as rlax_llm
+  lays them out); every row decodes exactly `new_tokens` tokens
+  (min_new_tokens = max_new_tokens), with the KV cache, under
+  `torch.inference_mode()`, after one untimed call.
+  """
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  import torch
+  # pylint: enable=g-import-not-at-top
+  g = samples_per_prompt
+  ids = torch.from_numpy(np.repeat(np.asarray(prompt_BP, np.int64), g, 0))
+  mask = torch.from_numpy(np.repeat(np.asarray(mask_BP, np.int64), g, 0))
+  kwargs = dict(input_ids=ids, attention_mask=mask, do_sample=True,
+                temperature=1.0, top_k=0, top_p=1.0,
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                use_cache=True, pad_token_id=pad_id)
+  with torch.inference_mode():
+    torch.manual_seed(seed + repeats)
+    hf_model.generate(**kwargs)
+    seconds = []
+    for r in range(repeats):
+      torch.manual_seed(seed + r)
+      t0 = time.perf_counter()
+      out = hf_model.generate(**kwargs)
+      seconds.append(time.perf_counter() - t0)
+  if tuple(out.shape) != (ids.shape[0], ids.shape[1] + new_tokens):
+    raise RuntimeError(
+        f"transformers generated {tuple(out.shape)} tokens instead of "
+        f"{(ids.shape[0], ids.shape[1] + new_tokens)}; the timing would not "
+        "count the tokens it claims.")
+  median = statistics.median(seconds)
+  return {"transformers_tokens_per_s": ids.shape[0] * new_tokens / median,
+          "transformers_seconds_median": median,
+          "transformers_seconds_all": seconds,
+          "torch_threads": torch.get_num_threads(),
+          "torch_version": torch.__version__}
+
+
+# Targets of the comparison at the default sizes: (N, min speedup over
+# transformers, min fraction of the roofline or None).
+GENERATE_TARGETS = {16: (3.0, None), 256: (1.5, 0.6)}
+
+
 def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
                    new_tokens: int = 128, repeats: int = 3,
-                   preset: str | None = None, seed: int = 0) -> dict[str, Any]:
+                   preset: str | None = None, seed: int = 0,
+                   transformers: bool = True,
+                   roofline: bool = True) -> dict[str, Any]:
   """Times `generate_jit` on `sequences` rollouts of `new_tokens` tokens.
 
   The prompts are the default task's (configs/default.py) training prompts,
-  tokenised and padded as the experiment does; the parameters are a fresh
-  initialisation (throughput does not depend on their values). The model's
-  context is raised to prompt length + new_tokens where it is shorter.
+  tokenised and left-padded as the experiment does; the parameters are a
+  fresh initialisation (throughput does not depend on their values). The
+  model's context is raised to prompt length + new_tokens where it is
+  shorter. With `transformers`, the same parameters are exported with
+  `rlax_llm.models.hf.save_pretrained`, loaded by transformers, checked to
+  give the same logits on the prompts, and its `generate` timed on the same
+  prompts; with `roofline`, the matmul roofline is measured (see the module
+  docstring).
 
   Args:
     sequences: N, rollouts per call; a multiple of the samples per prompt.
@@ -121,11 +395,14 @@ def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
     repeats: timed calls; the median is reported.
     preset: a model preset name instead of configs/default.py's model.
     seed: seed of the parameters and the sampling keys.
+    transformers: also time transformers' `generate` on the same weights.
+    roofline: also measure the matmul roofline.
 
   Returns:
     One measurement record (see the module docstring).
   """
   # pylint: disable=g-import-not-at-top
+  import tempfile
   import jax
   from configs import base as base_config
   from configs import default as default_config
@@ -163,24 +440,24 @@ def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
                                         max_length=setup.prompt_len)
   graphdef = state_lib.model_graphdef(model_cfg)
   params = jax.device_put(state_lib.init_params(model_cfg, seed))
-  prompt_BP, mask_BP = jax.device_put((prompt_BP, mask_BP))
+  prompt_dev, mask_dev = jax.device_put((prompt_BP, mask_BP))
   key = jax.random.key(seed)
 
   t0 = time.perf_counter()
   compiled = generate_jit.lower(
-      graphdef, params, prompt_BP, mask_BP, key, num_samples=g,
+      graphdef, params, prompt_dev, mask_dev, key, num_samples=g,
       max_new_tokens=new_tokens, eos_id=NO_EOS_ID, pad_id=tok.pad_id,
       sampler=sampler).compile()
   compile_s = time.perf_counter() - t0
   # One untimed call: first-run allocations stay out of the timings.
-  jax.block_until_ready(compiled(params, prompt_BP, mask_BP,
+  jax.block_until_ready(compiled(params, prompt_dev, mask_dev,
                                  jax.random.fold_in(key, repeats)))
 
   seconds = []
   for r in range(repeats):
     rng = jax.random.fold_in(key, r)
     t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(params, prompt_BP, mask_BP, rng))
+    out = jax.block_until_ready(compiled(params, prompt_dev, mask_dev, rng))
     seconds.append(time.perf_counter() - t0)
   steps = int(out.steps)
   lengths = jax.device_get(out.lengths)
@@ -191,7 +468,10 @@ def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
         "not count the tokens it claims.")
 
   median = statistics.median(seconds)
-  return {
+  tokens_per_s = sequences * new_tokens / median
+  flops_per_token = decode_flops_per_token(model_cfg, setup.prompt_len,
+                                           new_tokens)
+  rec = {
       "bench": "generate",
       "batch": b,
       "samples_per_prompt": g,
@@ -199,7 +479,7 @@ def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
       "prompt_len": setup.prompt_len,
       "new_tokens": new_tokens,
       "tokens": sequences * new_tokens,
-      "tokens_per_s": sequences * new_tokens / median,
+      "tokens_per_s": tokens_per_s,
       "seconds_median": median,
       "seconds_all": seconds,
       "compile_s": compile_s,
@@ -207,8 +487,53 @@ def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
       "model": preset or config.model.preset,
       "params": model_cfg.num_params,
       "sampler": sampler._asdict(),
+      "decode_matmul_params": decode_matmul_params(model_cfg),
+      "decode_flops_per_token": flops_per_token,
+      "flops_per_s": tokens_per_s * flops_per_token,
       **_device_info(),
   }
+
+  if transformers:
+    # pylint: disable=g-import-not-at-top
+    import transformers as transformers_lib
+    # pylint: enable=g-import-not-at-top
+    with tempfile.TemporaryDirectory() as tmp:
+      hf_model = export_to_transformers(model_cfg, params, tmp)
+    rec["logits_max_abs_diff"] = logits_max_abs_diff(
+        graphdef, params, hf_model, prompt_BP, mask_BP)
+    if not rec["logits_max_abs_diff"] <= LOGITS_ATOL:
+      raise RuntimeError(
+          f"transformers' logits differ from rlax_llm's by "
+          f"{rec['logits_max_abs_diff']:.3g} (> {LOGITS_ATOL}); the two "
+          "benchmarks would not run the same model.")
+    rec.update(time_transformers_generate(
+        hf_model, prompt_BP, mask_BP, samples_per_prompt=g,
+        new_tokens=new_tokens, pad_id=tok.pad_id, repeats=repeats, seed=seed))
+    rec["transformers_version"] = transformers_lib.__version__
+    rec["transformers_flops_per_s"] = (rec["transformers_tokens_per_s"]
+                                       * flops_per_token)
+    rec["speedup_vs_transformers"] = (tokens_per_s
+                                      / rec["transformers_tokens_per_s"])
+
+  if roofline:
+    rec.update(matmul_roofline(model_cfg, sequences, repeats=repeats,
+                               with_torch=transformers))
+    rec["roofline_fraction"] = rec["flops_per_s"] / rec["roofline_flops_per_s"]
+    rec["peak_fraction"] = rec["flops_per_s"] / rec["peak_flops_per_s"]
+    if transformers:
+      rec["transformers_roofline_fraction"] = (
+          rec["transformers_flops_per_s"] / rec["roofline_flops_per_s"])
+      rec["transformers_peak_fraction"] = (
+          rec["transformers_flops_per_s"] / rec["peak_flops_per_s"])
+
+  if sequences in GENERATE_TARGETS and transformers and roofline:
+    min_speedup, min_fraction = GENERATE_TARGETS[sequences]
+    rec["target_speedup"] = min_speedup
+    rec["target_roofline_fraction"] = min_fraction
+    rec["targets_met"] = bool(
+        rec["speedup_vs_transformers"] >= min_speedup and
+        (min_fraction is None or rec["roofline_fraction"] >= min_fraction))
+  return rec
 
 
 def _logprobs_fns(chunk_size: int, vocab_chunk: int | None):
@@ -342,7 +667,9 @@ def _run_generate() -> list[dict[str, Any]]:
                          f"{_SEQUENCES.value}.") from None
   return [bench_generate(n, samples_per_prompt=_SAMPLES.value,
                          new_tokens=_NEW_TOKENS.value, repeats=_REPEATS.value,
-                         preset=_PRESET.value, seed=_SEED.value)
+                         preset=_PRESET.value, seed=_SEED.value,
+                         transformers=_TRANSFORMERS.value,
+                         roofline=_ROOFLINE.value)
           for n in sizes]
 
 
@@ -367,13 +694,25 @@ BENCHES: dict[str, Callable[[], list[dict[str, Any]]]] = {
 
 
 def _table(records: list[dict[str, Any]]) -> str:
+  """The generate records as a table; missing comparisons print as '-'."""
+  def num(r, key, fmt):
+    return format(r[key], fmt) if r.get(key) is not None else "-"
+
   head = ("bench", "B x G", "N", "new tok", "median s", "tokens/s",
-          "compile s")
+          "compile s", "hf tokens/s", "x hf", "roofline GF/s", "frac",
+          "hf frac", "targets")
   rows = [head] + [
       (r["bench"], f"{r['batch']} x {r['samples_per_prompt']}",
        str(r["sequences"]), str(r["new_tokens"]),
        f"{r['seconds_median']:.4f}", f"{r['tokens_per_s']:,.0f}",
-       f"{r['compile_s']:.2f}") for r in records]
+       f"{r['compile_s']:.2f}", num(r, "transformers_tokens_per_s", ",.0f"),
+       num(r, "speedup_vs_transformers", ".2f"),
+       (f"{r['roofline_flops_per_s'] / 1e9:.1f}"
+        if r.get("roofline_flops_per_s") else "-"),
+       num(r, "roofline_fraction", ".2f"),
+       num(r, "transformers_roofline_fraction", ".2f"),
+       {True: "met", False: "missed"}.get(r.get("targets_met"), "-"))
+      for r in records]
   widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
   lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))

@@ -20,7 +20,8 @@ def _bench(*args):
 
 def test_generate_json_lines():
   proc = _bench("generate", "--json", "--sequences=4,8", "--new_tokens=8",
-                "--repeats=2", "--samples_per_prompt=4")
+                "--repeats=2", "--samples_per_prompt=4", "--notransformers",
+                "--noroofline")
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == 2  # one object per measurement, nothing else
@@ -45,7 +46,9 @@ def test_generate_json_lines():
 
 def test_bench_generate_in_process_counts_exact_tokens():
   # 4 sequences with G=8 asked: G is capped at 4, one prompt.
-  rec = bench.bench_generate(4, samples_per_prompt=8, new_tokens=8, repeats=1)
+  rec = bench.bench_generate(4, samples_per_prompt=8, new_tokens=8, repeats=1,
+                             transformers=False, roofline=False)
+  assert "transformers_tokens_per_s" not in rec
   assert (rec["batch"], rec["samples_per_prompt"], rec["sequences"]) == (1, 4, 4)
   assert rec["new_tokens"] == 8 and rec["tokens"] == 32
   assert rec["tokens_per_s"] == pytest.approx(32 / rec["seconds_all"][0])
@@ -72,11 +75,17 @@ def test_table_lists_each_measurement():
                compile_s=1.25, model="tiny", params=400256, device="cpu",
                backend="cpu", num_devices=1, jax_version="0.0")
           for b in (2, 32)]
+  recs[1].update(transformers_tokens_per_s=32768.0, speedup_vs_transformers=2.0,
+                 roofline_flops_per_s=1.5e11, roofline_fraction=0.25,
+                 transformers_roofline_fraction=0.125, targets_met=False)
   lines = bench._table(recs).splitlines()  # pylint: disable=protected-access
   assert lines[0].split()[:4] == ["bench", "B", "x", "G"]
-  assert lines[2].split() == ["generate", "2", "x", "8", "16", "128", "0.5000",
-                              "4,096", "1.25"]
+  assert lines[2].split()[:9] == ["generate", "2", "x", "8", "16", "128",
+                                  "0.5000", "4,096", "1.25"]
+  assert lines[2].split()[9:] == ["-"] * 6  # no comparison measured
   assert lines[3].split()[4] == "256" and lines[3].split()[7] == "65,536"
+  assert lines[3].split()[9:] == ["32,768", "2.00", "150.0", "0.25", "0.12",
+                                  "missed"]
   assert "tiny (400,256 params)" in lines[-1]
 
 
@@ -139,3 +148,75 @@ def test_logprobs_table():
   assert [line.split()[:2] for line in lines[2:]] == [
       ["chunked", "forward"], ["chunked", "forward_backward"],
       ["naive", "forward"], ["naive", "forward_backward"]]
+
+
+def _tiny_model(seed=0):
+  # pylint: disable=g-import-not-at-top
+  from rlax_llm.models.config import ModelConfig
+  from rlax_llm.training import state as state_lib
+  # pylint: enable=g-import-not-at-top
+  cfg = ModelConfig(vocab_size=19, num_layers=2, embed_dim=32, num_heads=4,
+                    num_kv_heads=2, head_dim=8, mlp_dim=48, max_seq_len=32,
+                    init_std=0.3)
+  return cfg, state_lib.model_graphdef(cfg), state_lib.init_params(cfg, seed)
+
+
+def test_transformers_export_gives_the_same_logits(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  cfg, graphdef, params = _tiny_model()
+  hf_model = bench.export_to_transformers(cfg, params, str(tmp_path))
+  rng = np.random.default_rng(0)
+  prompt = rng.integers(2, 19, (3, 6)).astype(np.int32)
+  mask = np.ones((3, 6), bool)
+  mask[1, :2] = mask[2, :5] = False  # left padding
+  diff = bench.logits_max_abs_diff(graphdef, params, hf_model, prompt, mask)
+  assert diff < 1e-4
+  # The check can fail: other weights give other logits.
+  other = jax.tree.map(lambda x: x * 1.1, params)
+  assert bench.logits_max_abs_diff(graphdef, other, hf_model, prompt,
+                                   mask) > 1e-2
+
+
+def test_decode_flops_hand_computed():
+  cfg, _, _ = _tiny_model()
+  # Per layer: q 32*32 + k, v 2*32*16 + o 32*32 + MLP 3*32*48 = 7680.
+  assert bench.decode_matmul_params(cfg) == 2 * 7680 + 32 * 19
+  # Mean context over 4 new tokens after a 6-column prompt: 6 + 2.5.
+  attention = 4 * 2 * 4 * 8 * 8.5
+  assert bench.decode_flops_per_token(cfg, 6, 4) == pytest.approx(
+      2 * (2 * 7680 + 32 * 19) + attention)
+  shapes = bench.decode_matmul_shapes(cfg, 16)
+  step_flops = sum(2 * m * k * n * c for _, m, k, n, c in shapes)
+  assert step_flops == 16 * 2 * bench.decode_matmul_params(cfg)
+
+
+def test_generate_compares_with_transformers_and_roofline():
+  rec = bench.bench_generate(4, samples_per_prompt=2, new_tokens=4, repeats=1)
+  assert rec["logits_max_abs_diff"] < 1e-4
+  assert rec["transformers_tokens_per_s"] == pytest.approx(
+      16 / rec["transformers_seconds_median"])
+  assert rec["speedup_vs_transformers"] == pytest.approx(
+      rec["tokens_per_s"] / rec["transformers_tokens_per_s"])
+  assert rec["torch_threads"] >= 1 and rec["transformers_version"]
+  # The default model: 2 layers, D 128, 4 x 32 query heads, 2 kv heads,
+  # MLP 384, vocabulary 50; a 6-column prompt and 4 new tokens.
+  w = 2 * (128 * 128 + 2 * 128 * 64 + 128 * 128 + 3 * 128 * 384) + 128 * 50
+  assert rec["prompt_len"] == 6
+  assert rec["decode_flops_per_token"] == pytest.approx(
+      2 * w + 4 * 2 * 4 * 32 * (6 + 2.5))
+  assert rec["flops_per_s"] == pytest.approx(
+      rec["tokens_per_s"] * rec["decode_flops_per_token"])
+  rates = rec["matmul_flops_per_s"]
+  assert set(rates) == {"q_proj", "kv_proj", "o_proj", "mlp_in", "mlp_out",
+                        "vocab", "square"}
+  assert rates["mlp_in"]["shape"] == [4, 128, 384]
+  assert rates["vocab"]["shape"] == [4, 128, 50]
+  # The roofline is a FLOP-weighted harmonic mean of the best rates.
+  best = [max(r["jax"], r["torch"]) for k, r in rates.items() if k != "square"]
+  assert min(best) <= rec["roofline_flops_per_s"] <= max(best)
+  assert rec["roofline_fraction"] == pytest.approx(
+      rec["flops_per_s"] / rec["roofline_flops_per_s"])
+  assert rec["transformers_roofline_fraction"] == pytest.approx(
+      rec["transformers_flops_per_s"] / rec["roofline_flops_per_s"])
+  assert "targets_met" not in rec  # targets exist for N = 16 and 256 only

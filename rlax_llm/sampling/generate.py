@@ -1,8 +1,10 @@
 """Rollout generation: one prefill per prompt, G samples decoded from a KV cache.
 
 `generate` is a pure function of (model graph, params, prompts, rng). Under
-`jax.jit` it compiles once per (shapes, G, T, sampler) and its decode loop is a
-`lax.while_loop` that stops as soon as every sequence has emitted EOS.
+`jax.jit` it compiles once per (shapes, G, T, sampler). The decode runs as up to
+four `lax.while_loop`s over consecutive segments of the T steps, each attending
+to a cache no longer than its segment's end, and stops as soon as every
+sequence has emitted EOS.
 
 The model may be any object with the `prefill` / `decode_step` methods of
 `rlax_llm.models.Transformer`, passed as an NNX graph definition plus a
@@ -141,8 +143,11 @@ def generate(graphdef: nnx.GraphDef, params, prompt_BP: jax.typing.ArrayLike,
 
 
 def _segment_ends(max_new_tokens: int) -> list[int]:
-  """Static ends of the decode segments: every _SEGMENT steps, at most
-  _MAX_SEGMENTS of them (each segment is one more compiled loop)."""
+  """Static ends of the decode segments.
+
+  A segment spans at least _SEGMENT steps and there are at most _MAX_SEGMENTS
+  of them (each one is one more compiled loop body).
+  """
   size = max(_SEGMENT, -(-max_new_tokens // _MAX_SEGMENTS))
   return list(range(size, max_new_tokens, size)) + [max_new_tokens]
 
