@@ -52,7 +52,6 @@ from rlax_llm.core.tree_advantages import depth_prune_mask
 from rlax_llm.core.tree_advantages import node_values
 from rlax_llm.core.tree_advantages import path_log_weights
 from rlax_llm.core.tree_advantages import token_advantages
-from rlax_llm.core.tree_advantages import tree_advantages
 from rlax_llm.core.tree_advantages import TreeAdvantages
 from rlax_llm.core.tree_advantages import validate_tree
 from rlax_llm.core.tree_advantages import width_prune_mask
@@ -111,7 +110,6 @@ __all__ = [
     "node_values",
     "path_log_weights",
     "token_advantages",
-    "tree_advantages",
     "validate_tree",
     "value_loss",
     "whiten",
