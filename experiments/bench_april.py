@@ -33,7 +33,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(_HERE) not in sys.path:
   sys.path.insert(0, os.path.dirname(_HERE))
 
-from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import flax.nnx as nnx
 import jax
@@ -45,18 +44,21 @@ from rlax_llm.models.config import ModelConfig
 from rlax_llm.models.transformer import Transformer
 from rlax_llm.sampling import partial as partial_lib
 
-_STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per mode.", lower_bound=1)
+# Own flag registry: importing this module next to other launchers (tests,
+# notebooks) defines no global flags.
+_FLAGS = flags.FlagValues()
+_STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per mode.", lower_bound=1, flag_values=_FLAGS)
 _PROMPTS = flags.DEFINE_integer("prompts", 8, "B, groups trained per step.",
-                                lower_bound=1)
+                                lower_bound=1, flag_values=_FLAGS)
 _SAMPLES = flags.DEFINE_integer("samples", 4, "G, rollouts per prompt.",
-                                lower_bound=1)
+                                lower_bound=1, flag_values=_FLAGS)
 _T = flags.DEFINE_integer("max_new_tokens", 128, "T, the token budget.",
-                          lower_bound=1)
+                          lower_bound=1, flag_values=_FLAGS)
 _OVER = flags.DEFINE_float("over_provision", 2.0,
-                           "APRIL groups decoded / groups trained.")
-_MEDIAN = flags.DEFINE_float("median_length", 12.0, "Median row length.")
-_SIGMA = flags.DEFINE_float("sigma", 1.2, "Log-std of the row length.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of parameters and lengths.")
+                           "APRIL groups decoded / groups trained.", flag_values=_FLAGS)
+_MEDIAN = flags.DEFINE_float("median_length", 12.0, "Median row length.", flag_values=_FLAGS)
+_SIGMA = flags.DEFINE_float("sigma", 1.2, "Log-std of the row length.", flag_values=_FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of parameters and lengths.", flag_values=_FLAGS)
 
 VOCAB, EOS, PAD, PROMPT_LEN = 64, 1, 0, 8
 
@@ -163,4 +165,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main(_FLAGS(sys.argv))

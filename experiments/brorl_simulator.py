@@ -31,21 +31,23 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(_HERE) not in sys.path:
   sys.path.insert(0, os.path.dirname(_HERE))
 
-from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-_VOCAB = flags.DEFINE_integer("vocab", 128_000, "V, vocabulary size.")
-_CORRECT = flags.DEFINE_integer("correct", 10_000, "C, correct tokens.")
-_STEPS = flags.DEFINE_integer("steps", 1000, "Policy-gradient steps.")
+# Own flag registry: importing this module next to other launchers (tests,
+# notebooks) defines no global flags.
+_FLAGS = flags.FlagValues()
+_VOCAB = flags.DEFINE_integer("vocab", 128_000, "V, vocabulary size.", flag_values=_FLAGS)
+_CORRECT = flags.DEFINE_integer("correct", 10_000, "C, correct tokens.", flag_values=_FLAGS)
+_STEPS = flags.DEFINE_integer("steps", 1000, "Policy-gradient steps.", flag_values=_FLAGS)
 _ROLLOUTS = flags.DEFINE_list(
     "rollouts", ["4", "16", "64", "256", "1024", "4096", "16384", "51200"],
-    "N values, rollouts per step.")
-_LR = flags.DEFINE_float("lr", 1.0, "Learning rate on the logits.")
-_STD = flags.DEFINE_float("init_std", 1.0, "Std of the initial logits.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed.")
+    "N values, rollouts per step.", flag_values=_FLAGS)
+_LR = flags.DEFINE_float("lr", 1.0, "Learning rate on the logits.", flag_values=_FLAGS)
+_STD = flags.DEFINE_float("init_std", 1.0, "Std of the initial logits.", flag_values=_FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed.", flag_values=_FLAGS)
 
 
 def pg_step(z_V: jax.Array, counts_V: jax.Array, correct_V: jax.Array, *,
@@ -121,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main(_FLAGS(sys.argv))
