@@ -76,6 +76,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       group_baseline=True,   # REINFORCE++: subtract the group mean first
       aggregation="token_mean",
       entropy_coef=0.0,
+      decode_chunk=-1,       # rollouts decoded at once per device: -1
+                             # automatic (a bounded cache on a CPU), 0 all
       logprob_chunk=0,       # >0: score tokens this many at a time without
                              # building the [N, T, V] logits
       vocab_chunk=0,         # with logprob_chunk: vocabulary block; 0 = all
@@ -139,6 +141,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       coordinator_port=0,         # SLURM: 0 derives it from the job id
       initialization_timeout=300,  # seconds to wait for every process
       cpu_collectives="gloo",     # cross-process collectives on CPU
+      host_devices=0,             # CPU hosts: JAX devices per process; -1 one
+                                  # per core (the mesh then spans the cores),
+                                  # 0 JAX's default single device
   ))
 
   c.progress = True  # a progress bar with ETA on stderr

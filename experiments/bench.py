@@ -1,19 +1,23 @@
 """Benchmarks: throughput of rlax_llm's compute paths on this machine.
 
   python -m experiments.bench generate [--json] [--sequences=16,256] \
-      [--samples_per_prompt=8] [--new_tokens=128] [--repeats=3] [--preset=...] \
-      [--notransformers] [--noroofline]
+      [--samples_per_prompt=8] [--new_tokens=128] [--repeats=5] [--preset=...] \
+      [--host_devices=-1] [--decode_chunk=-1] [--notransformers] [--noroofline]
   python -m experiments.bench logprobs [--json] [--tokens=2048] \
       [--vocab=32768] [--width=256] [--chunk_size=1024] [--vocab_chunk=8192] \
       [--repeats=3] [--nofull_size]
 
 What can be measured (the positional argument):
-  generate   tokens/s of `rlax_llm.sampling.generate_jit` (prefill + KV-cache
-             decode, G samples per prompt sharing one prefill) for the model
-             of configs/default.py, sampling with the RL phase's sampler;
-             in the same run and on the same weights, tokens/s of
+  generate   tokens/s of `rlax_llm.sampling.generate_on_mesh_jit` (prefill +
+             KV-cache decode, G samples per prompt sharing one prefill,
+             prompts split over a "data" mesh of every device) for the
+             model of configs/default.py, sampling with the RL phase's
+             sampler; in the same run and on the same weights, tokens/s of
              transformers' `generate` (torch, CPU) and the f32 matmul
-             roofline of this machine (below).
+             roofline of this machine (below). On a CPU host the run first
+             makes one JAX device per core (--host_devices=-1,
+             `rlax_llm.parallel.use_host_devices`), so both frameworks use
+             every core: torch as threads, JAX as devices.
   rewards    verifications/s of the GSM8K and MATH verifiers on the
              reference solutions, in-process and through the reward runner's
              process pool (experiments/bench_rewards.py).
@@ -28,7 +32,8 @@ What can be measured (the positional argument):
              width, where the full float32 logits alone take ~5 GB.
 
 Each measurement compiles first (timed separately as `compile_s`), then times
-`--repeats` calls with `jax.block_until_ready` and reports their median. Every
+`--repeats` calls (default 5) with `jax.block_until_ready` and reports their
+median. Every
 sequence decodes exactly `--new_tokens` tokens: the EOS id passed is one the
 sampler cannot emit, so no sequence stops early and tokens/s counts
 sequences * new_tokens / median seconds. With --json, stdout carries one JSON
@@ -62,9 +67,10 @@ F_tok, and likewise `transformers_flops_per_s`.
 The roofline is measured in the same run: every distinct f32 matmul of one
 decode step at that N ([N, D] x [D, Hq H], [N, D] x [D, K H], [N, Hq H] x
 [Hq H, D], [N, D] x [D, F], [N, F] x [F, D], [N, D] x [D, V]) and a
-1024^3 square matmul are timed with JAX (a jitted loop) and torch (a loop of
-`torch.mm`), reported in `matmul_flops_per_s`; each shape's rate R_i is the
-faster framework's. With F_i a step's FLOPs in shape i,
+1024^3 square matmul are timed with JAX on one device (a jitted loop), with
+JAX split by rows over every device (`jax_mesh`, as the decode splits its
+batch) and with torch (a loop of `torch.mm`), each timing ~1 GFLOP long,
+reported in `matmul_flops_per_s`; each shape's rate R_i is the fastest. With F_i a step's FLOPs in shape i,
 
   roofline_flops_per_s = sum_i F_i / sum_i (F_i / R_i)
 
@@ -108,7 +114,7 @@ _SAMPLES = flags.DEFINE_integer(
     "G, samples per prompt (capped at the number of sequences).", lower_bound=1)
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128,
                                    "Tokens decoded per sequence.", lower_bound=1)
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement.",
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement.",
                                 lower_bound=1)
 _PRESET = flags.DEFINE_string(
     "preset", None,
@@ -120,6 +126,16 @@ _TRANSFORMERS = flags.DEFINE_bool(
     "same weights (exported with rlax_llm.models.hf.save_pretrained).")
 _ROOFLINE = flags.DEFINE_bool(
     "roofline", True, "generate: also measure the f32 matmul roofline.")
+_HOST_DEVICES = flags.DEFINE_integer(
+    "host_devices", -1, "CPU devices JAX splits this host into "
+    "(rlax_llm.parallel.use_host_devices): -1 one per core, 0 JAX's default "
+    "single device. generate runs on a mesh over them (prompts split over "
+    "'data'); transformers' torch uses the same cores as threads.",
+    lower_bound=-1)
+_DECODE_CHUNK = flags.DEFINE_integer(
+    "decode_chunk", -1, "generate: the most sequences decoded at once per "
+    "device: -1 generate's default (rlax_llm.sampling.auto_decode_chunk), 0 "
+    "all at once.", lower_bound=-1)
 _TOKENS = flags.DEFINE_integer("tokens", 2048,
                                "logprobs: tokens M = N x T per call.",
                                lower_bound=1)
@@ -245,22 +261,69 @@ def _torch_matmul_rate(m: int, k: int, n: int, iters: int,
   return 2 * m * k * n * iters / statistics.median(seconds)
 
 
-def matmul_roofline(cfg, sequences: int, *, repeats: int = 3,
+def _jax_mesh_matmul_rate(m: int, k: int, n: int, iters: int,
+                          repeats: int) -> float | None:
+  """FLOP/s of the [M, K] x [K, N] matmul split by rows over every device.
+
+  Each device multiplies its M / devices rows (`jax.shard_map` over a 1-D
+  mesh), as the decode step does when its batch is split over the "data"
+  axis. None with one device, or when M does not divide by the devices.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  # pylint: enable=g-import-not-at-top
+  devices = jax.devices()
+  if len(devices) < 2 or m % len(devices):
+    return None
+  mesh = Mesh(np.asarray(devices), ("data",))
+  a = jax.device_put(
+      jax.random.normal(jax.random.key(1), (m, k), jnp.float32),
+      NamedSharding(mesh, P("data")))
+  w = jax.device_put(
+      jax.random.normal(jax.random.key(2), (k, n), jnp.float32) / k**0.5,
+      NamedSharding(mesh, P()))
+
+  def local(a, w):
+    def body(_, carry):
+      a, _ = carry
+      out = jnp.dot(a, w)
+      return a + 1e-30 * out[:, :1], out
+    return jax.lax.fori_loop(0, iters, body,
+                             (a, jnp.zeros((a.shape[0], n), jnp.float32)))[1]
+
+  loop = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P()),
+                               out_specs=P("data"), check_vma=False))
+  jax.block_until_ready(loop(a, w))
+  seconds = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(loop(a, w))
+    seconds.append(time.perf_counter() - t0)
+  return 2 * m * k * n * iters / statistics.median(seconds)
+
+
+def matmul_roofline(cfg, sequences: int, *, repeats: int = 5,
                     square: int = 1024,
                     with_torch: bool = True) -> dict[str, Any]:
   """Measures f32 matmul FLOP/s on this machine for the decode step's shapes.
 
   Each distinct shape of `decode_matmul_shapes` and one [square, square]^2
-  matmul is timed with JAX (inside one jitted loop) and with torch (a loop of
-  `torch.mm` calls); a shape's rate is the faster of the two. The roofline of
+  matmul is timed with JAX on one device (inside one jitted loop), with JAX
+  split by rows over every device when there are several (`jax_mesh`), and
+  with torch (a loop of `torch.mm` calls on its default threads); a shape's
+  rate is the fastest of them. The roofline of
   the step is its matmul FLOPs over the time those matmuls take at those
   rates: sum_i F_i / sum_i (F_i / rate_i).
 
   Returns:
     {"roofline_flops_per_s", "peak_flops_per_s" (the square matmul, best of
-     both), "matmul_flops_per_s": {shape name: {"jax", "torch", "shape"}}}.
+     all), "matmul_flops_per_s": {shape name: {"jax", "jax_mesh", "torch",
+     "shape"}}}.
   """
-  target = 2e8  # FLOPs per timing: long enough to dwarf the call overhead
+  target = 1e9  # FLOPs per timing: ~10 ms, long enough to dwarf call overhead
   rates, flops, time_s = {}, 0.0, 0.0
   shapes = decode_matmul_shapes(cfg, sequences) + [
       ("square", square, square, square, 0)]
@@ -268,16 +331,19 @@ def matmul_roofline(cfg, sequences: int, *, repeats: int = 3,
     iters = max(1, min(2000, int(target / (2 * m * k * n))))
     rate = {"shape": [m, k, n],
             "jax": _jax_matmul_rate(m, k, n, iters, repeats)}
+    mesh_rate = _jax_mesh_matmul_rate(m, k, n, iters, repeats)
+    if mesh_rate is not None:
+      rate["jax_mesh"] = mesh_rate
     if with_torch:
       rate["torch"] = _torch_matmul_rate(m, k, n, iters, repeats)
     rates[name] = rate
-    best = max(rate.get("torch", 0.0), rate["jax"])
+    best = max(v for key, v in rate.items() if key != "shape")
     flops += 2 * m * k * n * count
     time_s += 2 * m * k * n * count / best
   square_rate = rates["square"]
   return {"roofline_flops_per_s": flops / time_s,
-          "peak_flops_per_s": max(square_rate.get("torch", 0.0),
-                                  square_rate["jax"]),
+          "peak_flops_per_s": max(v for key, v in square_rate.items()
+                                  if key != "shape"),
           "matmul_flops_per_s": rates}
 
 
@@ -372,11 +438,11 @@ GENERATE_TARGETS = {16: (3.0, None), 256: (1.5, 0.6)}
 
 
 def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
-                   new_tokens: int = 128, repeats: int = 3,
+                   new_tokens: int = 128, repeats: int = 5,
                    preset: str | None = None, seed: int = 0,
-                   transformers: bool = True,
-                   roofline: bool = True) -> dict[str, Any]:
-  """Times `generate_jit` on `sequences` rollouts of `new_tokens` tokens.
+                   transformers: bool = True, roofline: bool = True,
+                   decode_chunk: int | None = None) -> dict[str, Any]:
+  """Times `generate_on_mesh_jit` on `sequences` rollouts of `new_tokens` tokens.
 
   The prompts are the default task's (configs/default.py) training prompts,
   tokenised and left-padded as the experiment does; the parameters are a
@@ -386,7 +452,9 @@ def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
   `rlax_llm.models.hf.save_pretrained`, loaded by transformers, checked to
   give the same logits on the prompts, and its `generate` timed on the same
   prompts; with `roofline`, the matmul roofline is measured (see the module
-  docstring).
+  docstring). The prompts are split over a mesh of every device on its "data"
+  axis (one device per core on a CPU host with --host_devices=-1; see
+  `rlax_llm.sampling.generate_on_mesh`, whose tokens equal one device's).
 
   Args:
     sequences: N, rollouts per call; a multiple of the samples per prompt.
@@ -397,6 +465,8 @@ def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
     seed: seed of the parameters and the sampling keys.
     transformers: also time transformers' `generate` on the same weights.
     roofline: also measure the matmul roofline.
+    decode_chunk: sequences decoded at once per device (0: all; None:
+      generate's automatic choice, recorded as `decode_chunk`).
 
   Returns:
     One measurement record (see the module docstring).
@@ -407,7 +477,9 @@ def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
   from configs import base as base_config
   from configs import default as default_config
   from rlax_llm.models.config import ModelConfig, PRESETS
-  from rlax_llm.sampling.generate import generate_jit
+  from rlax_llm.parallel import mesh as mesh_lib
+  from rlax_llm.sampling.generate import auto_decode_chunk
+  from rlax_llm.sampling.generate import generate_on_mesh_jit
   from rlax_llm.sampling.samplers import SamplerConfig
   from rlax_llm.training import state as state_lib
   from rlax_llm.training.experiment import ArithmeticSetup
@@ -439,15 +511,19 @@ def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
   prompt_BP, mask_BP = tok.encode_batch([q.prompt for q in problems],
                                         max_length=setup.prompt_len)
   graphdef = state_lib.model_graphdef(model_cfg)
-  params = jax.device_put(state_lib.init_params(model_cfg, seed))
-  prompt_dev, mask_dev = jax.device_put((prompt_BP, mask_BP))
+  mesh = mesh_lib.make_mesh({"data": -1})
+  params = jax.device_put(state_lib.init_params(model_cfg, seed),
+                          mesh_lib.replicated(mesh))
+  prompt_dev, mask_dev = jax.device_put(
+      (prompt_BP, mask_BP), mesh_lib.batch_sharding(mesh, 2)
+      if b % mesh.shape["data"] == 0 else mesh_lib.replicated(mesh))
   key = jax.random.key(seed)
 
   t0 = time.perf_counter()
-  compiled = generate_jit.lower(
-      graphdef, params, prompt_dev, mask_dev, key, num_samples=g,
+  compiled = generate_on_mesh_jit.lower(
+      graphdef, params, prompt_dev, mask_dev, key, mesh=mesh, num_samples=g,
       max_new_tokens=new_tokens, eos_id=NO_EOS_ID, pad_id=tok.pad_id,
-      sampler=sampler).compile()
+      sampler=sampler, decode_chunk=decode_chunk).compile()
   compile_s = time.perf_counter() - t0
   # One untimed call: first-run allocations stay out of the timings.
   jax.block_until_ready(compiled(params, prompt_dev, mask_dev,
@@ -487,6 +563,11 @@ def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
       "model": preset or config.model.preset,
       "params": model_cfg.num_params,
       "sampler": sampler._asdict(),
+      "mesh": dict(mesh.shape),
+      "decode_chunk": (decode_chunk if decode_chunk is not None else
+                       auto_decode_chunk(params, model_cfg,
+                                         -(-b // mesh.shape["data"]) * g,
+                                         new_tokens)),
       "decode_matmul_params": decode_matmul_params(model_cfg),
       "decode_flops_per_token": flops_per_token,
       "flops_per_s": tokens_per_s * flops_per_token,
@@ -669,7 +750,9 @@ def _run_generate() -> list[dict[str, Any]]:
                          new_tokens=_NEW_TOKENS.value, repeats=_REPEATS.value,
                          preset=_PRESET.value, seed=_SEED.value,
                          transformers=_TRANSFORMERS.value,
-                         roofline=_ROOFLINE.value)
+                         roofline=_ROOFLINE.value,
+                         decode_chunk=(None if _DECODE_CHUNK.value < 0
+                                       else _DECODE_CHUNK.value))
           for n in sizes]
 
 
@@ -751,6 +834,10 @@ def _rewards_table(records: list[dict[str, Any]]) -> str:
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # stdout/stderr stay readable
+  # pylint: disable=g-import-not-at-top
+  from rlax_llm.parallel import distributed
+  # pylint: enable=g-import-not-at-top
+  distributed.use_host_devices(_HOST_DEVICES.value)
   whats = argv[1:]
   if not whats:
     raise app.UsageError(

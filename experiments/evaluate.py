@@ -40,6 +40,9 @@ _SPLIT = flags.DEFINE_string(
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  # The same devices as training (e.g. distributed.host_devices on a CPU).
+  from rlax_llm.parallel import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(_CONFIG.value.get("distributed"))
   from rlax_llm.training import experiment  # pylint: disable=g-import-not-at-top
   try:
     result = experiment.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value,

@@ -73,6 +73,18 @@ def _run(table_fn, *, b=1, g=4, s=4, t=3, key=0, sampler=SamplerConfig(1.0),
   return jax.device_get(ro), jax.device_get(cache)
 
 
+def _assert_plain_sample(table_fn, ro, *, row, key, b, g, t):
+  """Row `row` (of prompt 0) holds sample_token's draws at every step."""
+  step_fn, first, cache = _synthetic(table_fn, b, g, t)
+  logits = first
+  tokens = ro.tokens.reshape(b, g, t)
+  for i in range(int(ro.lengths.reshape(b, g)[0, row])):
+    want = np.asarray(sample_token(jax.random.fold_in(jax.random.key(key), i),
+                                   logits.reshape(b * g, V)).token)
+    assert tokens[0, row, i] == want[row], (row, i)
+    logits, cache = step_fn(jnp.asarray(tokens[:, :, i]), None, cache, i)
+
+
 # One compilation per (synthetic table, sizes, settings).
 _decode_jit = jax.jit(latr.latr_decode, static_argnums=(0,), static_argnames=(
     "num_tree", "max_new_tokens", "eos_id", "pad_id", "sampler", "tree",
@@ -123,13 +135,13 @@ def test_max_branches_per_step_and_thresholds_are_respected():
                max_branches_per_step=1)
   # One child per branch and step: token 3 at step 0, then slot 0's
   # candidate 3 at step 1 takes slot 2 and slot 1 opens nothing (.24 is
-  # .26 below .50); the last slot stays free and becomes a copy at the end.
+  # .26 below .50); the last slot stays a reserve row: a plain sample.
   np.testing.assert_array_equal(ro.parent, [-1, 0, 0, -1])
   np.testing.assert_array_equal(ro.branch_step, [-1, 0, 1, -1])
   np.testing.assert_array_equal(ro.tokens[:3], [[2, 2, EOS], [3, 3, EOS],
                                                 [2, 3, EOS]])
-  assert ro.copied.tolist() == [False, False, False, True]
-  np.testing.assert_array_equal(ro.tokens[3], ro.tokens[0])  # round robin
+  assert not ro.copied.any()
+  _assert_plain_sample(_table_branching, ro, row=3, key=0, b=1, g=4, t=3)
   # tau_abs = .26: nothing at step 0; at step 1 slot 0's .40 opens slot 1.
   ro, _ = _run(_table_branching, tau_abs=0.26, tau_ed=0.0, windows=(8,))
   np.testing.assert_array_equal(ro.opened, [1])
@@ -170,10 +182,11 @@ def test_echoing_branch_is_pruned_with_its_descendants():
                                                 [2, 4, 5, 3, 4]])
   np.testing.assert_array_equal(ro.parent, [-1, 0, -1, -1])
   np.testing.assert_array_equal(ro.branch_step, [-1, 3, -1, -1])
-  # Freed slots become copies of live slots, round robin.
-  assert ro.copied.tolist() == [False, False, True, True]
+  # The emptied slot 2 becomes a copy of a live branch at the end; slot 3,
+  # never claimed, is a reserve row's plain sample.
+  assert ro.copied.tolist() == [False, False, True, False]
   np.testing.assert_array_equal(ro.tokens[2], ro.tokens[0])
-  np.testing.assert_array_equal(ro.tokens[3], ro.tokens[1])
+  _assert_plain_sample(_table_pruning, ro, row=3, key=0, b=1, g=4, t=5)
   # The reused slot's cache: rows 0-2 copied from slot 0, then its own.
   np.testing.assert_array_equal(cache.v[0][0, 1], [1, 1, 1, 2, 2])
 
@@ -230,10 +243,36 @@ def test_branch_steps_caps_the_branching_phase_and_fills_free_slots():
   ro, _ = _run(_table_switch, b=1, g=4, s=4, t=4, tau_ed=0.5, windows=(1,),
                branch_steps=1)
   np.testing.assert_array_equal(ro.switch_step, [1])
-  # Slot 1 opened at 0; at the switch slots 2, 3 copy slots 0, 1.
-  assert ro.copied.tolist() == [False, False, True, True]
-  np.testing.assert_array_equal(ro.tokens[:, 0], [2, 3, 2, 3])
-  np.testing.assert_array_equal(ro.tokens[:, 1], [2, 3, 2, 3])  # peaked
+  # Slot 1 opened at 0; slots 2, 3 were never claimed: reserve rows, sampled
+  # from the start, not copies.
+  assert not ro.copied.any()
+  np.testing.assert_array_equal(ro.tokens[:2, 0], [2, 3])
+  np.testing.assert_array_equal(ro.tokens[:2, 1], [2, 3])  # peaked
+  for row in (2, 3):
+    _assert_plain_sample(_table_switch, ro, row=row, key=0, b=1, g=4, t=4)
+  # Slots emptied by pruning are filled at the switch with copies: the echo
+  # of _table_pruning empties slots 1 and 2 at step 2; the switch at step 3
+  # fills them from the one live branch (slot 0), then all rows sample.
+  ro, _ = _run(_table_pruning, t=5, tau_ed=0.5, windows=(2,), branch_steps=3)
+  np.testing.assert_array_equal(ro.switch_step, [3])
+  assert ro.copied.tolist() == [False, True, True, False]
+  np.testing.assert_array_equal(ro.tokens[:3, :3], [[2, 4, 5]] * 3)
+  np.testing.assert_array_equal(ro.parent, [-1, -1, -1, -1])
+
+
+def test_unclaimed_tree_capacity_adds_distinct_samples():
+  """No hesitation anywhere: the tree is the greedy row + G - 1 samples."""
+  def flat(b, h):  # peaked enough that nothing passes tau_rel
+    del b
+    return (0, .05, .60, .15, .10, .10) if len(h) < 3 else P_END
+  ro, _ = _run(flat, g=8, s=8, t=4, key=5, tau_rel=0.25, windows=(1,))
+  np.testing.assert_array_equal(ro.opened, [0])
+  np.testing.assert_array_equal(ro.tokens[0][:3], [2, 2, 2])  # greedy
+  assert not ro.copied.any()
+  # Copies of the greedy row would leave one distinct completion.
+  assert len({tuple(r) for r in ro.tokens}) >= 4
+  for row in range(1, 8):
+    _assert_plain_sample(flat, ro, row=row, key=5, b=1, g=8, t=4)
 
 
 def test_same_key_same_rollout_other_key_differs():

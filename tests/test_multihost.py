@@ -270,3 +270,42 @@ def test_process_rows_on_one_process():
 def test_plan_errors_name_the_fix(section, env, needle):
   with pytest.raises(ValueError, match=re.escape(needle)):
     distributed.plan(section, env, tpu_present=False)
+
+
+_HOST_DEVICES = textwrap.dedent("""
+    import json, os, sys
+    os.environ.pop("XLA_FLAGS", None)
+    from rlax_llm.parallel import distributed
+    import jax
+    n = distributed.use_host_devices(3)
+    out = {"n": n, "devices": len(jax.devices()),
+           "platform": jax.devices()[0].platform,
+           "again_same": distributed.use_host_devices(3)}
+    try:
+      distributed.use_host_devices(2)
+    except RuntimeError as e:
+      out["error"] = str(e)
+    json.dump(out, open(sys.argv[1], "w"))
+""")
+
+
+def test_use_host_devices_splits_the_cpu_before_first_use(tmp_path):
+  script, out = tmp_path / "host.py", tmp_path / "out.json"
+  script.write_text(_HOST_DEVICES)
+  subprocess.run([sys.executable, str(script), str(out)], check=True,
+                 env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"),
+                 timeout=TIMEOUT_S)
+  res = json.loads(out.read_text())
+  assert res["n"] == 3 and res["devices"] == 3 and res["platform"] == "cpu"
+  assert res["again_same"] == 3
+  assert "before the first JAX operation" in res["error"]
+
+
+def test_use_host_devices_leaves_forced_device_counts_alone(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert distributed.use_host_devices(-1) == 0
+  assert distributed.use_host_devices(0) == 0
+  assert distributed.host_core_count() >= 1
+  monkeypatch.delenv("XLA_FLAGS")
+  with pytest.raises(ValueError, match="count must be"):
+    distributed.use_host_devices(-2)

@@ -107,3 +107,78 @@ def test_bad_settings_are_refused():
                   (dict(min_p=1.5), "min_p")]:
     with pytest.raises(ValueError, match=msg):
       SamplerConfig(**kw).validate()
+
+
+# -- the inverse-CDF draw --------------------------------------------------------
+
+
+def test_cumsum_matches_numpy():
+  rng = np.random.default_rng(0)
+  for shape in [(3, 1), (3, 7), (4, 16), (2, 17), (2, 300), (1, 5000)]:
+    x = rng.uniform(size=shape).astype(np.float32)
+    got = np.asarray(jax.jit(samplers._cumsum)(jnp.asarray(x)))  # pylint: disable=protected-access
+    want = np.cumsum(x.astype(np.float64), axis=-1)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
+def test_inverse_cdf_hand_computed():
+  # p = 0.25, 0, 0.5, 0.25: F = 0.25, 0.25, 0.75, 1.
+  logits = jnp.log(jnp.array([[0.25, 0.0, 0.5, 0.25]] * 6))
+  u = jnp.array([0.0, 0.2499, 0.25, 0.74, 0.76, 1 - 2**-24])
+  got = samplers.categorical_from_uniform(u, logits)
+  np.testing.assert_array_equal(np.asarray(got), [0, 0, 2, 2, 3, 3])
+  # A zero-probability token is never drawn, not even for u at the top.
+  edge = jnp.log(jnp.array([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]]))
+  for u0 in (0.0, 0.5, 1 - 2**-24):
+    tok = np.asarray(samplers.categorical_from_uniform(
+        jnp.full((2,), u0), edge))
+    assert tok[0] in (0, 1) and tok[1] == 1
+
+
+def test_two_level_draw_matches_numpy_search():
+  """V = 1000 (4 blocks of 256), masked tokens inside and across blocks."""
+  rng = np.random.default_rng(1)
+  v = 1000
+  logits = rng.normal(size=(3, v)).astype(np.float32) * 2
+  logits[0, 200:700] = -np.inf  # two whole blocks and parts of two more
+  logits[1, ::2] = -np.inf
+  logits[2, :999] = -np.inf  # only the last token
+  u = rng.uniform(size=(3, 400)).astype(np.float32)
+  got = jax.vmap(samplers.categorical_from_uniform, in_axes=(1, None),
+                 out_axes=1)(jnp.asarray(u), jnp.asarray(logits))
+  for n in range(3):
+    p = np.exp(logits[n].astype(np.float64) - logits[n].max())
+    cdf = np.cumsum(p) / p.sum()
+    want = np.searchsorted(cdf, u[n], side="right")
+    # Draws within f32 rounding of an interval boundary may go either way.
+    near = np.min(np.abs(cdf[:, None] - u[n][None]), axis=0) < 1e-5
+    np.testing.assert_array_equal(np.asarray(got[n])[~near], want[~near])
+    assert np.isfinite(logits[n][np.asarray(got[n])]).all()
+  assert (np.asarray(got[2]) == v - 1).all()
+
+
+def test_large_vocabulary_frequencies_match_softmax():
+  """Chi-square over tokens spread across blocks of the two-level sum."""
+  v = 700
+  probs = np.zeros(v)
+  support = [3, 255, 256, 257, 400, 511, 512, 699]  # both sides of boundaries
+  probs[support] = [0.05, 0.1, 0.2, 0.05, 0.15, 0.1, 0.25, 0.1]
+  logits = jnp.log(jnp.asarray(probs, jnp.float32))
+  n = 40_000
+  draws = samplers.sample_token(jax.random.key(7),
+                                jnp.broadcast_to(logits, (n, v)))
+  counts = np.bincount(np.asarray(draws.token), minlength=v)
+  assert counts[probs == 0].sum() == 0
+  expected = n * probs[support]
+  chi2 = np.sum((counts[support] - expected) ** 2 / expected)
+  assert chi2 < 24.32, (counts[support], expected)  # 99.9% quantile, 7 dof
+
+
+def test_unfiltered_logp_is_tempered_log_softmax():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(6, 300)).astype(np.float32) * 3
+  s = samplers.sample_token(jax.random.key(1), logits,
+                            SamplerConfig(temperature=0.8))
+  ref = np.asarray(jax.nn.log_softmax(logits / 0.8, axis=-1))
+  np.testing.assert_allclose(np.asarray(s.logp),
+                             ref[np.arange(6), np.asarray(s.token)], atol=1e-6)

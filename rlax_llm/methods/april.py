@@ -41,7 +41,9 @@ import numpy as np
 from rlax_llm.core import objectives
 from rlax_llm.core import selection
 from rlax_llm.methods import rollouts
-from rlax_llm.models.transformer import KVCache, grouped_decode_attention
+from rlax_llm.models.transformer import KVCache
+from rlax_llm.models.transformer import decode_cache_from_kv
+from rlax_llm.models.transformer import prefix_cache_from_kv
 from rlax_llm.sampling import partial as partial_lib
 from rlax_llm.sampling.samplers import SamplerConfig
 from rlax_llm.training.scoring import score_completions
@@ -58,8 +60,8 @@ def transformer_continuation(graphdef: nnx.GraphDef, params,
   prefill runs [prompt | partial completion] of all B*G rows through the
   model once (positions count valid tokens, as in `generate`), keeps the
   prompt keys/values once per prompt and each row's completion keys/values in
-  its decode cache slots 0..length-1. step is `Transformer.decode_step` with a
-  per-row cache slot: row (b, g) writes slot index_bg at position
+  its decode cache slots 0..length-1. step is `Transformer.decode_step` with
+  per-row cache slots: row (b, g) writes slot index_bg at position
   prompt_len_b + index_bg and attends to its slots <= index_bg.
   """
   model = nnx.merge(graphdef, params)
@@ -95,35 +97,22 @@ def transformer_continuation(graphdef: nnx.GraphDef, params,
       pad[2] = (0, t - l)  # decode slots l..T-1 start empty
       return x[:, 0, :p], jnp.pad(x[:, :, p:], pad)
 
-    pk, dk = zip(*(split(k) for k, _ in kvs))
-    pv, dv = zip(*(split(v) for _, v in kvs))
-    cache = KVCache(prefix_k=pk, prefix_v=pv, prefix_mask=prompt_mask_BP,
-                    k=dk, v=dv)
+    prefix, decode = [], []
+    for k, v in kvs:
+      (pk, dk), (pv, dv) = split(k), split(v)
+      prefix.append(prefix_cache_from_kv(pk, pv))
+      decode.append(decode_cache_from_kv(dk, dv))
+    cache = KVCache(prefix_k=tuple(k for k, _ in prefix),
+                    prefix_v=tuple(v for _, v in prefix),
+                    prefix_mask=prompt_mask_BP,
+                    k=tuple(k for k, _ in decode), v=tuple(v for _, v in decode))
     return logits_BGV, (cache, prompt_len_B)
 
   def step(tokens_BG, index_BG, carry):
     cache, prompt_len_B = carry
-    x = model.embed(tokens_BG)
-    positions_BG = prompt_len_B[:, None] + index_BG
-    slots_T = jnp.arange(t)
-    write = (slots_T == index_BG[..., None])[..., None, None]  # [B,G,T,1,1]
-    visible = (slots_T <= index_BG[..., None])[:, :, None, None, :]
-    new_k, new_v = [], []
-    for i, layer in enumerate(model.layers):
-      q, k, v = layer.attn.qkv(layer.attn_norm(x)[:, :, None],
-                               positions_BG[:, :, None])
-      ck = jnp.where(write, k, cache.k[i])
-      cv = jnp.where(write, v, cache.v[i])
-      new_k.append(ck)
-      new_v.append(cv)
-      o = grouped_decode_attention(q[:, :, 0], cache.prefix_k[i],
-                                   cache.prefix_v[i], cache.prefix_mask, ck,
-                                   cv, visible)
-      x = x + layer.attn.out(o)
-      x = x + layer.mlp(layer.mlp_norm(x))
-    logits = model.logits_from_hidden(model.final_norm(x))
-    return logits, (cache._replace(k=tuple(new_k), v=tuple(new_v)),
-                    prompt_len_B)
+    logits, cache = model.decode_step(tokens_BG, prompt_len_B[:, None] + index_BG,
+                                      cache, index_BG)
+    return logits, (cache, prompt_len_B)
 
   return partial_lib.ContinuationModel(prefill, step)
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlax_llm.core import selection
-from rlax_llm.sampling.generate import generate_jit
+from rlax_llm.sampling.generate import generate_on_mesh_jit
 from rlax_llm.training import steps as steps_lib
 
 ROLLOUTS: dict[str, Callable[..., Any]] = {}
@@ -76,10 +76,11 @@ def sample_groups(exp, params, step: int, draw: int, *,
   problems = exp.setup.task.train_batch(step, b, draw=draw)
   p, pm = tok.encode_batch([q.prompt for q in problems],
                            max_length=exp.prompt_len)
-  ro = jax.device_get(generate_jit(
+  ro = jax.device_get(generate_on_mesh_jit(
       exp.graphdef, params, p, pm, rollout_key(exp.key, step, draw),
-      num_samples=g, max_new_tokens=exp.max_new_tokens, eos_id=tok.eos_id,
-      pad_id=tok.pad_id, sampler=exp.sampler))
+      mesh=exp.mesh, num_samples=g, max_new_tokens=exp.max_new_tokens,
+      eos_id=tok.eos_id, pad_id=tok.pad_id, sampler=exp.sampler,
+      decode_chunk=exp.decode_chunk))
   texts = exp.decode(ro.tokens, ro.mask)
   answers = [q.answer for q in problems for _ in range(g)]
   reward_N, errors = exp.rewards(texts, answers)

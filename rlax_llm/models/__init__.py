@@ -10,9 +10,13 @@ from rlax_llm.models.config import REMAT_POLICIES
 from rlax_llm.models.config import get_model_config
 from rlax_llm.models.transformer import KVCache
 from rlax_llm.models.transformer import Transformer
+from rlax_llm.models.transformer import decode_cache_from_kv
 from rlax_llm.models.transformer import logical_axes
+from rlax_llm.models.transformer import prefix_cache_from_kv
+from rlax_llm.models.transformer import resize_decode_cache
 from rlax_llm.models.transformer import rope_frequencies
 
 __all__ = ["KVCache", "ModelConfig", "PRESETS", "REMAT_POLICIES",
-           "Transformer", "get_model_config", "logical_axes",
+           "Transformer", "decode_cache_from_kv", "get_model_config",
+           "logical_axes", "prefix_cache_from_kv", "resize_decode_cache",
            "rope_frequencies"]

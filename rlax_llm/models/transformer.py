@@ -22,7 +22,8 @@ Three ways to run it:
   * `model.decode_step(tokens_BG, positions_BG, cache, index)`: one new token for
     each of G samples of each prompt. Samples of a prompt attend to the shared
     prompt keys/values plus their own decode keys/values, so G samples cost one
-    prefill and no copy of the prompt cache.
+    prefill and no copy of the prompt cache. `index` is one slot for all rows
+    or a slot per row (rows resumed at different lengths).
 
 Every parameter carries `logical_axes` metadata (names such as "embed", "mlp",
 "heads", "vocab") that `rlax_llm.parallel` maps onto mesh axes.
@@ -61,18 +62,60 @@ def _zeros(shape, axes, cfg: ModelConfig):
 class KVCache(NamedTuple):
   """Keys and values for decoding G samples per prompt.
 
+  Keys are stored with the slot axis last and values with the head axis last,
+  so that both contractions of a decode query (q.k over H, p.v over slots)
+  run over a non-minor axis of the cache and vectorise along its minor axis
+  (on a CPU this reads each cached key once per step at full vector width;
+  on accelerators each is an ordinary batched matmul).
+
   Attributes:
-    prefix_k: per layer [B, P, K, H], the prompt keys (once per prompt).
-    prefix_v: per layer [B, P, K, H].
+    prefix_k: per layer [B, K, H, P], the prompt keys (once per prompt).
+    prefix_v: per layer [B, K, P, H].
     prefix_mask: [B, P] bool, valid prompt positions.
-    k: per layer [B, G, T, K, H], keys of generated tokens.
-    v: per layer [B, G, T, K, H].
+    k: per layer [B, G, K, H, T], keys of generated tokens (slot t last).
+    v: per layer [B, G, K, T, H], values of generated tokens.
   """
   prefix_k: tuple[jax.Array, ...]
   prefix_v: tuple[jax.Array, ...]
   prefix_mask: jax.Array
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
+
+
+def decode_cache_length(cache: KVCache) -> int:
+  """T, the number of decode slots of `cache`."""
+  return cache.k[0].shape[-1]
+
+
+def resize_decode_cache(cache: KVCache, length: int) -> KVCache:
+  """The cache with `length` decode slots (zero-padded or truncated at the end).
+
+  Slots past a step's index are masked in `Transformer.decode_step`, so a
+  decode on a longer (zero-padded) cache gives the same logits; a shorter
+  cache bounds how much of it each step reads.
+  """
+  def resize(x, axis):
+    if x.shape[axis] >= length:
+      return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pad)
+  return cache._replace(k=tuple(resize(x, -1) for x in cache.k),
+                        v=tuple(resize(x, -2) for x in cache.v))
+
+
+def decode_cache_from_kv(k_BGTKH: jax.Array, v_BGTKH: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+  """Per-sample keys/values [B, G, T, K, H] in the layout of `KVCache.k/v`."""
+  return (jnp.transpose(k_BGTKH, (0, 1, 3, 4, 2)),
+          jnp.transpose(v_BGTKH, (0, 1, 3, 2, 4)))
+
+
+def prefix_cache_from_kv(k_BPKH: jax.Array, v_BPKH: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+  """Prompt keys/values [B, P, K, H] in the layout of `KVCache.prefix_k/v`."""
+  return (jnp.transpose(k_BPKH, (0, 2, 3, 1)),
+          jnp.transpose(v_BPKH, (0, 2, 1, 3)))
 
 
 def default_positions(mask_BT: jax.Array) -> jax.Array:
@@ -109,6 +152,33 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, *,
+                 inv_freq=None) -> tuple[jax.Array, jax.Array]:
+  """cos and sin of the rotary angles, each [..., T, 1, H] f32.
+
+  Args:
+    positions: [..., T] int.
+    head_dim: H.
+    theta: frequency base (used when `inv_freq` is None).
+    inv_freq: optional [H/2] inverse frequencies (see `rope_frequencies`).
+  """
+  h = head_dim
+  if inv_freq is None:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  inv_freq = jnp.asarray(inv_freq, jnp.float32)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., T, H/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[..., None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates x [..., T, heads, H] by angles given as `rope_cos_sin`."""
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
 def rope(x: jax.Array, positions: jax.Array, theta: float, *,
          inv_freq=None) -> jax.Array:
   """Rotary position embedding (RoFormer, arXiv:2104.09864), half-split layout.
@@ -122,17 +192,8 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, *,
   Returns:
     x rotated, same shape and dtype.
   """
-  h = x.shape[-1]
-  if inv_freq is None:
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-  inv_freq = jnp.asarray(inv_freq, jnp.float32)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., T, H/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[..., None, :]
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
-  x32 = x.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x32 * cos + rotated * sin).astype(x.dtype)
+  cos, sin = rope_cos_sin(positions, x.shape[-1], theta, inv_freq=inv_freq)
+  return apply_rope(x, cos, sin)
 
 
 class RMSNorm(nnx.Module):
@@ -173,13 +234,34 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(cfg, h, "head_dim")
       self.k_norm = RMSNorm(cfg, h, "head_dim")
 
-  def qkv(self, x: jax.Array, positions: jax.Array):
-    """[..., T, D] -> q [..., T, Hq, H], k, v [..., T, K, H] (rotated)."""
+  def qkv(self, x: jax.Array, positions: jax.Array, *, fused: bool = False,
+          rope_cs: tuple[jax.Array, jax.Array] | None = None):
+    """[..., T, D] -> q [..., T, Hq, H], k, v [..., T, K, H] (rotated).
+
+    With `fused`, the three projections run as one [D, (Hq + 2K) H] matmul
+    (the decode path: one wider product instead of three narrow ones; the
+    weights are concatenated in the graph, outside any decode loop).
+    `rope_cs`, the `rope_angles` of `positions` computed once for all
+    layer, replaces computing them here.
+    """
     dt = self.cfg.dtype
     x = x.astype(dt)
-    q = jnp.einsum("...d,dnh->...nh", x, self.q_proj[...].astype(dt))
-    k = jnp.einsum("...d,dnh->...nh", x, self.k_proj[...].astype(dt))
-    v = jnp.einsum("...d,dnh->...nh", x, self.v_proj[...].astype(dt))
+    if fused:
+      wq, wk, wv = self.q_proj[...], self.k_proj[...], self.v_proj[...]
+      d = wq.shape[0]
+      w = jnp.concatenate([wq.reshape(d, -1), wk.reshape(d, -1),
+                           wv.reshape(d, -1)], axis=1).astype(dt)
+      y = x @ w
+      split = (wq.shape[1] * wq.shape[2],
+               (wq.shape[1] + wk.shape[1]) * wk.shape[2])
+      q, k, v = jnp.split(y, split, axis=-1)
+      q = q.reshape(*q.shape[:-1], *wq.shape[1:])
+      k = k.reshape(*k.shape[:-1], *wk.shape[1:])
+      v = v.reshape(*v.shape[:-1], *wv.shape[1:])
+    else:
+      q = jnp.einsum("...d,dnh->...nh", x, self.q_proj[...].astype(dt))
+      k = jnp.einsum("...d,dnh->...nh", x, self.k_proj[...].astype(dt))
+      v = jnp.einsum("...d,dnh->...nh", x, self.v_proj[...].astype(dt))
     if self.cfg.qkv_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -187,16 +269,23 @@ class Attention(nnx.Module):
     if self.cfg.qk_norm:
       q = self.q_norm(q)
       k = self.k_norm(k)
+    cos, sin = rope_cs if rope_cs is not None else self.rope_angles(positions)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+  def rope_angles(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`rope_cos_sin` of `positions` with this model's frequencies."""
     scaled = self.cfg.rope_scaling not in (None, "default")
     inv_freq = rope_frequencies(self.cfg) if scaled else None
-    q = rope(q, positions, self.cfg.rope_theta, inv_freq=inv_freq)
-    k = rope(k, positions, self.cfg.rope_theta, inv_freq=inv_freq)
-    return q, k, v
+    return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta,
+                        inv_freq=inv_freq)
 
   def out(self, o: jax.Array) -> jax.Array:
     dt = self.cfg.dtype
-    y = jnp.einsum("...nh,nhd->...d", o.astype(dt),
-                   self.o_proj[...].astype(dt))
+    w = self.o_proj[...]
+    # One [..., Hq H] x [Hq H, D] matmul: contracting (heads, head_dim) as a
+    # two-axis einsum makes XLA transpose o on the CPU.
+    y = (o.astype(dt).reshape(*o.shape[:-2], -1)
+         @ w.reshape(-1, w.shape[-1]).astype(dt))
     if self.cfg.out_bias:
       y = y + self.o_bias[...].astype(dt)
     return y
@@ -216,11 +305,17 @@ class MLP(nnx.Module):
       self.up_bias = _zeros((f,), ("mlp",), cfg)
       self.down_bias = _zeros((d,), ("embed",), cfg)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, fused: bool = False) -> jax.Array:
+    """[..., D] -> [..., D]; `fused` runs gate and up as one [D, 2F] matmul."""
     dt = self.cfg.dtype
     x = x.astype(dt)
-    gate = x @ self.gate_proj[...].astype(dt)
-    up = x @ self.up_proj[...].astype(dt)
+    if fused:
+      w = jnp.concatenate([self.gate_proj[...], self.up_proj[...]],
+                          axis=1).astype(dt)
+      gate, up = jnp.split(x @ w, 2, axis=-1)
+    else:
+      gate = x @ self.gate_proj[...].astype(dt)
+      up = x @ self.up_proj[...].astype(dt)
     if self.cfg.mlp_bias:
       gate = gate + self.gate_bias[...].astype(dt)
       up = up + self.up_bias[...].astype(dt)
@@ -279,23 +374,50 @@ def full_attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS) -> jax.Array:
   return o.reshape(q_BTNH.shape)
 
 
-def grouped_decode_attention(q_BGNH, pk_BPKH, pv_BPKH, pmask_BP, k_BGTKH,
-                             v_BGTKH, dmask_T) -> jax.Array:
-  """One query per sample over shared prompt keys plus per-sample keys."""
-  kh = pk_BPKH.shape[-2]
-  q = _group(q_BGNH, kh)
+def grouped_decode_attention(q_BGNH, pk_BKHP, pv_BKPH, pmask_BP, k_BGKHT,
+                             v_BGKTH, dmask) -> jax.Array:
+  """One query per sample over shared prompt keys plus per-sample keys.
+
+  softmax over the union of the prompt's P keys and the sample's own T decode
+  slots, without concatenating them: with m the joint max,
+  o = (sum_p e^{s_p - m} v_p + sum_t e^{s_t - m} v_t) / (sum_p e^{s_p - m}
+  + sum_t e^{s_t - m}).
+
+  Args:
+    q_BGNH: [B, G, Hq, H] queries.
+    pk_BKHP, pv_BKPH: the prompt keys/values (`KVCache.prefix_k/v` layout).
+    pmask_BP: [B, P] bool, valid prompt keys.
+    k_BGKHT, v_BGKTH: the decode slots (`KVCache.k/v` layout).
+    dmask: visible decode slots, [T] (one index for all rows) or [B, G, T].
+
+  Returns:
+    [B, G, Hq, H] attention outputs, in the dtype of the values.
+  """
+  kh = pk_BKHP.shape[1]
+  q = _group(q_BGNH, kh)  # [B, G, K, R, H]
   scale = q.shape[-1] ** -0.5
-  sp = jnp.einsum("bgkrh,bpkh->bgkrp", q, pk_BPKH,
-                  preferred_element_type=jnp.float32) * scale
-  sd = jnp.einsum("bgkrh,bgtkh->bgkrt", q, k_BGTKH,
+  f32 = jnp.float32
+  # The prompt's keys are shared by the G samples. A multiply-reduce over H
+  # fuses into one loop over [B, G, K, R, P] with no copies; as a dot it
+  # would batch over (B, K) and transpose q and the output at every step.
+  sp = jnp.sum(q[..., :, None].astype(f32)
+               * pk_BKHP[:, None, :, None].astype(f32), axis=-2) * scale
+  sd = jnp.einsum("bgkrh,bgkht->bgkrt", q, k_BGKHT,
                   preferred_element_type=jnp.float32) * scale
   sp = jnp.where(pmask_BP[:, None, None, None, :], sp, _NEG_INF)
-  sd = jnp.where(dmask_T, sd, _NEG_INF)
-  p = jax.nn.softmax(jnp.concatenate([sp, sd], axis=-1), axis=-1)
-  pp, pd = p[..., :sp.shape[-1]], p[..., sp.shape[-1]:]
-  o = (jnp.einsum("bgkrp,bpkh->bgkrh", pp.astype(pv_BPKH.dtype), pv_BPKH)
-       + jnp.einsum("bgkrt,bgtkh->bgkrh", pd.astype(v_BGTKH.dtype), v_BGTKH))
-  return o.reshape(q_BGNH.shape)
+  dmask = jnp.asarray(dmask, bool)
+  dmask = dmask if dmask.ndim == 1 else dmask[:, :, None, None, :]
+  sd = jnp.where(dmask, sd, _NEG_INF)
+  m = jnp.maximum(jnp.max(sp, axis=-1, keepdims=True),
+                  jnp.max(sd, axis=-1, keepdims=True))
+  ep, ed = jnp.exp(sp - m), jnp.exp(sd - m)
+  z = jnp.sum(ep, axis=-1, keepdims=True) + jnp.sum(ed, axis=-1, keepdims=True)
+  vt = v_BGKTH.dtype
+  op = jnp.sum(ep[..., None] * pv_BKPH[:, None, :, None].astype(f32), axis=-2)
+  o = (op
+       + jnp.einsum("bgkrt,bgkth->bgkrh", ed.astype(vt), v_BGKTH,
+                    preferred_element_type=jnp.float32)) / z
+  return o.astype(vt).reshape(q_BGNH.shape)
 
 
 class Transformer(nnx.Module):
@@ -364,6 +486,8 @@ class Transformer(nnx.Module):
         self.hidden_states(tokens_BT, positions_BT, mask_BT))
 
   # -- incremental decoding ---------------------------------------------------
+  resize_decode_cache = staticmethod(resize_decode_cache)
+
   def prefill(self, prompt_BP, prompt_mask_BP, *, num_samples: int,
               max_new_tokens: int):
     """Runs each prompt once and allocates the decode cache for G samples.
@@ -384,11 +508,15 @@ class Transformer(nnx.Module):
     h, kvs = self.hidden_states(prompt_BP, None, mask, return_kv=True)
     last = p - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
-    shape = (b, num_samples, max_new_tokens, cfg.num_kv_heads, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, cfg.dtype) for _ in kvs)
-    cache = KVCache(prefix_k=tuple(k for k, _ in kvs),
-                    prefix_v=tuple(v for _, v in kvs),
-                    prefix_mask=mask, k=zeros, v=zeros)
+    kh, hd, t = cfg.num_kv_heads, cfg.head_dim, max_new_tokens
+    prefix = [prefix_cache_from_kv(k, v) for k, v in kvs]
+    cache = KVCache(
+        prefix_k=tuple(k for k, _ in prefix),
+        prefix_v=tuple(v for _, v in prefix), prefix_mask=mask,
+        k=tuple(jnp.zeros((b, num_samples, kh, hd, t), cfg.dtype)
+                for _ in kvs),
+        v=tuple(jnp.zeros((b, num_samples, kh, t, hd), cfg.dtype)
+                for _ in kvs))
     prompt_len = jnp.sum(mask, axis=-1).astype(jnp.int32)
     return self.logits_from_hidden(h_last), cache, prompt_len
 
@@ -399,27 +527,46 @@ class Transformer(nnx.Module):
       tokens_BG: int, the token each sample feeds now.
       positions_BG: int, its position (prompt length + index).
       cache: from `prefill` or a previous step.
-      index: int scalar, the slot in the decode cache (0 for the first token).
+      index: the decode-cache slot written now: an int scalar shared by every
+        row (0 for the first token; the write is an in-place slice update), or
+        an int [B, G] array of per-row slots (rows continue from different
+        lengths, e.g. partial rollouts). Each row attends to its slots
+        <= its index.
 
     Returns:
       (logits_BGV f32, updated cache).
     """
     x = self.embed(tokens_BG)
-    t = cache.k[0].shape[2]
-    dmask = jnp.arange(t) <= index
+    t = decode_cache_length(cache)
+    index = jnp.asarray(index, jnp.int32)
+    slots = jnp.arange(t)
+    per_row = index.ndim > 0
+    dmask = slots <= (index[..., None] if per_row else index)
+    # The rotary angles of this step, once for all layers; the barrier keeps
+    # XLA from recomputing cos/sin inside every fusion that reads them.
+    rope_cs = jax.lax.optimization_barrier(
+        self.layers[0].attn.rope_angles(positions_BG))
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
-      q, k, v = layer.attn.qkv(layer.attn_norm(x)[:, :, None],
-                               positions_BG[:, :, None])
-      ck = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k, index, axis=2)
-      cv = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v, index, axis=2)
+      q, k, v = layer.attn.qkv(layer.attn_norm(x), positions_BG, fused=True,
+                               rope_cs=rope_cs)
+      k, v = k.astype(cache.k[i].dtype), v.astype(cache.v[i].dtype)
+      if per_row:  # one scatter per array: each row writes its own slot
+        b, g = index.shape
+        bi, gi = jnp.arange(b)[:, None], jnp.arange(g)[None, :]
+        ck = cache.k[i].at[bi, gi, :, :, index].set(k, mode="drop")
+        cv = cache.v[i].at[bi, gi, :, index, :].set(v, mode="drop")
+      else:
+        ck = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k[..., None],
+                                                 index, axis=4)
+        cv = jax.lax.dynamic_update_slice_in_dim(
+            cache.v[i], v[:, :, :, None, :], index, axis=3)
       new_k.append(ck)
       new_v.append(cv)
-      o = grouped_decode_attention(q[:, :, 0], cache.prefix_k[i],
-                                   cache.prefix_v[i], cache.prefix_mask,
-                                   ck, cv, dmask)
+      o = grouped_decode_attention(q, cache.prefix_k[i], cache.prefix_v[i],
+                                   cache.prefix_mask, ck, cv, dmask)
       x = x + layer.attn.out(o)
-      x = x + layer.mlp(layer.mlp_norm(x))
+      x = x + layer.mlp(layer.mlp_norm(x), fused=True)
     logits = self.logits_from_hidden(self.final_norm(x))
     return logits, cache._replace(k=tuple(new_k), v=tuple(new_v))
 

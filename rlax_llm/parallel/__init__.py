@@ -2,11 +2,13 @@
 
 from rlax_llm.parallel.distributed import Plan
 from rlax_llm.parallel.distributed import global_batch_to_devices
+from rlax_llm.parallel.distributed import host_core_count
 from rlax_llm.parallel.distributed import host_local_to_global
 from rlax_llm.parallel.distributed import initialize
 from rlax_llm.parallel.distributed import is_primary
 from rlax_llm.parallel.distributed import process_batch_indices
 from rlax_llm.parallel.distributed import process_batch_slice
+from rlax_llm.parallel.distributed import use_host_devices
 from rlax_llm.parallel.mesh import DEFAULT_RULES
 from rlax_llm.parallel.mesh import MESH_AXES
 from rlax_llm.parallel.mesh import SAMPLE_RULES
@@ -25,8 +27,9 @@ from rlax_llm.parallel.mesh import unsharded_leaves
 __all__ = [
     "DEFAULT_RULES", "MESH_AXES", "Plan", "SAMPLE_RULES", "TRAIN_RULES",
     "batch_sharding", "batch_size_multiple", "get_rules",
-    "global_batch_to_devices", "host_local_to_global", "initialize",
+    "global_batch_to_devices", "host_core_count", "host_local_to_global",
+    "initialize",
     "is_primary", "logical_constraint", "logical_sharding", "logical_to_spec",
     "make_mesh", "process_batch_indices", "process_batch_slice", "replicated",
-    "tree_shardings", "unsharded_leaves",
+    "tree_shardings", "unsharded_leaves", "use_host_devices",
 ]

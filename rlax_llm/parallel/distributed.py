@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = dict(
     coordinator_port=0,
     initialization_timeout=300,
     cpu_collectives="gloo",
+    host_devices=0,
 )
 
 _SLURM_PORT_BASE = 45000  # SLURM coordinator port: base + job id % 10000
@@ -235,7 +236,8 @@ def initialize(section=None) -> Plan:
   """Connects the processes of a multi-process run (no-op for one process).
 
   Call it first thing in `main`, before anything creates a device array or
-  asks for `jax.devices()`. Calling it again is harmless.
+  asks for `jax.devices()`. Calling it again is harmless. It also splits a
+  CPU host into `host_devices` devices (`use_host_devices`).
 
   Args:
     section: the config's `distributed` section, or None to rely on the
@@ -250,6 +252,7 @@ def initialize(section=None) -> Plan:
   """
   values = _section(section)
   p = plan(section)
+  use_host_devices(int(values["host_devices"]))
   if p.method == "none" or jax.distributed.is_initialized():
     return p
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
@@ -272,6 +275,59 @@ def initialize(section=None) -> Plan:
                           if p.local_device_ids is not None else None),
         initialization_timeout=timeout)
   return p
+
+
+def host_core_count() -> int:
+  """Cores this process may run on (its CPU affinity where the OS tells)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def use_host_devices(count: int = -1) -> int:
+  """Splits the CPU into `count` JAX devices (-1: one per core), before use.
+
+  JAX gives a CPU-only host one device, whose loops and elementwise kernels
+  run on one core. With one device per core, arrays sharded over the "data"
+  mesh axis run on every core (the devices are threads of this process):
+  rollouts decode their share of the prompts in parallel
+  (`sampling.generate_on_mesh`) and update steps split the batch. Results
+  equal the one-device results up to the order of floating-point sums.
+
+  It only changes CPU devices: on a GPU or TPU host the accelerators stay
+  the default devices. `--xla_force_host_platform_device_count` in XLA_FLAGS,
+  where set, wins (the test suite's fake devices).
+
+  Args:
+    count: CPU devices; -1 takes `host_core_count()`, 0 leaves JAX's default.
+
+  Returns:
+    The number of CPU devices JAX will have (0 when left to JAX).
+
+  Raises:
+    RuntimeError: when JAX already runs with a different number of CPU
+      devices (the setting is read once, at the first JAX operation).
+  """
+  if count == 0 or "xla_force_host_platform_device_count" in os.environ.get(
+      "XLA_FLAGS", ""):
+    return 0
+  if count < -1:
+    raise ValueError(f"count must be -1 (one device per core), 0 (JAX's "
+                     f"default) or positive, got {count}.")
+  n = host_core_count() if count == -1 else int(count)
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    have = len(jax.devices("cpu"))
+    if have != n:
+      raise RuntimeError(
+          f"JAX already runs with {have} CPU device(s), so it cannot be split "
+          f"into {n}: use_host_devices must run before the first JAX "
+          "operation (set mesh.host_devices=0 to keep the current devices, "
+          "or restart the process).")
+    return n
+  jax.config.update("jax_num_cpu_devices", n)
+  return n
 
 
 def is_primary() -> bool:

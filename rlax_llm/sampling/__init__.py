@@ -10,9 +10,13 @@ from rlax_llm.sampling.branch import branch_generate_jit
 from rlax_llm.sampling.branch import BranchRollout
 from rlax_llm.sampling.branch import expand_samples
 from rlax_llm.sampling.branch import tree_sample
+from rlax_llm.sampling.generate import auto_decode_chunk
 from rlax_llm.sampling.generate import check_context
+from rlax_llm.sampling.generate import chunk_layout
 from rlax_llm.sampling.generate import generate
 from rlax_llm.sampling.generate import generate_jit
+from rlax_llm.sampling.generate import generate_on_mesh
+from rlax_llm.sampling.generate import generate_on_mesh_jit
 from rlax_llm.sampling.generate import Rollout
 from rlax_llm.sampling.latr import edit_distance
 from rlax_llm.sampling.latr import eta_schedule
@@ -31,10 +35,12 @@ from rlax_llm.sampling.partial import PartialState
 from rlax_llm.sampling.partial import prefill_length
 from rlax_llm.sampling.partial import staleness_stats
 from rlax_llm.sampling.partial import with_forced_lengths
+from rlax_llm.sampling.samplers import categorical_from_uniform
 from rlax_llm.sampling.samplers import filtered_logits
 from rlax_llm.sampling.samplers import min_p_filter
 from rlax_llm.sampling.samplers import Sample
 from rlax_llm.sampling.samplers import sample_token
+from rlax_llm.sampling.samplers import sample_token_from_uniform
 from rlax_llm.sampling.samplers import SamplerConfig
 from rlax_llm.sampling.samplers import top_k_filter
 from rlax_llm.sampling.samplers import top_p_filter
@@ -42,11 +48,13 @@ from rlax_llm.sampling.samplers import top_p_filter
 __all__ = [
     "BranchRollout", "ContinuationModel", "Group", "PartialBuffer",
     "PartialState", "Rollout", "Sample", "SamplerConfig", "TreeConfig",
-    "TreeRollout", "branch_generate", "branch_generate_jit", "check_context",
-    "edit_distance", "eta_schedule", "expand_samples", "filtered_logits",
-    "generate", "generate_jit", "generate_partial", "latr_decode",
+    "TreeRollout", "auto_decode_chunk", "branch_generate",
+    "branch_generate_jit", "categorical_from_uniform", "check_context",
+    "chunk_layout", "edit_distance", "eta_schedule", "expand_samples",
+    "filtered_logits", "generate", "generate_jit", "generate_on_mesh",
+    "generate_on_mesh_jit", "generate_partial", "latr_decode",
     "latr_generate", "latr_generate_jit", "min_p_filter",
     "normalized_edit_distance", "prefill_length", "sample_token",
-    "staleness_stats", "top_k_filter", "top_p_filter", "tree_rows",
-    "tree_sample", "with_forced_lengths",
+    "sample_token_from_uniform", "staleness_stats", "top_k_filter",
+    "top_p_filter", "tree_rows", "tree_sample", "with_forced_lengths",
 ]

@@ -8,14 +8,17 @@ G - S *plain rows*. Plain rows sample token by token from the start. The tree
 slots run in two phases:
 
 1. Branching (greedy). Slot 0 holds the original branch and decodes greedily.
-   At step i, every live, unfinished slot j with next-token probabilities p
-   (tempered as in `samplers`) proposes each non-greedy token c with
+   Slots 1..S-1 start as *reserve* rows: until a branch claims one, it
+   samples like a plain row. At step i, every live, unfinished branch j with
+   next-token probabilities p (tempered as in `samplers`) proposes each
+   non-greedy token c with
 
        p(c) > tau_abs   and   p(top-1) - p(c) < tau_rel,
 
    at most `max_branches_per_step` of them (most probable first). Proposals
-   take the free slots in (slot, rank) order until none is free. A new branch
-   copies its parent's token history and per-sample KV cache rows (no
+   take the free slots in (slot, rank) order until none is free, emptied
+   slots (of pruned branches) first, then reserve rows in slot order. A new
+   branch copies its parent's token history and per-sample KV cache rows (no
    recomputation), emits c at step i, and then decodes greedily too.
    Lookahead: for each window r in `windows` (increasing), once the branch has
    written r tokens after c (or it and its parent have both ended), the r
@@ -24,15 +27,21 @@ slots run in two phases:
        NED = Levenshtein(branch window, parent window) / max(window lengths)
 
    is below `tau_ed`, the branch *and all its descendants* are pruned and their
-   slots become free again. A branch that passes every window is settled.
+   slots become empty (free again). A branch that passes every window is
+   settled.
 2. Sampling. The phase switches, per prompt, at the first step where every
-   tree slot is live and settled, or at step `branch_steps`, whichever comes
-   first. Branches still awaiting a check at the switch are kept unchecked.
-   Free slots are then filled with copies of the live slots (round robin in
-   slot order, KV rows included) and every tree slot continues by stochastic
+   tree slot holds a settled branch, or at step `branch_steps`, whichever
+   comes first. Branches still awaiting a check at the switch are kept
+   unchecked. Empty slots are then filled with copies of the live branches
+   (round robin in slot order, KV rows included), reserve rows go on
+   sampling as plain rows, and every tree slot continues by stochastic
    sampling with the sampler, so surviving prefixes and their copies diverge
-   from the switch on. If every tree slot ends before the switch, remaining
-   free slots become copies of finished slots (identical completions).
+   from the switch on. If every tree slot ends before the switch, empty slots
+   become copies of finished branches (identical completions).
+
+Unclaimed tree capacity is thus spent on independent samples rather than on
+duplicates of the tree, so a prompt whose policy never hesitates (no branch
+opens, e.g. short answers) gets G - 1 samples and its greedy completion.
 
 Log-probs. Every token, greedy, branch or sampled, is stored with
 log softmax(logits / temperature)[token], the quantity `samplers.sample_token`
@@ -270,22 +279,24 @@ def latr_decode(step_fn: StepFn, logits_BGV: jax.typing.ArrayLike, cache,
   inv_temp = 1.0 / sampler.temperature if sampler.temperature > 0 else 1.0
 
   def cond(c):
-    return (c["i"] < t) & ~jnp.all(c["done"] | ~c["live"])
+    return (c["i"] < t) & ~jnp.all(c["done"] | ~(c["live"] | c["reserve"]))
 
   def body(c):
     i = c["i"]
     live, done, parent = c["live"], c["done"], c["parent"]
     birth, level, stoch = c["birth"], c["level"], c["stoch"]
+    reserve = c["reserve"]
     # -- switch to sampling: the tree is full and settled, or time is up.
     free = is_tree & ~live
     pending = is_tree & live & (level < nw)
     switch = ~stoch & (((~jnp.any(free, 1)) & ~jnp.any(pending, 1))
                        | (i >= tree.branch_steps))
-    fill = free & switch[:, None]
-    src = jnp.where(fill, _fill_sources(live & is_tree, free),
+    fill = free & ~reserve & switch[:, None]  # emptied slots copy branches
+    src = jnp.where(fill, _fill_sources(live & is_tree, fill),
                     jnp.arange(g)[None])
     copied = c["copied"] | fill
-    live = live | fill
+    live = live | fill | (reserve & switch[:, None])  # reserve rows: plain
+    reserve = reserve & ~switch[:, None]
     level = jnp.where(fill | switch[:, None], nw, level)
     stoch = stoch | switch
     switch_step = jnp.where(switch, i, c["switch_step"])
@@ -301,7 +312,9 @@ def latr_decode(step_fn: StepFn, logits_BGV: jax.typing.ArrayLike, cache,
     rank = jnp.cumsum(ok, axis=1) - 1
     n_free = jnp.sum(free, axis=1, keepdims=True)
     accept = ok & (rank < n_free)
-    free_list = jnp.argsort(~free, axis=1, stable=True)
+    # Free slots in order: emptied ones first, then reserve rows.
+    free_list = jnp.argsort(jnp.where(free, reserve.astype(jnp.int32), 2),
+                            axis=1, stable=True)
     child = jnp.where(accept, jnp.take_along_axis(
         free_list, jnp.clip(rank, 0, g - 1), axis=1), g)  # g: dropped
     from_slot = jnp.broadcast_to(jnp.arange(g)[:, None], (g, m)).reshape(-1)
@@ -314,6 +327,7 @@ def latr_decode(step_fn: StepFn, logits_BGV: jax.typing.ArrayLike, cache,
     birth = jnp.where(new, i, birth)
     level = jnp.where(new, 0, level)
     live = live | new
+    reserve = reserve & ~new
     opened = c["opened"] + jnp.sum(new, axis=1)
 
     # -- copy histories and KV rows of new branches / copies.
@@ -329,10 +343,10 @@ def latr_decode(step_fn: StepFn, logits_BGV: jax.typing.ArrayLike, cache,
     sampled = sample_token(jax.random.fold_in(rng, i), logits.reshape(b * g, v),
                            sampler).token.reshape(b, g)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    stochastic_row = jnp.where(is_tree[None], stoch[:, None], True)
+    stochastic_row = jnp.where(is_tree[None], stoch[:, None] | reserve, True)
     tok = jnp.where(stochastic_row, sampled, greedy)
     tok = jnp.where(new, new_tok, tok)
-    active = live & ~done
+    active = (live | reserve) & ~done
     tok = jnp.where(active, tok, pad_id)
     lp = jnp.where(active, jnp.take_along_axis(logp_BGV, tok[..., None],
                                                axis=-1)[..., 0], 0.0)
@@ -376,7 +390,8 @@ def latr_decode(step_fn: StepFn, logits_BGV: jax.typing.ArrayLike, cache,
 
     logits, cache = step_fn(tok, prompt_len_B[:, None] + i, cache, i)
     return dict(i=i + 1, tokens=tokens, logp=logp, mask=mask, done=done,
-                live=live, parent=parent, birth=birth, level=level,
+                live=live, reserve=reserve, parent=parent, birth=birth,
+                level=level,
                 stoch=stoch, copied=copied, opened=opened, pruned=pruned,
                 switch_step=switch_step,
                 logits=logits.astype(jnp.float32), cache=cache)
@@ -386,6 +401,7 @@ def latr_decode(step_fn: StepFn, logits_BGV: jax.typing.ArrayLike, cache,
       logp=jnp.zeros((b, g, t), jnp.float32), mask=jnp.zeros((b, g, t), bool),
       done=jnp.zeros((b, g), bool),
       live=jnp.broadcast_to(~is_tree | (jnp.arange(g) == 0), (b, g)),
+      reserve=jnp.broadcast_to(is_tree & (jnp.arange(g) > 0), (b, g)),
       parent=jnp.full((b, g), -1, jnp.int32),
       birth=jnp.full((b, g), -1, jnp.int32),
       level=jnp.full((b, g), nw, jnp.int32),
@@ -395,8 +411,9 @@ def latr_decode(step_fn: StepFn, logits_BGV: jax.typing.ArrayLike, cache,
       logits=logits_BGV,
       cache=cache)
   c = jax.lax.while_loop(cond, body, init)
-  # Slots still free when every row has ended copy a live slot's history.
-  free = is_tree & ~c["live"]
+  # Emptied slots when every row has ended copy a live branch's history;
+  # reserve rows keep their samples.
+  free = is_tree & ~c["live"] & ~c["reserve"]
   src = _fill_sources(c["live"] & is_tree, free)
   tokens, logp, mask, done = (_take_rows(c[k], src)
                               for k in ("tokens", "logp", "mask", "done"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import flax.nnx as nnx
@@ -9,6 +10,7 @@ import jax
 import numpy as np
 
 from rlax_llm.sampling.generate import generate_jit
+from rlax_llm.sampling.generate import generate_on_mesh_jit
 from rlax_llm.sampling.samplers import SamplerConfig
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -53,8 +55,9 @@ def evaluate(graphdef: nnx.GraphDef, params, *, prompts_BP: np.ndarray,
              decode: Callable[[np.ndarray, np.ndarray], list[str]],
              reward_fn: RewardFn, rng: jax.Array, max_new_tokens: int,
              eos_id: int, pad_id: int, num_samples: int,
-             sampler: SamplerConfig, batch_size: int = 256
-             ) -> dict[str, float]:
+             sampler: SamplerConfig, batch_size: int = 256,
+             mesh: jax.sharding.Mesh | None = None,
+             decode_chunk: int | None = None) -> dict[str, float]:
   """Scores a fixed problem set.
 
   Args:
@@ -69,6 +72,9 @@ def evaluate(graphdef: nnx.GraphDef, params, *, prompts_BP: np.ndarray,
     num_samples: G, the group size for pass@G (0 skips sampling).
     sampler: the sampling distribution of the group.
     batch_size: prompts per generate call.
+    mesh: a device mesh to split each call's prompts over
+      (`generate_on_mesh`); None decodes on one device.
+    decode_chunk: `generate`'s decode_chunk (None: its automatic choice).
 
   Returns:
     {"accuracy": greedy accuracy, "pass@G": fraction of prompts with a correct
@@ -76,6 +82,11 @@ def evaluate(graphdef: nnx.GraphDef, params, *, prompts_BP: np.ndarray,
      "mean_length": greedy length}.
   """
   n = len(answers)
+  if mesh is None:
+    gen = functools.partial(generate_jit, decode_chunk=decode_chunk)
+  else:
+    gen = functools.partial(generate_on_mesh_jit, mesh=mesh,
+                            decode_chunk=decode_chunk)
   greedy, sampled, lengths, majority = [], [], [], []
   for i, start in enumerate(range(0, n, batch_size)):
     sl = slice(start, start + batch_size)
@@ -85,7 +96,7 @@ def evaluate(graphdef: nnx.GraphDef, params, *, prompts_BP: np.ndarray,
     if pad:  # keep one shape: pad the last chunk with copies of its first row
       p = np.concatenate([p, np.repeat(p[:1], pad, 0)])
       m = np.concatenate([m, np.repeat(m[:1], pad, 0)])
-    ro = jax.device_get(generate_jit(
+    ro = jax.device_get(gen(
         graphdef, params, p, m, rng, num_samples=1,
         max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
         sampler=SamplerConfig(temperature=0.0)))
@@ -93,7 +104,7 @@ def evaluate(graphdef: nnx.GraphDef, params, *, prompts_BP: np.ndarray,
     greedy.append(reward_fn(decode(ro.tokens[:k], ro.mask[:k]), ans))
     lengths.append(ro.lengths[:k])
     if num_samples:
-      ro = jax.device_get(generate_jit(
+      ro = jax.device_get(gen(
           graphdef, params, p, m, jax.random.fold_in(rng, i),
           num_samples=num_samples, max_new_tokens=max_new_tokens,
           eos_id=eos_id, pad_id=pad_id, sampler=sampler))

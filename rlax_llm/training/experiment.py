@@ -162,6 +162,11 @@ class Experiment:
           "product divides it.")
     self.sampler = SamplerConfig(c.rl.temperature, c.rl.top_k, c.rl.top_p,
                                  c.rl.min_p).validate()
+    chunk = int(c.rl.get("decode_chunk", -1))
+    if chunk < -1:
+      raise ValueError(f"rl.decode_chunk={chunk}: use -1 (automatic), 0 (all "
+                       "rollouts at once) or a positive number of sequences.")
+    self.decode_chunk = None if chunk == -1 else chunk
     self.method = get_method(
         c.rl.method, clip_low=c.rl.clip_low, clip_high=c.rl.clip_high,
         dual_clip=c.rl.dual_clip or None, scale_by_std=c.rl.scale_by_std,
@@ -308,7 +313,8 @@ class Experiment:
         max_new_tokens=self.max_new_tokens,
         eos_id=self.setup.tokenizer.eos_id, pad_id=self.setup.tokenizer.pad_id,
         num_samples=c.eval.num_samples, sampler=self.sampler,
-        batch_size=c.eval.batch_size)
+        batch_size=c.eval.batch_size, mesh=self.mesh,
+        decode_chunk=self.decode_chunk)
 
   # -- the RL-phase state: a policy TrainState, or PPOState with a critic ----
   def rl_state_shardings(self):

@@ -1,0 +1,27 @@
+"""Test-session setup: one XLA compilation cache for the whole run.
+
+Many tests compile the same programs (the smoke experiment's update steps,
+`generate` on the tiny model, ...). A persistent compilation cache shared by
+the pytest-xdist workers and by the subprocesses some tests start compiles
+each of them once per run. It lives in a fresh temporary directory, removed
+at the end, so no run reuses another run's programs.
+"""
+
+import os
+import shutil
+import tempfile
+
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+# Set at import, in the controller before it starts the xdist workers (they
+# and every subprocess inherit the environment), and before jax is imported.
+if _CACHE_ENV not in os.environ:
+  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="rlax_llm_test_xla_cache_")
+  os.environ["RLAX_TEST_OWNS_XLA_CACHE"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+def pytest_unconfigure(config):
+  del config
+  if os.environ.get("RLAX_TEST_OWNS_XLA_CACHE") == str(os.getpid()):
+    shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)
