@@ -15,9 +15,9 @@ sampled once: metrics.jsonl logs `rollout/generated_tokens_per_completion`
 (about 2.0, against about 3.3 tokens, `rollout/length`, that independent
 sampling of the same completions costs: ~38% fewer sampled tokens and 3/4 of
 the decode rows) and `rollout/adv_abs_depth{0,1,2}`. summary.json holds
-`sft_accuracy` and `final_accuracy` (held-out greedy); seed 0 gave 0.268 ->
-0.344 in about 3.5 minutes on 2 CPU cores (the default GRPO run: 0.268 ->
-0.383).
+`sft_accuracy` and `final_accuracy` (held-out greedy); seed 0 gave 0.188 ->
+0.273 in about 4 minutes on 2 CPU cores (the default GRPO run: 0.188 ->
+0.277).
 """
 
 import ml_collections

@@ -6,8 +6,9 @@ Run:
 The default experiment (1,500 SFT steps, then 300 GRPO steps of 64 prompts x
 16 rows) with rollouts from the "latr" engine: S = round(16 * eta) rows of each
 group come from a lookahead tree (greedy branching where the policy hesitates,
-pruning of branches whose next tokens echo their parent, then sampling), the
-other 16 - S are plain samples. eta halves every 100 RL steps, 0.5 -> 0.125
+pruning of branches whose next tokens echo their parent, then sampling; tree
+rows no branch claims sample like plain rows), the other 16 - S are plain
+samples. eta halves every 100 RL steps, 0.5 -> 0.125
 (S = 8, 4, 2). Thresholds are the paper's math settings; the lookahead window
 (2 tokens) and the branching phase (3 tokens) are scaled to answers of at most
 4 characters + EOS. Writes the same artifacts as the default run; the metrics

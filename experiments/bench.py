@@ -70,7 +70,8 @@ decode step at that N ([N, D] x [D, Hq H], [N, D] x [D, K H], [N, Hq H] x
 1024^3 square matmul are timed with JAX on one device (a jitted loop), with
 JAX split by rows over every device (`jax_mesh`, as the decode splits its
 batch) and with torch (a loop of `torch.mm`), each timing ~1 GFLOP long,
-reported in `matmul_flops_per_s`; each shape's rate R_i is the fastest. With F_i a step's FLOPs in shape i,
+reported in `matmul_flops_per_s`; each shape's rate R_i is the fastest.
+With F_i a step's FLOPs in shape i,
 
   roofline_flops_per_s = sum_i F_i / sum_i (F_i / R_i)
 
@@ -212,6 +213,37 @@ def decode_matmul_shapes(cfg, sequences: int) -> list[tuple[str, int, int,
           ("vocab", sequences, d, cfg.vocab_size, 1)]
 
 
+def _matmul_loop(iters: int):
+  """f(a, w): `iters` chained [M, K] x [K, N] products in one fori_loop."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  # pylint: enable=g-import-not-at-top
+
+  def loop(a, w):
+    def body(_, carry):
+      a, _ = carry
+      out = jnp.dot(a, w)
+      # A dependency on the product keeps XLA from hoisting it out of the
+      # loop; it costs M x K adds against M x K x N multiply-adds.
+      return a + 1e-30 * out[:, :1], out
+    zeros = jnp.zeros((a.shape[0], w.shape[1]), jnp.float32)
+    return jax.lax.fori_loop(0, iters, body, (a, zeros))[1]
+  return loop
+
+
+def _median_seconds(fn, args, repeats: int) -> float:
+  """Median wall time of `repeats` blocked calls, after one untimed call."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))
+  seconds = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    seconds.append(time.perf_counter() - t0)
+  return statistics.median(seconds)
+
+
 def _jax_matmul_rate(m: int, k: int, n: int, iters: int,
                      repeats: int) -> float:
   """FLOP/s of an f32 [M, K] x [K, N] jnp.dot, `iters` per jitted call."""
@@ -221,25 +253,8 @@ def _jax_matmul_rate(m: int, k: int, n: int, iters: int,
   # pylint: enable=g-import-not-at-top
   a = jax.random.normal(jax.random.key(1), (m, k), jnp.float32)
   w = jax.random.normal(jax.random.key(2), (k, n), jnp.float32) / k**0.5
-
-  @jax.jit
-  def loop(a, w):
-    def body(_, carry):
-      a, _ = carry
-      out = jnp.dot(a, w)
-      # A dependency on the product keeps XLA from hoisting it out of the
-      # loop; it costs M x K adds against M x K x N multiply-adds.
-      return a + 1e-30 * out[:, :1], out
-    return jax.lax.fori_loop(0, iters, body,
-                             (a, jnp.zeros((m, n), jnp.float32)))[1]
-
-  jax.block_until_ready(loop(a, w))
-  seconds = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(loop(a, w))
-    seconds.append(time.perf_counter() - t0)
-  return 2 * m * k * n * iters / statistics.median(seconds)
+  loop = jax.jit(_matmul_loop(iters))
+  return 2 * m * k * n * iters / _median_seconds(loop, (a, w), repeats)
 
 
 def _torch_matmul_rate(m: int, k: int, n: int, iters: int,
@@ -286,23 +301,10 @@ def _jax_mesh_matmul_rate(m: int, k: int, n: int, iters: int,
       jax.random.normal(jax.random.key(2), (k, n), jnp.float32) / k**0.5,
       NamedSharding(mesh, P()))
 
-  def local(a, w):
-    def body(_, carry):
-      a, _ = carry
-      out = jnp.dot(a, w)
-      return a + 1e-30 * out[:, :1], out
-    return jax.lax.fori_loop(0, iters, body,
-                             (a, jnp.zeros((a.shape[0], n), jnp.float32)))[1]
-
-  loop = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P()),
+  loop = jax.jit(jax.shard_map(_matmul_loop(iters), mesh=mesh,
+                               in_specs=(P("data"), P()),
                                out_specs=P("data"), check_vma=False))
-  jax.block_until_ready(loop(a, w))
-  seconds = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(loop(a, w))
-    seconds.append(time.perf_counter() - t0)
-  return 2 * m * k * n * iters / statistics.median(seconds)
+  return 2 * m * k * n * iters / _median_seconds(loop, (a, w), repeats)
 
 
 def matmul_roofline(cfg, sequences: int, *, repeats: int = 5,
@@ -442,7 +444,7 @@ def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
                    preset: str | None = None, seed: int = 0,
                    transformers: bool = True, roofline: bool = True,
                    decode_chunk: int | None = None) -> dict[str, Any]:
-  """Times `generate_on_mesh_jit` on `sequences` rollouts of `new_tokens` tokens.
+  """Times `generate_on_mesh_jit` on `sequences` rollouts of `new_tokens`.
 
   The prompts are the default task's (configs/default.py) training prompts,
   tokenised and left-padded as the experiment does; the parameters are a

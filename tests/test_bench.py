@@ -52,6 +52,10 @@ def test_bench_generate_in_process_counts_exact_tokens():
   assert (rec["batch"], rec["samples_per_prompt"], rec["sequences"]) == (1, 4, 4)
   assert rec["new_tokens"] == 8 and rec["tokens"] == 32
   assert rec["tokens_per_s"] == pytest.approx(32 / rec["seconds_all"][0])
+  # One device here (the suite's process): a one-device mesh, no chunking
+  # for 4 rows (generate's automatic choice, recorded).
+  assert rec["mesh"]["data"] == rec["num_devices"] == 1
+  assert rec["decode_chunk"] == 0
 
 
 def test_bad_sizes_are_clear_errors():

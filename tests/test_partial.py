@@ -44,7 +44,9 @@ def _prompts(seed=0):
 # -- continuation equals one-shot decoding -------------------------------------
 
 
-def test_continuation_logits_equal_full_forward(tiny):
+@pytest.mark.parametrize("packed,width", [(False, T), (True, T), (True, 8)])
+def test_continuation_logits_equal_full_forward(tiny, packed, width):
+  """Row by row or packed into lanes, the same continuation."""
   graphdef, params = tiny
   model = nnx.merge(graphdef, params)
   prompt, pmask = _prompts()
@@ -52,9 +54,17 @@ def test_continuation_logits_equal_full_forward(tiny):
   tokens = rng.integers(2, V, (B, G, T)).astype(np.int32)
   length = np.array([[0, 3], [5, 1], [7, 2]], np.int32)
   tokens[np.arange(T) >= length[..., None]] = PAD
-  cont = april.transformer_continuation(graphdef, params, T)
+  lanes = None
+  if packed:
+    # Prompt lengths 3, 5, 4: segments 0, 6 | 10, 6 | 11, 6. Longest first,
+    # lanes of P + 16 = 21 take [11, 10] [6, 6, 6]; lanes of P + 8 = 13
+    # take [11] [10] [6, 6] [6].
+    lanes = partial_lib.prefill_lanes(length, pmask.sum(-1), P + width)
+    assert lanes == {T: 2, 8: 4}[width]
+  cont = april.transformer_continuation(graphdef, params, T, lanes=lanes)
   logits, cache = cont.prefill(jnp.asarray(prompt), jnp.asarray(pmask),
-                               jnp.asarray(tokens), jnp.asarray(length))
+                               jnp.asarray(tokens[..., :width]),
+                               jnp.asarray(length))
   nxt = rng.integers(2, V, (B, G)).astype(np.int32)
   logits2, _ = cont.step(jnp.asarray(nxt), jnp.asarray(length), cache)
   # Reference: one causal pass over [valid prompt | partial | next token] per
@@ -97,10 +107,11 @@ def test_resumed_greedy_rows_equal_one_shot_generation(tiny):
       prompt, pmask, np.where(keep, tokens, PAD), np.where(keep, logp, 0.0),
       np.where(keep, 0, -1), cut, np.zeros((B, G), bool),
       np.zeros((B, G), bool))
-  out, steps = april.partial_generate_jit(
+  assert april.prefill_sizes(state, T) == dict(prefill_len=8,
+                                                prefill_lanes=4)
+  out, steps = april.partial_generate(
       graphdef, params, state, jax.random.key(5), B, 1, eos_id=EOS,
-      pad_id=PAD, sampler=greedy,
-      prefill_len=partial_lib.prefill_length(cut, T))
+      pad_id=PAD, sampler=greedy)
   np.testing.assert_array_equal(out.tokens, tokens)
   np.testing.assert_allclose(out.logp, logp, atol=1e-5)
   np.testing.assert_array_equal(out.length, full_len)
@@ -111,6 +122,32 @@ def test_resumed_greedy_rows_equal_one_shot_generation(tiny):
       out.version, np.where(keep, 0, np.where(np.arange(T) < full_len[..., None],
                                               1, -1)))
   assert int(steps) == int(np.max(full_len - cut))
+
+
+def test_pack_lanes_hand_computed():
+  # Lanes of 10, longest first: 7 -> L0, 6 -> L1, 5 -> L2, 4 -> L1 (behind
+  # 6), 3 -> L0 (behind 7); the empty segment takes no lane.
+  lane, off = partial_lib.pack_lanes([4, 5, 0, 3, 6, 7], 10)
+  np.testing.assert_array_equal(lane, [1, 2, -1, 0, 1, 0])
+  np.testing.assert_array_equal(off, [6, 0, 0, 7, 0, 0])
+  assert partial_lib.prefill_lanes(np.zeros((2, 2)), [3, 3], 10) == 0
+  # Segments 3+4, 3+5 | 2+1, 2+7: [9] [8] [7, 3] -> 3 lanes, rounded up to 4.
+  assert partial_lib.prefill_lanes([[4, 5], [1, 7]], [3, 2], 10) == 4
+  with pytest.raises(ValueError, match="more than a lane"):
+    partial_lib.pack_lanes([3, 11], 10)
+  # Ended rows are not continued: they need no lanes.
+  np.testing.assert_array_equal(
+      partial_lib.resumed_length([[4, 5]], [[True, False]]), [[0, 5]])
+  # The jitted packing inside the continuation places segments the same way.
+  seg = np.random.default_rng(0).integers(0, 9, 40)
+  want_lane, want_off = partial_lib.pack_lanes(seg, 12)
+  lanes = int(want_lane.max()) + 1
+  got_lane, got_off = jax.jit(april._pack_lanes, static_argnums=(1, 2))(  # pylint: disable=protected-access
+      jnp.asarray(seg), 12, lanes)
+  np.testing.assert_array_equal(np.where(want_lane < 0, lanes, want_lane),
+                                got_lane)
+  np.testing.assert_array_equal(np.asarray(got_off)[seg > 0],
+                                want_off[seg > 0])
 
 
 def test_prefill_length_buckets():

@@ -52,17 +52,43 @@ _DEFAULTS = dict(over_provision=2.0, is_correction=False, is_cap=2.0,
                  staleness_bins=4)
 
 
+def _pack_lanes(seg_len_N: jax.Array, lane_len: int, lanes: int):
+  """`partial.pack_lanes` in JAX: first fit, longest segment first."""
+  order = jnp.argsort(-seg_len_N, stable=True)
+
+  def place(used_K, s):
+    fits = used_K + s <= lane_len
+    lane = jnp.where(s > 0, jnp.argmax(fits), lanes)  # lane `lanes`: none
+    off = jnp.where(s > 0, used_K[jnp.minimum(lane, lanes - 1)], 0)
+    used_K = used_K.at[lane].add(s, mode="drop")
+    return used_K, (lane, off)
+
+  _, (lane_o, off_o) = jax.lax.scan(
+      place, jnp.zeros((lanes,), jnp.int32),
+      seg_len_N[order].astype(jnp.int32))
+  inverse = jnp.argsort(order)
+  return lane_o[inverse], off_o[inverse]
+
+
 def transformer_continuation(graphdef: nnx.GraphDef, params,
-                             max_new_tokens: int
+                             max_new_tokens: int, *, lanes: int | None = None
                              ) -> partial_lib.ContinuationModel:
   """A `ContinuationModel` over `rlax_llm.models.Transformer`.
 
-  prefill runs [prompt | partial completion] of all B*G rows through the
-  model once (positions count valid tokens, as in `generate`), keeps the
-  prompt keys/values once per prompt and each row's completion keys/values in
-  its decode cache slots 0..length-1. step is `Transformer.decode_step` with
-  per-row cache slots: row (b, g) writes slot index_bg at position
-  prompt_len_b + index_bg and attends to its slots <= index_bg.
+  prefill keeps the prompt keys/values once per prompt (`Transformer.prefill`)
+  and puts each row's partial-completion keys/values in its decode cache
+  slots 0..length-1, computed by one causal pass over [prompt | partial
+  completion] (positions count valid tokens, as in `generate`):
+    * lanes=None: every one of the B*G rows is run, P + L columns each;
+    * lanes=K: only rows with a partial completion are run, packed one after
+      another into K lanes of P + L tokens (`partial.pack_lanes`; a token
+      attends only within its own row's segment). With long-tailed lengths
+      most carried rows are short and fresh rows need no pass at all, so this
+      costs a fraction of the row-by-row pass. K must be at least
+      `partial.prefill_lanes(length, prompt lengths, P + L)`.
+  step is `Transformer.decode_step` with per-row cache slots: row (b, g)
+  writes slot index_bg at position prompt_len_b + index_bg and attends to its
+  slots <= index_bg.
   """
   model = nnx.merge(graphdef, params)
   t = max_new_tokens
@@ -71,12 +97,15 @@ def transformer_continuation(graphdef: nnx.GraphDef, params,
     b, p = prompt_BP.shape
     g, l = tokens_BGL.shape[1], tokens_BGL.shape[2]
     prompt_len_B = jnp.sum(prompt_mask_BP, axis=-1).astype(jnp.int32)
-    if l == 0:  # fresh rows only: one prefill per prompt
+    if l == 0 or lanes == 0:  # fresh rows only: one prefill per prompt
       logits_BV, cache, _ = model.prefill(prompt_BP, prompt_mask_BP,
                                           num_samples=g, max_new_tokens=t)
       logits_BGV = jnp.broadcast_to(logits_BV[:, None],
                                     (b, g, logits_BV.shape[-1]))
       return logits_BGV, (cache, prompt_len_B)
+    if lanes is not None:
+      return packed_prefill(prompt_BP, prompt_mask_BP, tokens_BGL, length_BG,
+                            prompt_len_B)
     n = b * g
     comp_mask_NL = (jnp.arange(l) < length_BG[..., None]).reshape(n, l)
     seq_NS = jnp.concatenate([jnp.repeat(prompt_BP, g, axis=0),
@@ -105,13 +134,74 @@ def transformer_continuation(graphdef: nnx.GraphDef, params,
     cache = KVCache(prefix_k=tuple(k for k, _ in prefix),
                     prefix_v=tuple(v for _, v in prefix),
                     prefix_mask=prompt_mask_BP,
-                    k=tuple(k for k, _ in decode), v=tuple(v for _, v in decode))
+                    k=tuple(k for k, _ in decode),
+                    v=tuple(v for _, v in decode))
+    return logits_BGV, (cache, prompt_len_B)
+
+  def packed_prefill(prompt_BP, prompt_mask_BP, tokens_BGL, length_BG,
+                     prompt_len_B):
+    b, p = prompt_BP.shape
+    g, l = tokens_BGL.shape[1], tokens_BGL.shape[2]
+    lane_len = p + l
+    # The prompts, once per prompt: prefix cache and fresh rows' logits.
+    logits_BV, cache, _ = model.prefill(prompt_BP, prompt_mask_BP,
+                                        num_samples=g, max_new_tokens=t)
+    # Row (b, g)'s segment: its prompt's valid tokens, then its completion.
+    seg_BG = jnp.where(length_BG > 0, prompt_len_B[:, None] + length_BG, 0)
+    lane_N, off_N = _pack_lanes(seg_BG.reshape(-1), lane_len, lanes)
+    lane_BG, off_BG = lane_N.reshape(b, g), off_N.reshape(b, g)
+    valid_first = jnp.argsort(~prompt_mask_BP, axis=1, stable=True)
+    prompt_valid_BP = jnp.take_along_axis(prompt_BP, valid_first, axis=1)
+    j = jnp.arange(lane_len)
+    in_prompt = j < prompt_len_B[:, None, None]  # [B, 1, S]
+    tok_BGS = jnp.where(
+        in_prompt,
+        prompt_valid_BP[:, None, jnp.clip(j, 0, p - 1)],
+        jnp.take_along_axis(
+            tokens_BGL,
+            jnp.clip(j - prompt_len_B[:, None, None], 0, l - 1)
+            .astype(jnp.int32).repeat(g, axis=1), axis=2))
+    inside = j < seg_BG[..., None]
+    lane_BGS = jnp.where(inside, lane_BG[..., None], lanes)  # out: dropped
+    dest_BGS = off_BG[..., None] + j
+    row_BG = jnp.arange(b * g, dtype=jnp.int32).reshape(b, g)
+
+    def scatter(fill, values):
+      return jnp.full((lanes, lane_len), fill, values.dtype).at[
+          lane_BGS, dest_BGS].set(values, mode="drop")
+
+    tok_KS = scatter(0, tok_BGS)
+    pos_KS = scatter(0, jnp.broadcast_to(j, tok_BGS.shape).astype(jnp.int32))
+    seg_KS = scatter(-1, jnp.broadcast_to(row_BG[..., None], tok_BGS.shape))
+    h_KSD, kvs = model.hidden_states(tok_KS, pos_KS, seg_KS >= 0,
+                                     return_kv=True, segment_ids_BT=seg_KS)
+    # Completion slot i of row (b, g) sits at offset + prompt_len_b + i.
+    lane_c = jnp.minimum(lane_BG, lanes - 1)[..., None]
+    at_BGL = jnp.clip(off_BG[..., None] + prompt_len_B[:, None, None]
+                      + jnp.arange(l), 0, lane_len - 1)
+    written = (jnp.arange(l) < length_BG[..., None])[..., None, None]
+
+    def completion_slots(x_KSKH):
+      x = jnp.where(written, x_KSKH[lane_c, at_BGL], 0)  # [B, G, L, K, H]
+      pad = [(0, 0)] * x.ndim
+      pad[2] = (0, t - l)
+      return jnp.pad(x, pad)
+
+    decode = [decode_cache_from_kv(completion_slots(k), completion_slots(v))
+              for k, v in kvs]
+    cache = cache._replace(k=tuple(k for k, _ in decode),
+                           v=tuple(v for _, v in decode))
+    last_BG = jnp.clip(off_BG + seg_BG - 1, 0, lane_len - 1)
+    h_last = h_KSD[lane_c[..., 0], last_BG]  # [B, G, D]
+    logits_BGV = jnp.where((length_BG > 0)[..., None],
+                           model.logits_from_hidden(h_last),
+                           logits_BV[:, None])
     return logits_BGV, (cache, prompt_len_B)
 
   def step(tokens_BG, index_BG, carry):
     cache, prompt_len_B = carry
-    logits, cache = model.decode_step(tokens_BG, prompt_len_B[:, None] + index_BG,
-                                      cache, index_BG)
+    logits, cache = model.decode_step(
+        tokens_BG, prompt_len_B[:, None] + index_BG, cache, index_BG)
     return logits, (cache, prompt_len_B)
 
   return partial_lib.ContinuationModel(prefill, step)
@@ -119,21 +209,51 @@ def transformer_continuation(graphdef: nnx.GraphDef, params,
 
 @functools.partial(jax.jit, static_argnums=(0,),
                    static_argnames=("eos_id", "pad_id", "sampler",
-                                    "prefill_len"))
+                                    "prefill_len", "prefill_lanes"))
 def partial_generate_jit(graphdef, params, state: partial_lib.PartialState,
                          rng, target_groups, version, *, eos_id: int,
                          pad_id: int = 0,
                          sampler: SamplerConfig = SamplerConfig(),
-                         prefill_len: int | None = None):
+                         prefill_len: int | None = None,
+                         prefill_lanes: int | None = None):
   """`generate_partial` over the Transformer, under `jax.jit`.
 
-  `target_groups` and `version` are traced; `prefill_len` is static (pick it
-  with `partial.prefill_length`: at most log2(T) + 1 compilations per run).
+  `target_groups` and `version` are traced; `prefill_len` and
+  `prefill_lanes` are static (pick them with `partial.prefill_length` and
+  `partial.prefill_lanes`, or use `partial_generate`, which does).
   """
-  model = transformer_continuation(graphdef, params, state.tokens.shape[-1])
+  model = transformer_continuation(graphdef, params, state.tokens.shape[-1],
+                                   lanes=prefill_lanes)
   return partial_lib.generate_partial(
       model, state, rng, target_groups=target_groups, version=version,
       eos_id=eos_id, pad_id=pad_id, sampler=sampler, prefill_len=prefill_len)
+
+
+def prefill_sizes(state: partial_lib.PartialState,
+                  max_new_tokens: int) -> dict[str, int]:
+  """The static prefill sizes of a host-side state for `partial_generate_jit`.
+
+  prefill_len: `partial.prefill_length` of the lengths of the rows that go
+  on (`partial.resumed_length`); prefill_lanes: `partial.prefill_lanes` of
+  those rows in lanes of P + prefill_len tokens.
+  Both are powers of two (or 0), so a run compiles for few shapes.
+  """
+  length = partial_lib.resumed_length(state.length, state.done)
+  prefill_len = partial_lib.prefill_length(length, max_new_tokens)
+  lanes = partial_lib.prefill_lanes(
+      length, np.asarray(state.prompt_mask).sum(-1),
+      np.asarray(state.prompt).shape[-1] + prefill_len)
+  return dict(prefill_len=prefill_len, prefill_lanes=lanes)
+
+
+def partial_generate(graphdef, params, state: partial_lib.PartialState, rng,
+                     target_groups, version, *, eos_id: int, pad_id: int = 0,
+                     sampler: SamplerConfig = SamplerConfig()):
+  """`partial_generate_jit` with the prefill sizes read off `state` (host)."""
+  return partial_generate_jit(
+      graphdef, params, state, rng, target_groups, version, eos_id=eos_id,
+      pad_id=pad_id, sampler=sampler,
+      **prefill_sizes(state, np.asarray(state.tokens).shape[-1]))
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
@@ -186,12 +306,10 @@ class AprilRollout(rollouts.Engine):
 
   def _generate(self, state, target, params, step):
     exp, tok = self.exp, self.exp.setup.tokenizer
-    out, steps = partial_generate_jit(
+    out, steps = partial_generate(
         exp.graphdef, params, state, rollouts.rollout_key(exp.key, step),
         target, step, eos_id=tok.eos_id, pad_id=tok.pad_id,
-        sampler=exp.sampler,
-        prefill_len=partial_lib.prefill_length(state.length,
-                                               exp.max_new_tokens))
+        sampler=exp.sampler)
     return jax.device_get((out, steps))
 
   def _new_groups(self, step: int, n: int) -> list[partial_lib.Group]:

@@ -452,7 +452,7 @@ class Transformer(nnx.Module):
 
   # -- full sequence ----------------------------------------------------------
   def hidden_states(self, tokens_BT, positions_BT=None, mask_BT=None,
-                    *, return_kv: bool = False):
+                    *, return_kv: bool = False, segment_ids_BT=None):
     """Final-norm hidden states [B, T, D] of a causal pass over `tokens_BT`.
 
     Args:
@@ -460,6 +460,9 @@ class Transformer(nnx.Module):
       positions_BT: int positions; by default counted over `mask_BT`.
       mask_BT: bool, valid tokens (False marks padding, anywhere in the row).
       return_kv: also return the per-layer (k, v), each [B, T, K, H].
+      segment_ids_BT: optional int ids of packed sequences: a token attends
+        only to earlier tokens of its own segment (several sequences in one
+        row; give each its own positions).
     """
     b, t = tokens_BT.shape
     if mask_BT is None:
@@ -469,6 +472,9 @@ class Transformer(nnx.Module):
       positions_BT = default_positions(mask_BT)
     idx = jnp.arange(t)
     causal = idx[None, :, None] >= idx[None, None, :]
+    if segment_ids_BT is not None:
+      causal = causal & (segment_ids_BT[:, :, None]
+                         == segment_ids_BT[:, None, :])
     # A padded query still sees itself, so no row is fully masked (no NaN).
     allowed = (causal & mask_BT[:, None, :]) | (idx[:, None] == idx[None, :])
     x = self.embed(tokens_BT)

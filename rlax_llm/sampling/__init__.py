@@ -30,9 +30,12 @@ from rlax_llm.sampling.latr import TreeRollout
 from rlax_llm.sampling.partial import ContinuationModel
 from rlax_llm.sampling.partial import generate_partial
 from rlax_llm.sampling.partial import Group
+from rlax_llm.sampling.partial import pack_lanes
 from rlax_llm.sampling.partial import PartialBuffer
 from rlax_llm.sampling.partial import PartialState
+from rlax_llm.sampling.partial import prefill_lanes
 from rlax_llm.sampling.partial import prefill_length
+from rlax_llm.sampling.partial import resumed_length
 from rlax_llm.sampling.partial import staleness_stats
 from rlax_llm.sampling.partial import with_forced_lengths
 from rlax_llm.sampling.samplers import categorical_from_uniform
@@ -54,7 +57,8 @@ __all__ = [
     "filtered_logits", "generate", "generate_jit", "generate_on_mesh",
     "generate_on_mesh_jit", "generate_partial", "latr_decode",
     "latr_generate", "latr_generate_jit", "min_p_filter",
-    "normalized_edit_distance", "prefill_length", "sample_token",
+    "normalized_edit_distance", "pack_lanes", "prefill_lanes",
+    "prefill_length", "resumed_length", "sample_token",
     "sample_token_from_uniform", "staleness_stats", "top_k_filter",
     "top_p_filter", "tree_rows", "tree_sample", "with_forced_lengths",
 ]

@@ -203,7 +203,8 @@ def generate(graphdef: nnx.GraphDef, params, prompt_BP: jax.typing.ArrayLike,
     return jnp.take(x, prompt_of, axis=0).reshape(chunks, bc, *x.shape[1:])
 
   per_chunk = dict(
-      logits=take_prompts(last_logits_BV), prompt_len=take_prompts(prompt_len_B),
+      logits=take_prompts(last_logits_BV),
+      prompt_len=take_prompts(prompt_len_B),
       prefix=jax.tree.map(take_prompts, (cache.prefix_k, cache.prefix_v,
                                          cache.prefix_mask)),
       offset=jnp.arange(chunks, dtype=jnp.int32) * (bc * gc),
@@ -212,7 +213,10 @@ def generate(graphdef: nnx.GraphDef, params, prompt_BP: jax.typing.ArrayLike,
   def decode_chunk_fn(xs):
     n = bc * gc
     pk, pv, pm = xs["prefix"]
-    zeros = lambda x: jnp.zeros((bc, gc) + x.shape[2:], x.dtype)  # pylint: disable=unnecessary-lambda-assignment
+
+    def zeros(x):
+      return jnp.zeros((bc, gc) + x.shape[2:], x.dtype)
+
     ccache = cache._replace(prefix_k=pk, prefix_v=pv, prefix_mask=pm,
                             k=tuple(map(zeros, cache.k)),
                             v=tuple(map(zeros, cache.v)))
@@ -302,9 +306,9 @@ def generate_on_mesh(graphdef: nnx.GraphDef, params,
   state is gathered once, at the call) and keep any sharding over the other
   mesh axes (e.g. "tensor"), which stay automatic. Every row draws the
   uniforms of its place in the whole batch, so the samples equal those of
-  `generate` on one device, whatever the mesh (log-probs to f32 rounding). B need not divide by the
-  number of batch shards: the prompts are padded with copies of the last one
-  and the padding rows dropped.
+  `generate` on one device, whatever the mesh (log-probs to f32 rounding).
+  B need not divide by the number of batch shards: the prompts are padded
+  with copies of the last one and the padding rows dropped.
 
   Args:
     graphdef, params, prompt_BP, prompt_mask_BP, rng: as for `generate`.

@@ -110,9 +110,11 @@ def generate_partial(model: ContinuationModel, state: PartialState,
     pad_id: the id of unwritten slots.
     sampler: temperature / top-k / top-p / min-p settings.
     prefill_len: static; only the first `prefill_len` completion tokens are
-      given to `model.prefill` (it must be >= every row's `length`; see
-      `prefill_length`). Default T. A short prefill is what makes resuming
-      cheap: its cost grows with P + prefill_len, not P + T.
+      given to `model.prefill` (it must be >= the `length` of every row that
+      has not ended; see `prefill_length`). Default T. A short prefill is
+      what makes resuming cheap: its cost grows with P + prefill_len, not
+      P + T. Rows that have ended are never continued, so `model.prefill`
+      sees them as fresh (length 0) and need not run their completions.
 
   Returns:
     (the continued `PartialState`, int32 scalar number of iterations run).
@@ -138,7 +140,7 @@ def generate_partial(model: ContinuationModel, state: PartialState,
   logits_BGV, cache = model.prefill(
       jnp.asarray(state.prompt, jnp.int32),
       jnp.asarray(state.prompt_mask, bool), tokens_BGT[..., :prefill_len],
-      jnp.minimum(length_BG, prefill_len))
+      jnp.where(done_BG, 0, jnp.minimum(length_BG, prefill_len)))
 
   def cond(carry):
     j, done = carry[0], carry[4]
@@ -172,17 +174,74 @@ def generate_partial(model: ContinuationModel, state: PartialState,
                       version_BGT, length_BG, done_BG, eos_BG), steps
 
 
+def resumed_length(length_BG, done_BG) -> np.ndarray:
+  """The completion tokens `generate_partial` prefills: 0 for ended rows."""
+  return np.where(np.asarray(done_BG, bool), 0, np.asarray(length_BG))
+
+
 def prefill_length(length_BG, max_new_tokens: int, *, minimum: int = 8) -> int:
   """A static prefill length covering every row: 0 or a power of two <= T.
 
   0 when no row carries tokens, else the smallest power of two (at least
   `minimum`) >= max(length), capped at T, so a run compiles for at most
-  log2(T) prefill sizes.
+  log2(T) prefill sizes. Pass `resumed_length(length, done)` to leave out
+  rows that have ended.
   """
   longest = int(np.max(length_BG)) if np.size(length_BG) else 0
   if longest == 0:
     return 0
   return min(max_new_tokens, max(minimum, 1 << (longest - 1).bit_length()))
+
+
+def pack_lanes(seg_len_N, lane_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """First-fit-decreasing packing of segments into lanes (NumPy).
+
+  Segments are taken longest first (ties in index order); each goes into
+  the first lane with room for it behind what that lane holds, opening a new
+  lane when none has. Empty segments (length 0) take no lane (lane -1).
+  `april.transformer_continuation` packs the same way inside jit.
+
+  Args:
+    seg_len_N: [N] int segment lengths, each <= lane_len.
+    lane_len: tokens per lane.
+
+  Returns:
+    (lane_N, offset_N): each segment's lane and its first position there.
+  """
+  seg = np.asarray(seg_len_N, np.int64).reshape(-1)
+  if np.any(seg > lane_len):
+    i = int(np.argmax(seg > lane_len))
+    raise ValueError(f"segment {i} has {seg[i]} tokens, more than a lane's "
+                     f"{lane_len}.")
+  lane_N = np.full(seg.shape, -1, np.int32)
+  off_N = np.zeros(seg.shape, np.int32)
+  used: list[int] = []
+  for i in np.argsort(-seg, kind="stable"):
+    s = int(seg[i])
+    if s <= 0:
+      continue
+    lane = next((k for k, u in enumerate(used) if u + s <= lane_len), None)
+    if lane is None:
+      lane = len(used)
+      used.append(0)
+    lane_N[i], off_N[i] = lane, used[lane]
+    used[lane] += s
+  return lane_N, off_N
+
+
+def prefill_lanes(length_BG, prompt_len_B, lane_len: int) -> int:
+  """Lanes the packed prefill of carried rows needs: 0 or a power of two.
+
+  Each row with a partial completion (length > 0; pass `resumed_length` to
+  leave out ended rows) is one segment of its prompt's valid tokens plus its
+  completion, packed by `pack_lanes`; the count is rounded up to a power of
+  two so a run compiles for at most log2(B * G) + 1 lane counts.
+  """
+  length_BG = np.asarray(length_BG)
+  prompt_len_B = np.asarray(prompt_len_B).reshape(-1, 1)
+  seg = np.where(length_BG > 0, prompt_len_B + length_BG, 0)
+  lanes = int(pack_lanes(seg.reshape(-1), lane_len)[0].max(initial=-1)) + 1
+  return 0 if lanes == 0 else 1 << (lanes - 1).bit_length()
 
 
 def with_forced_lengths(model: ContinuationModel, target_length_BG: jax.Array,
