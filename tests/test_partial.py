@@ -161,9 +161,12 @@ def test_prefill_length_buckets():
 def test_benchmark_counts_every_finished_rollout():
   from experiments import bench_april  # pylint: disable=g-import-not-at-top
   sync, apr, ratio = bench_april.run(dict(steps=3, prompts=2, samples=2,
-                                          max_new_tokens=16, median_length=3))
+                                          max_new_tokens=16, median_length=3,
+                                          repeats=2))
   for r in (sync, apr):
     assert r["finished_rollouts"] == 3 * 2 * 2
+    assert len(r["seconds_all"]) == 2
+    assert r["seconds"] == min(r["seconds_all"])  # median of 2: the lower
   assert sync["staleness_mean"] == 0.0
   # Synchronous steps wait for the longest row of their fresh groups.
   want = np.mean([max(min(int(n), 16) for i in range(2) for n in
