@@ -162,6 +162,40 @@ def test_resuming_with_a_different_config_is_refused(smoke_run):
     experiment.run(c, str(workdir))
 
 
+def test_rollout_diversity_compares_sampling_and_latr(smoke_run, tmp_path):
+  from experiments import rollout_diversity  # pylint: disable=g-import-not-at-top
+  from rlax_llm.sampling import latr as latr_lib  # pylint: disable=g-import-not-at-top
+  workdir, _ = smoke_run
+  c = smoke.get_config()
+  exp = experiment.Experiment(c, str(workdir))
+  try:
+    step, params = experiment.restore_policy(exp)
+    assert step == c.sft.steps + c.rl.steps
+    # eta = 0: no tree rows, so both modes draw the very same samples.
+    same = rollout_diversity.measure(exp, params, latr_lib.TreeConfig(),
+                                     prompts=3, rounds=1, g=4, eta=0.0)
+    for key in ("distinct_per_group", "reward", "mean_length"):
+      assert same[0][key] == same[1][key]
+    assert 1.0 <= same[0]["distinct_per_group"] <= 4.0
+    # Branch on every candidate, never prune: the 4-row tree fills with 3
+    # branches, every path differs at its branch token, so all 4 differ.
+    every = latr_lib.TreeConfig(tau_abs=0.0, tau_rel=1.0, tau_ed=0.0,
+                                windows=(1,)).validate()
+    sample, tree = rollout_diversity.measure(exp, params, every, prompts=3,
+                                             rounds=2, g=4, eta=1.0)
+  finally:
+    exp.close()
+  assert sample["tree_rows"] == 0 and tree["tree_rows"] == 4
+  assert tree["branches_opened"] == 3.0 and tree["branches_pruned"] == 0.0
+  assert tree["distinct_tree"] == 4.0 == tree["distinct_per_group"]
+  assert sample["prompts"] == tree["prompts"] == 6
+  missing = subprocess.run(
+      [sys.executable, "-m", "experiments.rollout_diversity",
+       "--config=configs/smoke.py", f"--workdir={tmp_path / 'none'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert missing.returncode == 2 and "train first" in missing.stderr
+
+
 def test_evaluate_scores_the_latest_checkpoint_like_training(smoke_run,
                                                              tmp_path):
   workdir, summary = smoke_run

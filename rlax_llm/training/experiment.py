@@ -544,6 +544,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return Experiment(config, workdir).run()
 
 
+def restore_policy(exp: "Experiment") -> tuple[int, Any]:
+  """(step, policy params) of the latest checkpoint of `exp`'s workdir.
+
+  Works for SFT and RL checkpoints (the RL state's layout comes from the
+  method, e.g. with a critic). FileNotFoundError when there is none.
+  """
+  latest = exp.ckpt.latest_step()
+  if latest is None:
+    raise FileNotFoundError(
+        f"{os.path.join(exp.workdir, 'checkpoints')!r} holds no complete "
+        "checkpoint; train first with `python -m experiments.train`.")
+  meta = exp.ckpt.restore_meta(latest)
+  if meta.get("phase") == "rl":
+    abstract, sh = exp.rl_state_shardings()
+  else:
+    abstract, sh = state_lib.state_shardings(exp.model_cfg, exp.sft_opt,
+                                             exp.mesh, seed=exp.config.seed)
+  state, _ = exp.ckpt.restore(latest, abstract, sh)
+  return latest, exp.policy_params(state)
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                         split: str | None = None) -> dict[str, Any]:
   """Evaluates the latest checkpoint in `workdir` on a split.
@@ -560,24 +581,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
         f"`python -m experiments.train --workdir={workdir}`.")
   exp = Experiment(config, workdir)
   try:
-    latest = exp.ckpt.latest_step()
-    if latest is None:
-      raise FileNotFoundError(
-          f"{os.path.join(workdir, 'checkpoints')!r} holds no complete "
-          "checkpoint; train first with `python -m experiments.train`.")
     split = split or config.eval.split
     if split != exp.eval_split:
       exp.set_eval_split(split)
-    meta = exp.ckpt.restore_meta(latest)
-    if meta.get("phase") == "rl":
-      abstract, sh = exp.rl_state_shardings()
-    else:
-      abstract, sh = state_lib.state_shardings(exp.model_cfg, exp.sft_opt,
-                                               exp.mesh, seed=config.seed)
-    state, _ = exp.ckpt.restore(latest, abstract, sh)
+    latest, params = restore_policy(exp)
     result = {"step": latest, "split": split,
               "num_problems": len(exp.test_answers),
-              **exp.evaluate(exp.policy_params(state), latest)}
+              **exp.evaluate(params, latest)}
     result["reward/errors"] = exp.reward_counts["errors"]
     result["reward/timeouts"] = exp.reward_counts["timeouts"]
   finally:
