@@ -12,7 +12,8 @@ twice from the same prefill and key: all G as plain samples (the config's
 sampler), and with the first S = round(G * eta) rows from the LATR tree
 (`rlax_llm.sampling.latr`, the thresholds given as flags; the defaults are
 configs/latr_arith.py's). Prints one JSON object per mode with the mean number
-of distinct completions per group, the mean reward and pass rate (groups with
+of distinct completions per group, the mean normalised edit distance between
+the rows of a group (`pairwise_ned`), the mean reward and pass rate (groups with
 at least one correct row), the mean completion length and, for LATR, the
 branches opened and pruned per prompt and the distinct completions among the
 tree rows.
@@ -72,8 +73,9 @@ def measure(exp, params, tree, *, prompts: int, rounds: int, g: int,
 
   tok, t = exp.setup.tokenizer, exp.max_new_tokens
   s = latr_lib.tree_rows(g, eta)
-  acc = {mode: dict(distinct=[], reward=[], solved=[], length=[], opened=[],
-                    pruned=[], distinct_tree=[]) for mode in ("sample", "latr")}
+  acc = {mode: dict(distinct=[], ned=[], reward=[], solved=[], length=[],
+                    opened=[], pruned=[], distinct_tree=[])
+         for mode in ("sample", "latr")}
   for r in range(rounds):
     problems = exp.setup.task.train_batch(r, prompts)
     p, pm = tok.encode_batch([q.prompt for q in problems],
@@ -90,6 +92,7 @@ def measure(exp, params, tree, *, prompts: int, rounds: int, g: int,
       texts_bg = np.asarray(texts, dtype=object).reshape(prompts, g)
       a = acc[mode]
       a["distinct"].append(rollouts.distinct_completions(texts_bg))
+      a["ned"].append(rollouts.pairwise_edit_distance(texts_bg))
       a["reward"].append(float(np.mean(reward)))
       a["solved"].append(float(np.mean(reward.reshape(prompts, g).max(1) > 0)))
       a["length"].append(float(np.mean(ro.lengths)))
@@ -102,6 +105,7 @@ def measure(exp, params, tree, *, prompts: int, rounds: int, g: int,
     rec = dict(mode=mode, prompts=prompts * rounds, num_samples=g,
                tree_rows=s if mode == "latr" else 0,
                distinct_per_group=float(np.mean(a["distinct"])),
+               pairwise_ned=float(np.mean(a["ned"])),
                reward=float(np.mean(a["reward"])),
                solved_groups=float(np.mean(a["solved"])),
                mean_length=float(np.mean(a["length"])))

@@ -145,3 +145,17 @@ def test_overlong_buffer_penalises_long_completions(tmp_path):
   want = 1.0 - np.clip(groups["lengths"] - 3, 0, 2) / 2.0
   np.testing.assert_allclose(groups["reward"], want, atol=1e-6)
   assert (groups["lengths"] >= 4).any()  # an untrained model runs long
+
+
+def test_group_diversity_measures_against_hand_counts():
+  from rlax_llm.methods import rollouts  # pylint: disable=g-import-not-at-top
+  texts = [["12", "12", "13", ""], ["7", "7", "7", "7"]]
+  assert rollouts.distinct_completions(texts) == (3 + 1) / 2
+  # Group 0 pairs: (12,12) 0, (12,13) 1/2 twice, (12,"") 1 twice, (13,"") 1
+  # -> 4 / 6; group 1: all equal -> 0.
+  assert rollouts.pairwise_edit_distance(texts) == pytest.approx(
+      (4 / 6 + 0) / 2)
+  # Levenshtein("kitten", "sitting") = 3 over 7 characters.
+  assert rollouts.pairwise_edit_distance([["kitten", "sitting"]]) == (
+      pytest.approx(3 / 7))
+  assert rollouts.pairwise_edit_distance([["", ""]]) == 0.0

@@ -102,6 +102,34 @@ def distinct_completions(texts_BG) -> float:
   return float(np.mean([len(set(row)) for row in np.asarray(texts_BG)]))
 
 
+def _levenshtein(a: str, b: str) -> int:
+  prev = list(range(len(b) + 1))
+  for i, ca in enumerate(a, 1):
+    cur = [i]
+    for j, cb in enumerate(b, 1):
+      cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+    prev = cur
+  return prev[-1]
+
+
+def pairwise_edit_distance(texts_BG) -> float:
+  """Mean normalised edit distance between the completions of a group.
+
+  Per group, the mean over pairs i < j of Levenshtein(a_i, a_j) /
+  max(len(a_i), len(a_j)) (0 for two empty texts); then the mean over
+  groups. 0 when every row is the same, near 1 when rows share nothing.
+  Unlike `distinct_completions`, it tells one differing character from a
+  different answer.
+  """
+  means = []
+  for row in np.asarray(texts_BG, dtype=object):
+    row = [str(x) for x in row]
+    d = [(_levenshtein(a, b) / max(len(a), len(b)) if a or b else 0.0)
+         for i, a in enumerate(row) for b in row[i + 1:]]
+    means.append(float(np.mean(d)) if d else 0.0)
+  return float(np.mean(means))
+
+
 def group_batch(groups: dict[str, Any], adv_BG_or_BGT) -> steps_lib.RLBatch:
   """Flattens [B, G, ...] groups and their advantages into an RLBatch.
 
