@@ -134,12 +134,7 @@ def main(argv):
         branch_steps=_BRANCH_STEPS.value or 1 << 30).validate()
     if not 0.0 <= _ETA.value <= 1.0:
       raise ValueError(f"--eta must be in [0, 1], got {_ETA.value}.")
-    workdir = os.path.abspath(_WORKDIR.value)
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-      raise FileNotFoundError(
-          f"No checkpoints under {workdir!r}; train first with "
-          f"`python -m experiments.train --workdir={workdir}`.")
-    exp = experiment.Experiment(config, workdir)
+    exp = experiment.trained_experiment(config, _WORKDIR.value)
     try:
       step, params = experiment.restore_policy(exp)
       records = measure(exp, params, tree, prompts=_PROMPTS.value,

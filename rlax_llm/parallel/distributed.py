@@ -323,8 +323,8 @@ def use_host_devices(count: int = -1) -> int:
       raise RuntimeError(
           f"JAX already runs with {have} CPU device(s), so it cannot be split "
           f"into {n}: use_host_devices must run before the first JAX "
-          "operation (set mesh.host_devices=0 to keep the current devices, "
-          "or restart the process).")
+          "operation (set distributed.host_devices=0 to keep the current "
+          "devices, or restart the process).")
     return n
   jax.config.update("jax_num_cpu_devices", n)
   return n

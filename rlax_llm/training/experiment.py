@@ -544,6 +544,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return Experiment(config, workdir).run()
 
 
+def trained_experiment(config: ml_collections.ConfigDict,
+                       workdir: str) -> "Experiment":
+  """The `Experiment` of an existing run's workdir (close it when done).
+
+  FileNotFoundError, naming the training command, when `workdir` holds no
+  checkpoints/ (nothing is created there then).
+  """
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise FileNotFoundError(
+        f"No checkpoints under {workdir!r}; train first with "
+        f"`python -m experiments.train --workdir={workdir}`.")
+  return Experiment(config, workdir)
+
+
 def restore_policy(exp: "Experiment") -> tuple[int, Any]:
   """(step, policy params) of the latest checkpoint of `exp`'s workdir.
 
@@ -574,12 +589,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   `config.eval.split`). Writes `eval_step<N>.json` (for the config's split)
   or `eval_<split>_step<N>.json` (another split) and returns the result.
   """
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise FileNotFoundError(
-        f"No checkpoints under {workdir!r}; train first with "
-        f"`python -m experiments.train --workdir={workdir}`.")
-  exp = Experiment(config, workdir)
+  exp = trained_experiment(config, workdir)
+  workdir = exp.workdir
   try:
     split = split or config.eval.split
     if split != exp.eval_split:
