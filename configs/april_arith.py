@@ -9,8 +9,14 @@ with the "april" rollout engine: each step decodes 2 x 64 groups, stops once
 the policy version of every token) to the next step, where they are continued
 first. Arithmetic answers are at most a few tokens long, so here APRIL is a
 correctness demonstration (rows carried across steps, staleness logged as
-`rollout/staleness_*`); `python -m experiments.bench_april` measures its
-throughput on a long-tailed length distribution.
+`rollout/staleness_*`, `rollout/off_policy_tokens`); `python -m
+experiments.bench_april` measures its throughput on a long-tailed length
+distribution. As APRIL in slime, the trainer recomputes the old log-probs
+at train time (`rl.recompute_old_logp`), so the first update's ratio of a
+carried token is 1; `--config.rl.recompute_old_logp=False
+--config.rl.rollout_correction=none` takes the ratio against the sampler's
+log-probs instead, and `rl.rollout_correction=tis` adds truncated
+importance weights against them.
 """
 
 import ml_collections
@@ -23,8 +29,7 @@ def get_config(arg=None):
   c.rollout = ml_collections.ConfigDict(dict(
       name="april",
       over_provision=2.0,   # groups decoded per step / groups trained on
-      is_correction=False,  # truncated IS of current vs behaviour log-probs
-      is_cap=2.0,           # truncation of that importance weight
       staleness_bins=4,     # rollout/staleness_hist_0..3 (3 = 3 or more)
   ))
+  c.rl.recompute_old_logp = True
   return c

@@ -16,6 +16,10 @@ def model_config(preset: str = "tiny") -> ml_collections.ConfigDict:
                 norm_eps=1e-6, qkv_bias=False, tie_embeddings=True,
                 init_std=0.02)
   fields.update(PRESETS[preset])
+  # LoRA: adapters of this rank on the listed projections; the base weights
+  # stay frozen and the KL reference is the model with adapters off. 0: off.
+  fields.update(lora_rank=0, lora_alpha=16.0,
+                lora_targets=("q", "k", "v", "o", "gate", "up", "down"))
   return ml_collections.ConfigDict(dict(preset=preset, **fields))
 
 
@@ -45,7 +49,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       warmup_steps=20,
       weight_decay=0.0,
       grad_clip=1.0,
-      loss="cross_entropy",  # or "dft", "otr" (One-Token Rollout)
+      loss="cross_entropy",  # or "dft", "otr" (One-Token Rollout, K sampled
+                             # candidates), "otr_exact" (its expectation)
+      aggregation="token_mean",  # or "seq_mean_token_mean" (per sequence)
       ce_warmup_steps=0,     # cross-entropy steps before `loss` takes over
       otr_num_candidates=8,  # OTR: K candidate tokens per position
       otr_kappa=1.2,         # OTR: candidate sampling temperature
@@ -82,7 +88,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                              # building the [N, T, V] logits
       vocab_chunk=0,         # with logprob_chunk: vocabulary block; 0 = all
       dynamic_sampling=False,  # DAPO: replace groups whose rewards all agree
-      max_sampling_rounds=4,   # extra prompt draws allowed per step for that
+      max_sampling_rounds=16,  # draws per step at most for that (the first
+                               # included); then masked groups fill the rest
       overlong_buffer=0,       # DAPO soft overlong punishment over the last
                                # this many tokens of the budget; 0 disables
       # PPO (method "ppo") only: the critic and GAE.
@@ -93,6 +100,27 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       gae_lambda=0.95,
       xrpo_lambda=0.0,         # XRPO advantage sharpening scale; 0 disables
       xrpo_kappa_clip=0.5,     # XRPO: bonus capped at this fraction of A
+      d3s_sample_keep=0,       # D^3S: rollouts kept per group (max advantage
+                               # variance); 0 keeps all
+      d3s_token_fraction=1.0,  # D^3S: share of tokens kept by |A| x entropy
+                               # at the first RL step; 1 keeps all
+      d3s_token_fraction_end=1.0,  # ... after d3s_schedule_steps RL steps
+      d3s_schedule_steps=0,    # linear schedule length; 0 constant
+      token_level_advantages=False,  # REINFORCE++: verl's token-level
+                               # returns whitened over the batch's tokens
+      # The reference policy: a frozen copy of the RL phase's initial policy.
+      kl_coef=0.0,             # beta of KL(pi || pi_ref); 0: no reference
+      kl_estimator="k3",       # "k1" | "k2" | "k3" (Schulman's estimators)
+      kl_in_reward=False,      # KL in the reward (REINFORCE++) instead of a
+                               # loss term
+      ref_reset_every=0,       # RL steps between reference resets (ProRL);
+                               # 0 never
+      # Old log-probs and the sampler / trainer gap.
+      recompute_old_logp=False,  # PPO ratio against the trainer's log-probs
+                                 # at the step's start (not the sampler's)
+      rollout_correction="none",  # "tis" (truncate) | "mis" (mask) | "none"
+      rollout_correction_level="token",  # or "sequence"
+      rollout_correction_cap=2.0,        # the ratio threshold C
   ))
 
   # How rollouts are produced: "sample" draws rl.num_samples independent

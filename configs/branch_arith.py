@@ -34,16 +34,38 @@ def get_config(arg=None):
       # Children per split point (one int applies to every split); their
       # product is the number of leaves, which must equal rl.num_samples.
       branching=(4, 2, 2),
-      # Node value: mean leaf reward (False) or the leaf-path-probability
-      # weighted mean (True).
-      path_weighted=False,
-      # Depth pruning: only tokens of depths min_depth..max_depth train
-      # (max_depth -1: the deepest).
-      min_depth=0,
-      max_depth=-1,
-      # Width pruning: per depth, only the nodes with the largest |advantage|
-      # train (0 keeps every node).
-      width_keep=0,
+      # Node value (official BranchGRPO code, fastvideo/
+      # train_branchgrpo_flux.py): "mean" of the leaves' rewards (the
+      # official default); "edge_softmax" the official tree_prob_weighted
+      # option, a softmax over each child's edge log-prob (alpha
+      # value_alpha, 1.0 there) taken bottom-up; "path_softmax" a variant of
+      # rlax_llm, one softmax over whole-path log-probs.
+      value_weighting="mean",
+      value_alpha=1.0,
+      # Depth pruning: the depths (segments, 0 = first) whose tokens do not
+      # train, e.g. (1,); () prunes none. With depth_pruning_slide
+      # the set moves one depth shallower every depth_pruning_slide_interval
+      # RL steps until its shallowest depth reaches depth_pruning_stop_depth
+      # (-1: the last split's parent, here depth 1).
+      depth_pruning=(),
+      depth_pruning_slide=False,
+      depth_pruning_slide_interval=1,
+      depth_pruning_stop_depth=-1,
+      # Width pruning of the tokens after the last split (the first token of
+      # the last segment always trains): "best_per_branch" keeps the
+      # max(1, floor(n * ratio)) best of each leaf's n, "best_and_worst" the
+      # best and worst halves of max(2, floor(n * ratio)) of a tree's;
+      # "none" keeps all.
+      width_pruning="none",
+      width_pruning_ratio=0.5,
+      # Prune (depth and width) only up to this RL step (from 1); -1 always.
+      # The official pruning_step_ratio r is int(r * rl.steps) here.
+      pruning_cutoff_step=-1,
+      # Token advantages are clipped to +-adv_clip_max (official 5.0; a depth
+      # of M nodes reaches at most (M-1)/sqrt(M), 3.75 here).
+      adv_clip_max=5.0,
+      # Weight shared-prefix tokens so that each tree edge trains once.
+      train_edges_once=True,
   ))
   c.rl.num_samples = 16  # = 4 * 2 * 2 leaves
   return c

@@ -5,7 +5,10 @@
       [--host_devices=-1] [--decode_chunk=-1] [--notransformers] [--noroofline]
   python -m experiments.bench logprobs [--json] [--tokens=2048] \
       [--vocab=32768] [--width=256] [--chunk_size=1024] [--vocab_chunk=8192] \
-      [--repeats=3] [--nofull_size]
+      [--repeats=5] [--nofull_size]
+  python -m experiments.bench grpo_step [--json] [--prompts=8] \
+      [--samples_per_prompt=8] [--new_tokens=64] [--prompt_len=16] \
+      [--repeats=3] [--preset=...] [--notrl] [--noroofline] [--profile]
 
 What can be measured (the positional argument):
   generate   tokens/s of `rlax_llm.sampling.generate_on_mesh_jit` (prefill +
@@ -18,6 +21,23 @@ What can be measured (the positional argument):
              makes one JAX device per core (--host_devices=-1,
              `rlax_llm.parallel.use_host_devices`), so both frameworks use
              every core: torch as threads, JAX as devices.
+  grpo_step  seconds of one whole GRPO step (generate, reward, group
+             advantages, one AdamW update) of a 3.94M-parameter Qwen2-shaped
+             policy (4 layers, width 256, 8 query / 2 key-value heads of 32,
+             MLP 1024, vocabulary 512, tied embeddings) on 8 prompts x 8
+             samples x 64 new tokens, in rlax_llm (`generate_on_mesh_jit`,
+             `make_rl_step`, `jit_step`, composed as the experiment loop
+             does) and in TRL's GRPOTrainer on the same exported weights,
+             prompts and reward (`bench_grpo_step`): median and spread of
+             --repeats steps after an untimed one, the generate / score /
+             update split, TRL / rlax_llm ratios and each part's fraction of
+             the measured matmul roofline. The update's FLOPs are
+               F_update = 6 W_blk N S + 6 D V N T + 12 L Hq H N S^2,
+             S = P + T (`update_flops`: ~6 x params x tokens plus
+             attention). TRL is optional (the `bench` extra): without it
+             the record has "trl": null and `trl_unavailable`. --profile
+             adds the update's parts (scoring forward, backward, optimiser,
+             the rest), each compiled and timed on its own.
   rewards    verifications/s of the GSM8K and MATH verifiers on the
              reference solutions, in-process and through the reward runner's
              process pool (experiments/bench_rewards.py).
@@ -90,6 +110,7 @@ naive backward) well under two.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -113,20 +134,35 @@ _SEQUENCES = flags.DEFINE_list(
 _SAMPLES = flags.DEFINE_integer(
     "samples_per_prompt", 8,
     "G, samples per prompt (capped at the number of sequences).", lower_bound=1)
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128,
-                                   "Tokens decoded per sequence.", lower_bound=1)
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement.",
+_NEW_TOKENS = flags.DEFINE_integer(
+    "new_tokens", None, "Tokens decoded per sequence (default: generate 128, "
+    "grpo_step 64).", lower_bound=1)
+_REPEATS = flags.DEFINE_integer(
+    "repeats", None, "Timed calls per measurement (default: generate and "
+    "logprobs 5, grpo_step 3 steps).", lower_bound=1)
+_PROMPTS = flags.DEFINE_integer("prompts", 8, "grpo_step: prompts B per step.",
                                 lower_bound=1)
+_PROMPT_LEN = flags.DEFINE_integer(
+    "prompt_len", 16, "grpo_step: tokens P of each (random) prompt.",
+    lower_bound=1)
+_TRL = flags.DEFINE_bool(
+    "trl", True, "grpo_step: also time TRL's GRPOTrainer on the same weights "
+    "(reported as null when trl cannot be imported).")
+_PROFILE = flags.DEFINE_bool(
+    "profile", False, "grpo_step: also time the parts of rlax_llm's update "
+    "(scoring forward, backward, optimiser), each compiled on its own.")
 _PRESET = flags.DEFINE_string(
     "preset", None,
     "Model preset of rlax_llm.models.config.PRESETS to use instead of "
-    "configs/default.py's model.")
+    "configs/default.py's model (generate) or the 3.94M-parameter Qwen2-shaped "
+    "policy (grpo_step, which keeps its 512-token vocabulary).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and samples.")
 _TRANSFORMERS = flags.DEFINE_bool(
     "transformers", True, "generate: also time transformers' generate on the "
     "same weights (exported with rlax_llm.models.hf.save_pretrained).")
 _ROOFLINE = flags.DEFINE_bool(
-    "roofline", True, "generate: also measure the f32 matmul roofline.")
+    "roofline", True, "generate, grpo_step: also measure the f32 matmul "
+    "roofline.")
 _HOST_DEVICES = flags.DEFINE_integer(
     "host_devices", -1, "CPU devices JAX splits this host into "
     "(rlax_llm.parallel.use_host_devices): -1 one per core, 0 JAX's default "
@@ -309,10 +345,14 @@ def _jax_mesh_matmul_rate(m: int, k: int, n: int, iters: int,
 
 def matmul_roofline(cfg, sequences: int, *, repeats: int = 5,
                     square: int = 1024,
-                    with_torch: bool = True) -> dict[str, Any]:
+                    with_torch: bool = True,
+                    shapes: list[tuple[str, int, int, int, int]] | None = None
+                    ) -> dict[str, Any]:
   """Measures f32 matmul FLOP/s on this machine for the decode step's shapes.
 
-  Each distinct shape of `decode_matmul_shapes` and one [square, square]^2
+  `shapes` (name, M, K, N, count) replaces the decode step's
+  (`decode_matmul_shapes(cfg, sequences)`), e.g. `update_matmul_shapes`.
+  Each distinct shape of `shapes` and one [square, square]^2
   matmul is timed with JAX on one device (inside one jitted loop), with JAX
   split by rows over every device when there are several (`jax_mesh`), and
   with torch (a loop of `torch.mm` calls on its default threads); a shape's
@@ -327,8 +367,9 @@ def matmul_roofline(cfg, sequences: int, *, repeats: int = 5,
   """
   target = 1e9  # FLOPs per timing: ~10 ms, long enough to dwarf call overhead
   rates, flops, time_s = {}, 0.0, 0.0
-  shapes = decode_matmul_shapes(cfg, sequences) + [
-      ("square", square, square, square, 0)]
+  if shapes is None:
+    shapes = decode_matmul_shapes(cfg, sequences)
+  shapes = list(shapes) + [("square", square, square, square, 0)]
   for name, m, k, n, count in shapes:
     iters = max(1, min(2000, int(target / (2 * m * k * n))))
     rate = {"shape": [m, k, n],
@@ -484,7 +525,7 @@ def bench_generate(sequences: int, *, samples_per_prompt: int = 8,
   from rlax_llm.sampling.generate import generate_on_mesh_jit
   from rlax_llm.sampling.samplers import SamplerConfig
   from rlax_llm.training import state as state_lib
-  from rlax_llm.training.experiment import ArithmeticSetup
+  from rlax_llm.data.tasks import ArithmeticSetup
   # pylint: enable=g-import-not-at-top
 
   if preset is not None and preset not in PRESETS:
@@ -742,6 +783,595 @@ def bench_logprobs(tokens: int = 2048, *, vocab: int = 32768, width: int = 256,
   return records
 
 
+# One whole GRPO step, against TRL ------------------------------------------
+# The policy of `grpo_step`: a Qwen2-shaped decoder (q/k/v biases, tied
+# embeddings) of 3,936,000 parameters over a 512-token vocabulary:
+# L (D H (2 Hq + 2 K) + H (Hq + 2 K) + 3 D F + 2 D) + V D + D
+# = 4 (256 32 20 + 32 12 + 3 256 1024 + 512) + 512 256 + 256.
+GRPO_MODEL = dict(num_layers=4, embed_dim=256, num_heads=8, num_kv_heads=2,
+                  head_dim=32, mlp_dim=1024, qkv_bias=True,
+                  tie_embeddings=True, rope_theta=1_000_000.0)
+GRPO_MODEL_NAME = "qwen2_3.9m"
+GRPO_VOCAB = 512
+# Token ids of the synthetic vocabulary: "<pad>" 0, "<eos>" 1, words "t2" ..
+# "t511". Prompts draw from the words; every rollout decodes exactly
+# new_tokens tokens (rlax_llm: an EOS id the sampler never emits; TRL:
+# min_new_tokens = max_completion_length).
+GRPO_PAD_ID, GRPO_EOS_ID, GRPO_FIRST_WORD = 0, 1, 2
+# The optimiser of both frameworks: global-norm clipping at 1, then AdamW
+# with a constant rate (the experiment loop's optimiser without warm-up).
+GRPO_LEARNING_RATE, GRPO_BETAS, GRPO_GRAD_CLIP = 1e-6, (0.9, 0.99), 1.0
+
+
+def grpo_model_config(preset: str | None, prompt_len: int, new_tokens: int):
+  """The benchmark policy's ModelConfig (or a preset's shape), context P + T."""
+  # pylint: disable=g-import-not-at-top
+  from rlax_llm.models.config import ModelConfig, PRESETS
+  # pylint: enable=g-import-not-at-top
+  if preset is None:
+    fields = dict(GRPO_MODEL)
+  elif preset in PRESETS:
+    fields = dict(PRESETS[preset])
+  else:
+    raise ValueError(f"Unknown model preset {preset!r}; known: "
+                     f"{sorted(PRESETS)} (or none for the {GRPO_MODEL_NAME} "
+                     "policy).")
+  fields["max_seq_len"] = prompt_len + new_tokens
+  return ModelConfig(vocab_size=GRPO_VOCAB, **fields)
+
+
+def update_matmul_shapes(cfg, sequences: int, prompt_len: int,
+                         new_tokens: int) -> list[tuple[str, int, int, int,
+                                                        int]]:
+  """(name, M, K, N, count) of the matmuls of one update's forward + backward.
+
+  The forward runs the blocks' projections on all N (P + T) tokens and the
+  output layer on the N T completion positions; the backward multiplies by
+  the transposed weights ([M, N] x [N, K], "/dx") and forms the weight
+  gradients ([K, M] x [M, N], "/dw"), each as many FLOPs as the forward.
+  """
+  tokens = sequences * (prompt_len + new_tokens)
+  forward = [(name, tokens if name != "vocab" else sequences * new_tokens,
+              k, n, count)
+             for name, _, k, n, count in decode_matmul_shapes(cfg, 1)]
+  out = []
+  for name, m, k, n, count in forward:
+    out += [(name, m, k, n, count), (name + "/dx", m, n, k, count),
+            (name + "/dw", k, m, n, count)]
+  return out
+
+
+def score_forward_flops(cfg, sequences: int, prompt_len: int,
+                        new_tokens: int) -> int:
+  """Model FLOPs of scoring N rollouts once (the update's forward).
+
+    F_fwd = 2 W_blk N S + 2 D V N T + 4 L Hq H N S^2,   S = P + T,
+
+  W_blk = L (D Hq H + 2 D K H + Hq H D + 3 D F) the blocks' matmul weights
+  (`decode_matmul_params` without the output layer), applied to every token
+  of [prompt | completion]; the output layer D V only where a completion
+  token is predicted (N T rows); attention q.k and p.v over all S positions
+  of each sequence (2 FLOPs per multiply-add, the causal mask not
+  subtracted, as PaLM's MFU counts it).
+  """
+  s = prompt_len + new_tokens
+  w_blk = decode_matmul_params(cfg) - cfg.embed_dim * cfg.vocab_size
+  attention = (4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+               * sequences * s * s)
+  return (2 * w_blk * sequences * s
+          + 2 * cfg.embed_dim * cfg.vocab_size * sequences * new_tokens
+          + attention)
+
+
+def update_flops(cfg, sequences: int, prompt_len: int, new_tokens: int) -> int:
+  """FLOPs of one update's forward + backward: 3 x `score_forward_flops`.
+
+    F_update = 6 W_blk N S + 6 D V N T + 12 L Hq H N S^2
+
+  (~6 x params x tokens plus attention); the backward is twice the forward.
+  The optimiser's elementwise work is not counted.
+  """
+  return 3 * score_forward_flops(cfg, sequences, prompt_len, new_tokens)
+
+
+def synthetic_reward(completion_ids) -> list[float]:
+  """The reward of both frameworks: the fraction of even token ids.
+
+  Args:
+    completion_ids: one sequence of generated token ids per rollout.
+
+  Returns:
+    One float in [0, 1] per rollout (0 for an empty completion).
+  """
+  return [sum(1 for t in ids if int(t) % 2 == 0) / max(len(ids), 1)
+          for ids in completion_ids]
+
+
+def grpo_prompts(num_prompts: int, prompt_len: int, seed: int):
+  """[B, P] int32 prompt ids drawn uniformly from the vocabulary's words."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  return rng.integers(GRPO_FIRST_WORD, GRPO_VOCAB,
+                      size=(num_prompts, prompt_len)).astype(np.int32)
+
+
+def grpo_tokenizer():
+  """The synthetic vocabulary as a transformers fast tokenizer (for TRL).
+
+  Word-level: "t<id>" words separated by spaces map one to one onto ids, so
+  TRL's prompts tokenise to exactly rlax_llm's prompt ids.
+  """
+  # pylint: disable=g-import-not-at-top
+  import tokenizers
+  import transformers
+  # pylint: enable=g-import-not-at-top
+  vocab = {"<pad>": GRPO_PAD_ID, "<eos>": GRPO_EOS_ID}
+  vocab.update({f"t{i}": i for i in range(GRPO_FIRST_WORD, GRPO_VOCAB)})
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab,
+                                                         unk_token="<pad>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+      padding_side="left")
+
+
+def _spread(prefix: str, seconds: list[float]) -> dict[str, Any]:
+  """{prefix_s: median, prefix_s_all: all, prefix_s_spread: max - min}."""
+  return {f"{prefix}_s": statistics.median(seconds),
+          f"{prefix}_s_all": seconds,
+          f"{prefix}_s_spread": max(seconds) - min(seconds)}
+
+
+def _largest_divisor_mesh(num_prompts: int):
+  """A "data" mesh over the most devices that divide the prompts."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from rlax_llm.parallel import mesh as mesh_lib
+  # pylint: enable=g-import-not-at-top
+  devices = jax.devices()
+  k = max(d for d in range(1, len(devices) + 1) if num_prompts % d == 0)
+  return mesh_lib.make_mesh({"data": k}, devices=devices[:k])
+
+
+def grpo_optimizer():
+  """Gradient clipping + AdamW at a constant rate (see GRPO_LEARNING_RATE)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  return optax.chain(
+      optax.clip_by_global_norm(GRPO_GRAD_CLIP),
+      optax.adamw(GRPO_LEARNING_RATE, b1=GRPO_BETAS[0], b2=GRPO_BETAS[1],
+                  weight_decay=0.0))
+
+
+def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
+                   new_tokens: int, repeats: int, seed: int,
+                   profile: bool = False) -> dict[str, Any]:
+  """Times rlax_llm's GRPO step as the experiment loop composes it.
+
+  One step: `generate_on_mesh_jit` (B prompts x G samples, fetched to the
+  host), the synthetic reward and GRPO group advantages on the host
+  (`methods.get_method("grpo")`) flattened into a `training.RLBatch`, then one
+  jitted update (`training.make_rl_step` under `training.jit_step`: one
+  epoch, one minibatch, clipped-ratio loss, one AdamW update) whose metrics
+  are fetched. The first step (compilation included) is untimed
+  (`warmup_s`); then `repeats` steps, each part timed to its blocking fetch.
+
+  Returns:
+    {"step_s", "generate_s", "score_s" (reward + advantages + batch),
+     "update_s", each with `_all` and `_spread`; "warmup_s", "mesh",
+     "reward_mean", "loss"; "profile" with `profile` (see
+     `profile_rlax_update`)}, and the initial parameters and graph under
+     "_params" and "_graphdef" (for the export; removed before printing).
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from rlax_llm.methods import get_method
+  from rlax_llm.sampling.generate import generate_on_mesh_jit
+  from rlax_llm.sampling.samplers import SamplerConfig
+  from rlax_llm.training import state as state_lib
+  from rlax_llm.training import steps as steps_lib
+  # pylint: enable=g-import-not-at-top
+
+  b, g, t = prompt_BP.shape[0], samples_per_prompt, new_tokens
+  mesh = _largest_divisor_mesh(b)
+  optimizer = grpo_optimizer()
+  state, shardings = state_lib.create_train_state(model_cfg, optimizer, mesh,
+                                                  seed=seed)
+  params0 = jax.device_get(state.params)
+  graphdef = state_lib.model_graphdef(model_cfg)
+  method = get_method("grpo", max_new_tokens=t)
+  rl_step = steps_lib.jit_step(
+      steps_lib.make_rl_step(graphdef, optimizer, method.policy_loss),
+      shardings, mesh)
+  sampler = SamplerConfig(1.0, 0, 1.0, 0.0).validate()
+  mask_BP = np.ones(prompt_BP.shape, bool)
+  key = jax.random.key(seed)
+
+  def step(state, i):
+    t0 = time.perf_counter()
+    ro = jax.device_get(generate_on_mesh_jit(
+        graphdef, state.params, prompt_BP, mask_BP, jax.random.fold_in(key, i),
+        mesh=mesh, num_samples=g, max_new_tokens=t, eos_id=NO_EOS_ID,
+        pad_id=GRPO_PAD_ID, sampler=sampler, decode_chunk=None))
+    t1 = time.perf_counter()
+    if (np.asarray(ro.lengths) != t).any():
+      raise RuntimeError(
+          f"generate decoded {ro.lengths.min()}..{ro.lengths.max()} tokens "
+          f"instead of exactly {t}; the step would not do the work it claims.")
+    reward_N = np.asarray(synthetic_reward(ro.tokens.tolist()), np.float32)
+    adv_BG = np.asarray(
+        method.advantage_fn(jnp.asarray(reward_N.reshape(b, g))))
+    # The RL batch as the experiment layer flattens groups: N = B * G rows,
+    # each prompt repeated per sample, sequence advantages over the tokens.
+    mask_NT = np.asarray(ro.mask, bool)
+    batch = steps_lib.RLBatch(
+        prompt=np.repeat(prompt_BP, g, axis=0),
+        prompt_mask=np.repeat(mask_BP, g, axis=0),
+        completion=np.asarray(ro.tokens), completion_mask=mask_NT,
+        old_logp=np.asarray(ro.logp, np.float32),
+        advantages=(adv_BG.reshape(b * g, 1) * mask_NT).astype(np.float32))
+    t2 = time.perf_counter()
+    state, metrics = rl_step(state, batch)
+    metrics = jax.device_get(metrics)
+    t3 = time.perf_counter()
+    return state, batch, metrics, reward_N, (t3 - t0, t1 - t0, t2 - t1, t3 - t2)
+
+  t0 = time.perf_counter()
+  state, batch, _, _, _ = step(state, repeats)
+  warmup_s = time.perf_counter() - t0
+  times = []
+  for i in range(repeats):
+    state, batch, metrics, reward_N, parts = step(state, i)
+    times.append(parts)
+  steps_s, gen_s, score_s, upd_s = (list(x) for x in zip(*times))
+  rec = {**_spread("step", steps_s), **_spread("generate", gen_s),
+         **_spread("score", score_s), **_spread("update", upd_s),
+         "warmup_s": warmup_s, "mesh": dict(mesh.shape),
+         "reward_mean": float(reward_N.mean()),
+         "loss": float(metrics["loss"]), "_params": params0,
+         "_graphdef": graphdef}
+  if profile:
+    rec["profile"] = profile_rlax_update(
+        graphdef, state, mesh, batch, rl_step, optimizer,
+        method.policy_loss, repeats=repeats)
+  return rec
+
+
+def profile_rlax_update(graphdef, state, mesh, batch, rl_step,
+                        optimizer, policy_loss, *,
+                        repeats: int) -> dict[str, Any]:
+  """Times the parts of rlax_llm's update, each compiled on its own.
+
+  On the step's batch and parameters, on the same mesh: `forward_s` the
+  scoring forward and the policy loss (`training.score_completions` +
+  the GRPO loss), `forward_backward_s` its `jax.value_and_grad`,
+  `backward_s` their difference, `optimizer_s` the clipped AdamW update
+  and `apply_updates` on those gradients, and `update_s` the whole jitted
+  step (`training.jit_step`, batch placement included). `other_s` =
+  update_s - forward_backward_s - optimizer_s is what the step spends
+  besides the three parts (the minibatch permutation and gathers, the
+  gradient accumulator, metrics). Each is the median of `repeats` calls
+  after one untimed call; `*_compile_s` their compile times.
+  `forward_xla_flops` is XLA's own FLOP count of the compiled forward,
+  summed over the mesh's devices (a check of `score_forward_flops`, which
+  it exceeds by the elementwise work), None where the backend reports none.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from rlax_llm.parallel import distributed
+  from rlax_llm.training.scoring import score_completions
+  # pylint: enable=g-import-not-at-top
+  placed = distributed.global_batch_to_devices(batch, mesh)
+  mask = placed.completion_mask.astype(bool)
+  num_tokens = jnp.sum(mask).astype(jnp.float32)
+  num_seqs = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.float32)
+
+  def loss(params, b):
+    scores = score_completions(graphdef, params, b.prompt, b.prompt_mask,
+                               b.completion, b.completion_mask)
+    return policy_loss(scores.logp, b.old_logp, b.advantages,
+                       b.completion_mask.astype(bool), num_tokens=num_tokens,
+                       num_seqs=num_seqs)[0]
+
+  def opt_update(params, opt_state, grads):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  out = {}
+
+  def compile_and_time(name, fn, *args):
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    out[f"{name}_compile_s"] = time.perf_counter() - t0
+    out[f"{name}_s"] = _median_seconds(compiled, args, repeats)
+    return compiled
+
+  fwd = compile_and_time("forward", loss, state.params, placed)
+  fwd_bwd = compile_and_time("forward_backward", jax.value_and_grad(loss),
+                             state.params, placed)
+  _, grads = fwd_bwd(state.params, placed)
+  compile_and_time("optimizer", opt_update, state.params, state.opt_state,
+                   grads)
+  try:
+    cost = fwd.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # XLA counts one device's program; the mesh runs `mesh.size` of them.
+    out["forward_xla_flops"] = (float(cost["flops"]) * mesh.size if cost
+                                else None)
+  except (KeyError, TypeError, NotImplementedError):
+    out["forward_xla_flops"] = None
+  # The whole step last: it donates the state the parts above read.
+  seconds = []
+  for _ in range(repeats + 1):
+    t0 = time.perf_counter()
+    state, metrics = rl_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    seconds.append(time.perf_counter() - t0)
+  out["update_s"] = statistics.median(seconds[1:])
+  out["backward_s"] = out["forward_backward_s"] - out["forward_s"]
+  out["other_s"] = (out["update_s"] - out["forward_backward_s"]
+                    - out["optimizer_s"])
+  return out
+
+
+def trl_grpo_step(hf_dir: str, prompt_BP, *, samples_per_prompt: int,
+                  new_tokens: int, repeats: int, seed: int,
+                  reference=None) -> dict[str, Any]:
+  """Times TRL's GRPOTrainer on the same weights, prompts and reward.
+
+  The checkpoint in `hf_dir` (rlax_llm's initial parameters) is loaded in
+  float32; prompts are the same ids as words of `grpo_tokenizer`. The
+  trainer is set up as rlax_llm's step: per_device_train_batch_size = N
+  with num_generations = G (one generation batch per optimiser step, no
+  gradient accumulation, so no old-log-prob pass), sampling at temperature
+  1 with no top-k/top-p, exactly `new_tokens` tokens (min_new_tokens),
+  beta 0 (no reference model), loss_type "grpo" (sequence mean of token
+  means, rlax_llm's default aggregation), epsilon 0.2, group-std scaling,
+  and AdamW with rlax_llm's rate, betas, clipping and no decay. It trains
+  1 + `repeats` steps; the first is untimed. `step_s` spans a step from the
+  trainer's on_step_begin to on_step_end callback, `generate_s` the model's
+  `generate`, `score_s` the rest of `_generate_and_score_completions`
+  (tokenising, decoding, reward, advantages) and `update_s` the remainder
+  (forward, backward, optimiser). With `reference` = (graphdef, params) of
+  rlax_llm's model, both models' logits on the prompts must agree within
+  LOGITS_ATOL (`logits_max_abs_diff`) before anything is timed. Whatever
+  the trainer prints goes to stderr, so stdout keeps only the JSON.
+
+  Raises:
+    ImportError: when trl, transformers, datasets or torch are missing.
+  """
+  with contextlib.redirect_stdout(sys.stderr):
+    return _trl_grpo_step(hf_dir, prompt_BP,
+                          samples_per_prompt=samples_per_prompt,
+                          new_tokens=new_tokens, repeats=repeats, seed=seed,
+                          reference=reference)
+
+
+def _trl_grpo_step(hf_dir, prompt_BP, *, samples_per_prompt, new_tokens,
+                   repeats, seed, reference):
+  # pylint: disable=g-import-not-at-top
+  import tempfile
+  import datasets
+  import torch
+  import transformers
+  import trl
+  # pylint: enable=g-import-not-at-top
+  n = prompt_BP.shape[0] * samples_per_prompt
+  tokenizer = grpo_tokenizer()
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      hf_dir, dtype=torch.float32)
+  diff = None
+  if reference is not None:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    diff = logits_max_abs_diff(*reference, model.eval(), prompt_BP,
+                               np.ones(prompt_BP.shape, bool))
+    if not diff <= LOGITS_ATOL:
+      raise RuntimeError(
+          f"TRL's model (transformers) gives logits {diff:.3g} away from "
+          f"rlax_llm's (> {LOGITS_ATOL}); the two steps would not train the "
+          "same model.")
+  gen_s, rollout_s, step_s, lengths = [], [], [], []
+  generate = model.generate
+
+  def timed_generate(*args, **kwargs):
+    t0 = time.perf_counter()
+    out = generate(*args, **kwargs)
+    gen_s.append(time.perf_counter() - t0)
+    return out
+
+  model.generate = timed_generate
+
+  class TimedGRPOTrainer(trl.GRPOTrainer):
+
+    def _generate_and_score_completions(self, inputs):
+      t0 = time.perf_counter()
+      out = super()._generate_and_score_completions(inputs)
+      rollout_s.append(time.perf_counter() - t0)
+      return out
+
+  class StepTimer(transformers.TrainerCallback):
+
+    def on_step_begin(self, args, state, control, **kwargs):
+      self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+      step_s.append(time.perf_counter() - self.t0)
+
+  def even_token_reward(prompts, completions, completion_ids, **kwargs):
+    del prompts, completions, kwargs
+    lengths.extend(len(ids) for ids in completion_ids)
+    return synthetic_reward(completion_ids)
+
+  prompts = [" ".join(f"t{i}" for i in row) for row in prompt_BP.tolist()]
+  # Each step takes the next B prompts (no shuffling): the same B every step.
+  dataset = datasets.Dataset.from_dict({"prompt": prompts * (1 + repeats)})
+  with tempfile.TemporaryDirectory() as out_dir:
+    args = trl.GRPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=n,
+        gradient_accumulation_steps=1, num_generations=samples_per_prompt,
+        max_completion_length=new_tokens,
+        generation_kwargs={"min_new_tokens": new_tokens},
+        temperature=1.0, top_k=0, top_p=1.0, beta=0.0, loss_type="grpo",
+        epsilon=0.2, scale_rewards="group", num_iterations=1,
+        learning_rate=GRPO_LEARNING_RATE, adam_beta1=GRPO_BETAS[0],
+        adam_beta2=GRPO_BETAS[1], weight_decay=0.0,
+        max_grad_norm=GRPO_GRAD_CLIP, lr_scheduler_type="constant",
+        warmup_steps=0, max_steps=1 + repeats, shuffle_dataset=False,
+        logging_steps=10 * (1 + repeats), save_strategy="no", report_to="none",
+        use_cpu=not torch.cuda.is_available(), bf16=False, seed=seed,
+        disable_tqdm=True, dataloader_num_workers=0, log_completions=False)
+    trainer = TimedGRPOTrainer(
+        model=model, reward_funcs=[even_token_reward], args=args,
+        train_dataset=dataset, processing_class=tokenizer,
+        callbacks=[StepTimer()])
+    trainer.train()
+  if len(step_s) != 1 + repeats:
+    raise RuntimeError(f"TRL ran {len(step_s)} steps instead of "
+                       f"{1 + repeats}; the timings would not match.")
+  if set(lengths) != {new_tokens}:
+    raise RuntimeError(
+        f"TRL generated completions of {sorted(set(lengths))} tokens instead "
+        f"of exactly {new_tokens}; the step would not do the work it claims.")
+  rec = {**_spread("step", step_s[1:]), "warmup_s": step_s[0],
+         "logits_max_abs_diff": diff, "trl_version": trl.__version__,
+         "transformers_version": transformers.__version__,
+         "torch_version": torch.__version__,
+         "torch_threads": torch.get_num_threads(), "optim": str(args.optim)}
+  if len(rollout_s) == len(step_s) and len(gen_s) == len(step_s):
+    rest = [r - g for r, g in zip(rollout_s, gen_s)]
+    upd = [s - r for s, r in zip(step_s, rollout_s)]
+    rec.update({**_spread("generate", gen_s[1:]), **_spread("score", rest[1:]),
+                **_spread("update", upd[1:])})
+  else:  # this TRL version does not generate where the timers look
+    rec.update({"generate_s": None, "score_s": None, "update_s": None})
+  return rec
+
+
+def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
+                    new_tokens: int = 64, prompt_len: int = 16,
+                    repeats: int = 3, preset: str | None = None,
+                    seed: int = 0, trl: bool = True, roofline: bool = True,
+                    profile: bool = False) -> dict[str, Any]:
+  """One whole GRPO step in rlax_llm and in TRL's GRPOTrainer.
+
+  B prompts of P random word tokens x G samples x T new tokens: generate,
+  reward (`synthetic_reward`, the same function in both), group advantages
+  and one AdamW update, on the `GRPO_MODEL` policy (or a preset's shape)
+  freshly initialised by rlax_llm and exported with
+  `rlax_llm.models.hf.save_pretrained` for TRL. Timings are the median
+  (and spread, max - min) of `repeats` steps after one untimed warm-up step.
+
+  FLOPs (see `update_flops`, `score_forward_flops`):
+    update_flops   = 6 W_blk N S + 6 D V N T + 12 L Hq H N S^2, S = P + T,
+    generate_flops = N T F_tok, F_tok = `decode_flops_per_token(cfg, P, T)`
+                     (the prefill is not counted).
+  With `roofline`, each part's achieved rate (FLOPs / median seconds) is
+  divided by the measured matmul roofline of its shapes (`matmul_roofline`:
+  the decode step's matmuls at N rows for generate, `update_matmul_shapes`
+  for the update): `generate_roofline_fraction`,
+  `update_roofline_fraction`, and for the whole step
+  `step_roofline_fraction` = (generate + update FLOPs) / step_s over the
+  FLOP-weighted roofline of both.
+
+  Returns:
+    One record: the shapes, `params`, the FLOP counts, `rlax` and `trl` (None
+    with `trl_unavailable` saying why when TRL cannot be imported) with
+    their timings, `trl_over_rlax` (step_s ratio; `_generate`, `_update` per
+    part) and, with `roofline`, the rates and fractions.
+  """
+  # pylint: disable=g-import-not-at-top
+  import tempfile
+  from rlax_llm.models import hf
+  # pylint: enable=g-import-not-at-top
+  for name, value in (("prompts", num_prompts),
+                      ("samples_per_prompt", samples_per_prompt),
+                      ("new_tokens", new_tokens), ("prompt_len", prompt_len),
+                      ("repeats", repeats)):
+    if value < 1:
+      raise ValueError(f"--{name} must be a positive integer, got {value}.")
+  if samples_per_prompt < 2:
+    raise ValueError("--samples_per_prompt must be at least 2: GRPO's group "
+                     "advantages need two samples per prompt.")
+  model_cfg = grpo_model_config(preset, prompt_len, new_tokens)
+  n = num_prompts * samples_per_prompt
+  prompt_BP = grpo_prompts(num_prompts, prompt_len, seed)
+  rec = {
+      "bench": "grpo_step", "model": preset or GRPO_MODEL_NAME,
+      "params": model_cfg.num_params, "vocab": model_cfg.vocab_size,
+      "prompts": num_prompts, "samples_per_prompt": samples_per_prompt,
+      "sequences": n, "prompt_len": prompt_len, "new_tokens": new_tokens,
+      "repeats": repeats,
+      "update_flops": update_flops(model_cfg, n, prompt_len, new_tokens),
+      "generate_flops": n * new_tokens * decode_flops_per_token(
+          model_cfg, prompt_len, new_tokens),
+      **_device_info(),
+  }
+  ours = rlax_grpo_step(model_cfg, prompt_BP,
+                        samples_per_prompt=samples_per_prompt,
+                        new_tokens=new_tokens, repeats=repeats, seed=seed,
+                        profile=profile)
+  params0 = ours.pop("_params")
+  graphdef = ours.pop("_graphdef")
+  rec["rlax"] = ours
+  rec["trl"] = None
+  if trl:
+    with tempfile.TemporaryDirectory() as hf_dir:
+      hf.save_pretrained((model_cfg, params0), hf_dir)
+      try:
+        rec["trl"] = trl_grpo_step(
+            hf_dir, prompt_BP, samples_per_prompt=samples_per_prompt,
+            new_tokens=new_tokens, repeats=repeats, seed=seed,
+            reference=(graphdef, params0))
+      except ImportError as e:
+        rec["trl_unavailable"] = (
+            f"{e}; install it with `pip install trl` (the `bench` extra).")
+  else:
+    rec["trl_unavailable"] = "not requested (--notrl)"
+  theirs = rec["trl"]
+  for part in ("step", "generate", "update"):
+    key = "trl_over_rlax" + ("" if part == "step" else f"_{part}")
+    ok = theirs is not None and theirs.get(f"{part}_s") is not None
+    rec[key] = theirs[f"{part}_s"] / ours[f"{part}_s"] if ok else None
+
+  if roofline:
+    rr = min(repeats, 3)
+    gen = matmul_roofline(model_cfg, n, repeats=rr, with_torch=trl)
+    upd = matmul_roofline(model_cfg, n, repeats=rr, with_torch=trl,
+                          shapes=update_matmul_shapes(model_cfg, n, prompt_len,
+                                                      new_tokens))
+    g_rate, u_rate = gen["roofline_flops_per_s"], upd["roofline_flops_per_s"]
+    g_flops, u_flops = rec["generate_flops"], rec["update_flops"]
+    step_rate = (g_flops + u_flops) / (g_flops / g_rate + u_flops / u_rate)
+    rec["roofline"] = {
+        "generate_flops_per_s": g_rate, "update_flops_per_s": u_rate,
+        "step_flops_per_s": step_rate,
+        "peak_flops_per_s": max(gen["peak_flops_per_s"],
+                                upd["peak_flops_per_s"]),
+        "generate_matmul_flops_per_s": gen["matmul_flops_per_s"],
+        "update_matmul_flops_per_s": upd["matmul_flops_per_s"]}
+    for side in (ours, theirs):
+      if side is None:
+        continue
+      side["step_roofline_fraction"] = (
+          (g_flops + u_flops) / side["step_s"] / step_rate)
+      for part, flops, rate in (("generate", g_flops, g_rate),
+                                ("update", u_flops, u_rate)):
+        side[f"{part}_roofline_fraction"] = (
+            flops / side[f"{part}_s"] / rate
+            if side.get(f"{part}_s") is not None else None)
+    prof = ours.get("profile")
+    if prof:
+      fwd = score_forward_flops(model_cfg, n, prompt_len, new_tokens)
+      prof["forward_roofline_fraction"] = fwd / prof["forward_s"] / u_rate
+      prof["backward_roofline_fraction"] = (
+          2 * fwd / prof["backward_s"] / u_rate
+          if prof["backward_s"] > 0 else None)
+  return rec
+
+
 def _run_generate() -> list[dict[str, Any]]:
   try:
     sizes = [int(s) for s in _SEQUENCES.value]
@@ -749,7 +1379,8 @@ def _run_generate() -> list[dict[str, Any]]:
     raise app.UsageError(f"--sequences must be integers, got "
                          f"{_SEQUENCES.value}.") from None
   return [bench_generate(n, samples_per_prompt=_SAMPLES.value,
-                         new_tokens=_NEW_TOKENS.value, repeats=_REPEATS.value,
+                         new_tokens=_NEW_TOKENS.value or 128,
+                         repeats=_REPEATS.value or 5,
                          preset=_PRESET.value, seed=_SEED.value,
                          transformers=_TRANSFORMERS.value,
                          roofline=_ROOFLINE.value,
@@ -762,8 +1393,16 @@ def _run_logprobs() -> list[dict[str, Any]]:
   return bench_logprobs(_TOKENS.value, vocab=_VOCAB.value, width=_WIDTH.value,
                         chunk_size=_CHUNK_SIZE.value,
                         vocab_chunk=_VOCAB_CHUNK.value or None,
-                        repeats=_REPEATS.value, seed=_SEED.value,
+                        repeats=_REPEATS.value or 5, seed=_SEED.value,
                         full_size=_FULL_SIZE.value)
+
+
+def _run_grpo_step() -> list[dict[str, Any]]:
+  return [bench_grpo_step(
+      num_prompts=_PROMPTS.value, samples_per_prompt=_SAMPLES.value,
+      new_tokens=_NEW_TOKENS.value or 64, prompt_len=_PROMPT_LEN.value,
+      repeats=_REPEATS.value or 3, preset=_PRESET.value, seed=_SEED.value,
+      trl=_TRL.value, roofline=_ROOFLINE.value, profile=_PROFILE.value)]
 
 
 def _run_rewards() -> list[dict[str, Any]]:
@@ -773,6 +1412,7 @@ def _run_rewards() -> list[dict[str, Any]]:
 
 BENCHES: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "generate": _run_generate,
+    "grpo_step": _run_grpo_step,
     "logprobs": _run_logprobs,
     "rewards": _run_rewards,
 }
@@ -834,6 +1474,47 @@ def _rewards_table(records: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def _grpo_table(records: list[dict[str, Any]]) -> str:
+  """The grpo_step records: one row per framework, seconds and fractions."""
+  def sec(side, part):
+    v = side.get(f"{part}_s") if side else None
+    return "-" if v is None else (
+        f"{v:.3f} ±{side[f'{part}_s_spread'] / 2:.3f}")
+
+  def frac(side, part):
+    v = side.get(f"{part}_roofline_fraction") if side else None
+    return "-" if v is None else f"{v:.3f}"
+
+  head = ("framework", "step s", "generate s", "score s", "update s",
+          "gen frac", "upd frac", "step frac")
+  rows, notes = [head], []
+  for r in records:
+    for name in ("rlax", "trl"):
+      side = r.get(name)
+      rows.append((name, sec(side, "step"), sec(side, "generate"),
+                   sec(side, "score"), sec(side, "update"),
+                   frac(side, "generate"), frac(side, "update"),
+                   frac(side, "step")))
+    notes.append(
+        f"{r['model']} ({r['params']:,} params), {r['prompts']} prompts x "
+        f"{r['samples_per_prompt']} samples x {r['new_tokens']} new tokens "
+        f"(prompt {r['prompt_len']}); update {r['update_flops'] / 1e9:.2f} "
+        f"GFLOP, generate {r['generate_flops'] / 1e9:.2f} GFLOP; "
+        + (f"TRL / rlax_llm = {r['trl_over_rlax']:.2f}"
+           if r.get("trl_over_rlax") else
+           f"TRL: {r.get('trl_unavailable')}"))
+    prof = r["rlax"].get("profile")
+    if prof:
+      notes.append("rlax_llm update parts (s): " + ", ".join(
+          f"{k[:-2]} {prof[k]:.4f}" for k in (
+              "forward_s", "backward_s", "optimizer_s", "other_s",
+              "update_s")))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines + notes)
+
+
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # stdout/stderr stay readable
   # pylint: disable=g-import-not-at-top
@@ -863,7 +1544,9 @@ def main(argv):
     generate = [r for r in records if r["bench"] == "generate"]
     logprobs = [r for r in records if r["bench"] == "logprobs"]
     rewards = [r for r in records if r["bench"] == "rewards"]
+    grpo = [r for r in records if r["bench"] == "grpo_step"]
     print("\n\n".join(([_table(generate)] if generate else []) +
+                       ([_grpo_table(grpo)] if grpo else []) +
                        ([_logprobs_table(logprobs)] if logprobs else []) +
                        ([_rewards_table(rewards)] if rewards else [])))
 

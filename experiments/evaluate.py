@@ -25,7 +25,7 @@ if os.path.dirname(_HERE) not in sys.path:
   sys.path.insert(0, os.path.dirname(_HERE))
 
 if __name__ == "__main__":
-  from rlax_llm.training import config_utils  # pylint: disable=g-import-not-at-top
+  from rlax_llm.experiment import config_utils  # pylint: disable=g-import-not-at-top
   config_utils.exit_on_bad_overrides(sys.argv, _DEFAULT_CONFIG)
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -43,7 +43,7 @@ def main(argv):
   # The same devices as training (e.g. distributed.host_devices on a CPU).
   from rlax_llm.parallel import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(_CONFIG.value.get("distributed"))
-  from rlax_llm.training import experiment  # pylint: disable=g-import-not-at-top
+  from rlax_llm import experiment  # pylint: disable=g-import-not-at-top
   try:
     result = experiment.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value,
                                             split=_SPLIT.value)

@@ -2,16 +2,17 @@
 
   python -m experiments.rollout_diversity --config=configs/default.py \
       --workdir=DIR [--prompts=64] [--num_samples=16] [--eta=0.5] \
-      [--tau_abs=0.15] [--tau_rel=0.25] [--tau_ed=0.5] [--windows=2] \
-      [--branch_steps=3] [--max_branches_per_step=2] [--rounds=2] \
-      [--config.key=value ...]
+      [--latr_config=configs/latr_arith.py] [--tree=tau_abs=0.2,windows=3] \
+      [--rounds=2] [--config.key=value ...]
 
 Loads the latest checkpoint of a run (pass the config it was trained with),
 draws `--prompts` training prompts per round and, for each, G rollouts
 twice from the same prefill and key: all G as plain samples (the config's
 sampler), and with the first S = round(G * eta) rows from the LATR tree
-(`rlax_llm.sampling.latr`, the thresholds given as flags; the defaults are
-configs/latr_arith.py's). Prints one JSON object per mode with the mean number
+(`rlax_llm.sampling.latr`, with the `config.rollout` fields of
+`--latr_config`, each overridable by `--tree=field=value,...`; values are
+Python literals, e.g. `windows=(2,3)`). With `keep_math_symbols` the exempt
+token table is built from the run's tokenizer, as the engine does. Prints one JSON object per mode with the mean number
 of distinct completions per group, the mean normalised edit distance between
 the rows of a group (`pairwise_ned`), the mean reward and pass rate (groups with
 at least one correct row), the mean completion length and, for LATR, the
@@ -31,7 +32,7 @@ if os.path.dirname(_HERE) not in sys.path:
   sys.path.insert(0, os.path.dirname(_HERE))
 
 if __name__ == "__main__":
-  from rlax_llm.training import config_utils  # pylint: disable=g-import-not-at-top
+  from rlax_llm.experiment import config_utils  # pylint: disable=g-import-not-at-top
   config_utils.exit_on_bad_overrides(sys.argv, _DEFAULT_CONFIG)
 
 from absl import app  # pylint: disable=g-import-not-at-top
@@ -51,17 +52,47 @@ _ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds of prompts.",
 _G = flags.DEFINE_integer("num_samples", 16, "G, rows per prompt.",
                           lower_bound=1)
 _ETA = flags.DEFINE_float("eta", 0.5, "Share of a group from the tree.")
-_TAU_ABS = flags.DEFINE_float("tau_abs", 0.15, "Branch when p(c) > tau_abs.")
-_TAU_REL = flags.DEFINE_float("tau_rel", 0.25,
-                              "and p(top-1) - p(c) < tau_rel.")
-_TAU_ED = flags.DEFINE_float("tau_ed", 0.5, "Prune below this window NED.")
-_WINDOWS = flags.DEFINE_list("windows", ["2"], "Lookahead windows (tokens).")
-_BRANCH_STEPS = flags.DEFINE_integer(
-    "branch_steps", 3, "Longest branching phase (tokens; 0 = no limit).",
-    lower_bound=0)
-_MAX_BRANCHES = flags.DEFINE_integer("max_branches_per_step", 2,
-                                     "Children one branch opens per step.",
-                                     lower_bound=0)
+_LATR_CONFIG = flags.DEFINE_string(
+    "latr_config", os.path.join(os.path.dirname(_HERE), "configs",
+                                "latr_arith.py"),
+    "Config file whose `rollout` section gives the LATR tree.")
+_TREE = flags.DEFINE_list("tree", [], "Tree field overrides, field=value.")
+
+
+def tree_from_flags(latr_config: str, overrides) -> "latr_lib.TreeConfig":
+  """The TreeConfig of `latr_config`'s rollout section with `overrides`."""
+  import ast  # pylint: disable=g-import-not-at-top
+  from rlax_llm.experiment import config_utils  # pylint: disable=g-import-not-at-top
+  from rlax_llm.sampling import latr as latr_lib  # pylint: disable=g-import-not-at-top
+  fields = {k: v for k, v in dict(config_utils.load_config_file(
+      latr_config).rollout).items() if k != "name"}
+  joined = ",".join(overrides)
+  for item in _split_fields(joined):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"--tree entry {item!r} is not field=value.")
+    try:
+      fields[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError) as e:
+      raise ValueError(f"--tree {key}={value!r} is not a Python literal "
+                       "(numbers, True/False, None, tuples).") from e
+  return latr_lib.tree_config_from_fields(fields)
+
+
+def _split_fields(text: str) -> list[str]:
+  """Splits on commas outside brackets ("windows=(2,3),tau_ed=0.4")."""
+  out, depth, cur = [], 0, ""
+  for ch in text:
+    depth += ch in "([{"
+    depth -= ch in ")]}"
+    if ch == "," and depth == 0:
+      out.append(cur)
+      cur = ""
+    else:
+      cur += ch
+  if cur.strip():
+    out.append(cur)
+  return [x for x in out if x.strip()]
 
 
 def measure(exp, params, tree, *, prompts: int, rounds: int, g: int,
@@ -71,8 +102,13 @@ def measure(exp, params, tree, *, prompts: int, rounds: int, g: int,
   from rlax_llm.methods import rollouts  # pylint: disable=g-import-not-at-top
   from rlax_llm.sampling import latr as latr_lib  # pylint: disable=g-import-not-at-top
 
+  from rlax_llm.methods import latr as latr_engine  # pylint: disable=g-import-not-at-top
   tok, t = exp.setup.tokenizer, exp.max_new_tokens
   s = latr_lib.tree_rows(g, eta)
+  exempt_V = None
+  if tree.keep_math_symbols:
+    exempt_V = latr_lib.math_symbol_table(latr_engine.token_texts(
+        tok, exp.model_cfg.vocab_size))
   acc = {mode: dict(distinct=[], ned=[], reward=[], solved=[], length=[],
                     opened=[], pruned=[], distinct_tree=[])
          for mode in ("sample", "latr")}
@@ -86,7 +122,7 @@ def measure(exp, params, tree, *, prompts: int, rounds: int, g: int,
       ro = jax.device_get(latr_lib.latr_generate_jit(
           exp.graphdef, params, p, pm, key, num_samples=g, num_tree=num_tree,
           max_new_tokens=t, eos_id=tok.eos_id, pad_id=tok.pad_id,
-          sampler=exp.sampler, tree=tree))
+          sampler=exp.sampler, tree=tree, exempt_V=exempt_V))
       texts = exp.decode(ro.tokens, ro.mask)
       reward, _ = exp.rewards(texts, answers)
       texts_bg = np.asarray(texts, dtype=object).reshape(prompts, g)
@@ -124,14 +160,9 @@ def main(argv):
   from rlax_llm.parallel import distributed  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   distributed.initialize(config.get("distributed"))
-  from rlax_llm.sampling import latr as latr_lib  # pylint: disable=g-import-not-at-top
-  from rlax_llm.training import experiment  # pylint: disable=g-import-not-at-top
+  from rlax_llm import experiment  # pylint: disable=g-import-not-at-top
   try:
-    tree = latr_lib.TreeConfig(
-        tau_abs=_TAU_ABS.value, tau_rel=_TAU_REL.value, tau_ed=_TAU_ED.value,
-        max_branches_per_step=_MAX_BRANCHES.value,
-        windows=tuple(int(w) for w in _WINDOWS.value),
-        branch_steps=_BRANCH_STEPS.value or 1 << 30).validate()
+    tree = tree_from_flags(_LATR_CONFIG.value, _TREE.value)
     if not 0.0 <= _ETA.value <= 1.0:
       raise ValueError(f"--eta must be in [0, 1], got {_ETA.value}.")
     exp = experiment.trained_experiment(config, _WORKDIR.value)

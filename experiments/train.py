@@ -24,7 +24,7 @@ if os.path.dirname(_HERE) not in sys.path:
 
 if __name__ == "__main__":
   # Before the flags are defined: ml_collections parses overrides at that point.
-  from rlax_llm.training import config_utils  # pylint: disable=g-import-not-at-top
+  from rlax_llm.experiment import config_utils  # pylint: disable=g-import-not-at-top
   config_utils.exit_on_bad_overrides(sys.argv, _DEFAULT_CONFIG)
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -40,7 +40,7 @@ def main(argv):
   # devices; a no-op for a single process.
   from rlax_llm.parallel import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(_CONFIG.value.get("distributed"))
-  from rlax_llm.training import experiment  # pylint: disable=g-import-not-at-top
+  from rlax_llm import experiment  # pylint: disable=g-import-not-at-top
   summary = experiment.run(_CONFIG.value, _WORKDIR.value)
   print(f"sft_accuracy={summary['sft_accuracy']:.4f} "
         f"final_accuracy={summary['final_accuracy']:.4f} "

@@ -224,3 +224,167 @@ def test_generate_compares_with_transformers_and_roofline():
   assert rec["transformers_roofline_fraction"] == pytest.approx(
       rec["transformers_flops_per_s"] / rec["roofline_flops_per_s"])
   assert "targets_met" not in rec  # targets exist for N = 16 and 256 only
+
+
+# grpo_step -----------------------------------------------------------------------
+# The smoke shape: the tiny preset (2 layers, D 128, 4 query heads and 2
+# key/value heads of 32, MLP 384) over the 512-token vocabulary, 2 prompts of
+# 8 tokens x 2 samples x 4 new tokens.
+GRPO_SMOKE = ("--preset=tiny", "--prompts=2", "--samples_per_prompt=2",
+              "--prompt_len=8", "--new_tokens=4")
+# Blocks' matmul weights per layer: q 128*128 + k, v 2*128*64 + o 128*128 +
+# MLP 3*128*384 = 196,608; two layers 393,216. N = 4 rows, S = 8 + 4 = 12.
+#   6 W_blk N S       = 6 * 393216 * 4 * 12      = 113,246,208
+#   6 D V N T         = 6 * 128 * 512 * 4 * 4    =   6,291,456
+#   12 L Hq H N S^2   = 12 * 2 * 4 * 32 * 4 * 144 =   1,769,472
+SMOKE_UPDATE_FLOPS = 113_246_208 + 6_291_456 + 1_769_472  # 121,307,136
+# Decode: 2 (393,216 + 128 * 512) + 4 * 2 * 4 * 32 * (8 + 2.5) = 928,256 per
+# token, 16 tokens.
+SMOKE_GENERATE_FLOPS = 16 * 928_256
+
+
+def _check_spread(side, part, repeats):
+  values = side[f"{part}_s_all"]
+  assert len(values) == repeats and all(v > 0 for v in values)
+  assert min(values) <= side[f"{part}_s"] <= max(values)
+  assert side[f"{part}_s_spread"] == pytest.approx(max(values) - min(values))
+
+
+def test_grpo_step_json_rlax_only():
+  proc = _bench("grpo_step", "--json", *GRPO_SMOKE, "--repeats=2", "--notrl",
+                "--noroofline", "--profile")
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 1  # one object, nothing else on stdout
+  rec = json.loads(lines[0])
+  assert rec["bench"] == "grpo_step" and rec["model"] == "tiny"
+  assert (rec["prompts"], rec["samples_per_prompt"], rec["sequences"],
+          rec["prompt_len"], rec["new_tokens"], rec["repeats"]) == (
+              2, 2, 4, 8, 4, 2)
+  # 2 (128 * 32 * 12 + 3 * 128 * 384 + 2 * 128) + 512 * 128 + 128.
+  assert rec["params"] == 459_392 and rec["vocab"] == 512
+  assert rec["update_flops"] == SMOKE_UPDATE_FLOPS
+  assert rec["generate_flops"] == SMOKE_GENERATE_FLOPS
+  ours = rec["rlax"]
+  for part in ("step", "generate", "score", "update"):
+    _check_spread(ours, part, 2)
+  for step, gen, score, upd in zip(ours["step_s_all"], ours["generate_s_all"],
+                                   ours["score_s_all"], ours["update_s_all"]):
+    assert step == pytest.approx(gen + score + upd)
+  assert ours["warmup_s"] > 0 and 0.0 <= ours["reward_mean"] <= 1.0
+  assert ours["mesh"]["data"] >= 1
+  assert rec["trl"] is None and "--notrl" in rec["trl_unavailable"]
+  assert rec["trl_over_rlax"] is None and "roofline" not in rec
+  prof = ours["profile"]
+  assert prof["backward_s"] == pytest.approx(
+      prof["forward_backward_s"] - prof["forward_s"])
+  assert prof["other_s"] == pytest.approx(
+      prof["update_s"] - prof["forward_backward_s"] - prof["optimizer_s"])
+  # XLA's own count of the compiled forward: the model FLOPs plus a little
+  # elementwise work (norms, softmax, rotary, the loss).
+  assert (SMOKE_UPDATE_FLOPS / 3 <= prof["forward_xla_flops"]
+          <= 1.2 * SMOKE_UPDATE_FLOPS / 3)
+
+
+def test_grpo_flops_of_the_benchmark_policy():
+  cfg = bench.grpo_model_config(None, 16, 64)
+  assert cfg.num_params == 3_936_000  # the "3.94M" of the benchmark
+  assert (cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads,
+          cfg.vocab_size, cfg.qkv_bias, cfg.tie_embeddings) == (
+              4, 256, 8, 2, 512, True, True)
+  # W_blk = 4 (256*256 + 2*256*64 + 256*256 + 3*256*1024) = 3,801,088;
+  # N = 64, S = 80, T = 64.
+  expected = (6 * 3_801_088 * 64 * 80 + 6 * 256 * 512 * 64 * 64
+              + 12 * 4 * 8 * 32 * 64 * 80 * 80)
+  assert expected == 125_023_813_632
+  assert bench.update_flops(cfg, 64, 16, 64) == expected
+  # The matmuls the roofline times carry all but the attention FLOPs.
+  shapes = bench.update_matmul_shapes(cfg, 64, 16, 64)
+  matmul = sum(2 * m * k * n * c for _, m, k, n, c in shapes)
+  assert matmul == expected - 12 * 4 * 8 * 32 * 64 * 80 * 80
+  names = {name for name, *_ in shapes}
+  assert {"mlp_in", "mlp_in/dx", "mlp_in/dw", "vocab/dw"} <= names
+  by_name = {name: (m, k, n) for name, m, k, n, _ in shapes}
+  assert by_name["mlp_in"] == (64 * 80, 256, 1024)
+  assert by_name["mlp_in/dw"] == (256, 64 * 80, 1024)
+  assert by_name["vocab"] == (64 * 64, 256, 512)
+
+
+def test_synthetic_reward_and_prompts():
+  assert bench.synthetic_reward([[2, 3, 4, 5], [], [1, 3], [8]]) == [
+      0.5, 0.0, 0.0, 1.0]
+  p = bench.grpo_prompts(3, 5, seed=1)
+  assert p.shape == (3, 5) and p.dtype.name == "int32"
+  assert p.min() >= bench.GRPO_FIRST_WORD and p.max() < bench.GRPO_VOCAB
+  assert (p == bench.grpo_prompts(3, 5, seed=1)).all()
+
+
+def test_grpo_tokenizer_maps_words_to_ids():
+  pytest.importorskip("transformers")
+  tok = bench.grpo_tokenizer()
+  assert tok("t5 t17 t511", add_special_tokens=False)["input_ids"] == [
+      5, 17, 511]
+  assert (tok.pad_token_id, tok.eos_token_id) == (0, 1)
+  assert tok.decode([5, 17]) == "t5 t17"
+
+
+def test_grpo_bad_settings_are_clear_errors():
+  with pytest.raises(ValueError, match="at least 2"):
+    bench.bench_grpo_step(samples_per_prompt=1, trl=False, roofline=False)
+  with pytest.raises(ValueError, match="Unknown model preset"):
+    bench.bench_grpo_step(preset="nope", trl=False, roofline=False)
+
+
+def test_grpo_table():
+  side = {}
+  for part, v in (("step", 0.5), ("generate", 0.3), ("score", 0.01),
+                  ("update", 0.19)):
+    side.update({f"{part}_s": v, f"{part}_s_spread": 0.02})
+  side.update(generate_roofline_fraction=0.125, update_roofline_fraction=0.25,
+              step_roofline_fraction=0.2)
+  rec = dict(bench="grpo_step", model="qwen2_3.9m", params=3_936_000,
+             prompts=8, samples_per_prompt=8, new_tokens=64, prompt_len=16,
+             update_flops=1.25e11, generate_flops=2.5e10, rlax=side, trl=None,
+             trl_unavailable="No module named 'trl'", trl_over_rlax=None)
+  lines = bench._grpo_table([rec]).splitlines()  # pylint: disable=protected-access
+  assert lines[0].split()[0] == "framework"
+  assert lines[2].split() == ["rlax", "0.500", "±0.010", "0.300", "±0.010",
+                              "0.010", "±0.010", "0.190", "±0.010", "0.125",
+                              "0.250", "0.200"]
+  assert lines[3].split() == ["trl"] + ["-"] * 7
+  assert "3,936,000 params" in lines[4] and "125.00 GFLOP" in lines[4]
+  assert "No module named 'trl'" in lines[4]
+
+
+@pytest.mark.slow
+def test_grpo_step_against_trl_on_the_same_model():
+  pytest.importorskip("trl")
+  rec = bench.bench_grpo_step(num_prompts=2, samples_per_prompt=2,
+                              new_tokens=4, prompt_len=8, repeats=1,
+                              preset="tiny", trl=True, roofline=False)
+  theirs = rec["trl"]
+  assert theirs is not None, rec.get("trl_unavailable")
+  assert theirs["logits_max_abs_diff"] < 1e-4
+  for part in ("step", "generate", "score", "update"):
+    _check_spread(theirs, part, 1)
+  assert theirs["step_s"] == pytest.approx(
+      theirs["generate_s"] + theirs["score_s"] + theirs["update_s"])
+  assert rec["trl_over_rlax"] == pytest.approx(
+      theirs["step_s"] / rec["rlax"]["step_s"])
+  assert rec["trl_over_rlax_update"] == pytest.approx(
+      theirs["update_s"] / rec["rlax"]["update_s"])
+  assert theirs["trl_version"] and theirs["torch_threads"] >= 1
+
+
+def test_grpo_step_without_trl_reports_null_with_the_reason(monkeypatch):
+  # `import trl` raises ImportError while sys.modules holds None for it.
+  monkeypatch.setitem(sys.modules, "trl", None)
+  rec = bench.bench_grpo_step(num_prompts=2, samples_per_prompt=2,
+                              new_tokens=4, prompt_len=8, repeats=1,
+                              preset="tiny", trl=True, roofline=False)
+  assert rec["trl"] is None
+  assert "trl" in rec["trl_unavailable"]
+  assert "pip install trl" in rec["trl_unavailable"]
+  assert rec["trl_over_rlax"] is None and rec["trl_over_rlax_update"] is None
+  assert rec["rlax"]["step_s"] > 0
+  assert rec["update_flops"] == SMOKE_UPDATE_FLOPS

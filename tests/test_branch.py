@@ -17,7 +17,10 @@ from rlax_llm.sampling.branch import branch_generate_jit
 from rlax_llm.sampling.branch import tree_sample
 from rlax_llm.sampling.generate import generate_jit
 from rlax_llm.sampling.samplers import SamplerConfig
-from rlax_llm.training import experiment
+from rlax_llm import experiment
+from rlax_llm.core import tree_advantages as tree_adv
+from rlax_llm.methods import branch as branch_lib
+from rlax_llm.methods import rollouts
 from rlax_llm.training.metrics import read_metrics
 from rlax_llm.training.scoring import score_completions
 
@@ -262,7 +265,9 @@ def _shrunk_config(**rollout):
 
 
 def test_end_to_end_smoke_run(tmp_path):
-  c = _shrunk_config(width_keep=3, path_weighted=True)
+  c = _shrunk_config(width_pruning="best_per_branch",
+                     value_weighting="edge_softmax", depth_pruning=(2,),
+                     depth_pruning_slide=True)
   summary = experiment.run(c, str(tmp_path))
   assert 0.0 <= summary["final_accuracy"] <= 1.0
   rl = [r for r in read_metrics(str(tmp_path / "metrics.jsonl"))
@@ -279,16 +284,118 @@ def test_end_to_end_smoke_run(tmp_path):
     # Shared prefixes: fewer tokens sampled than the leaf paths hold.
     assert r["rollout/generated_tokens_per_completion"] < r["rollout/length"]
     assert r["rl/logp_mismatch_max"] < 1e-4
-    assert r["rollout/pruned_tokens"] > 0  # width_keep=3 < 8 nodes at depth 1
+    assert r["rollout/pruned_tokens"] > 0  # depth 1 (after the slide) drops
+    # The window (2,) slides to the last split's parent, depth 1, at step 1.
+    assert r["rollout/depth_pruning_shallowest"] == 1
+
+
+def _engine(rl_start=10, **rollout):
+  splits, branching, t = (0, 1, 2), (2, 2, 2), 6
+  c = branch_arith.get_config()
+  c.rollout.update(dict(split_points=splits, branching=branching, **rollout))
+  st = branch_lib.parse_settings(c.rollout, num_samples=8, max_new_tokens=t)
+  ctx = rollouts.RolloutContext(
+      graphdef=None, mesh=None, sampler=None, tokenizer=None, task=None,
+      score=None, decode=None, key=None, prompt_len=3, max_new_tokens=t,
+      num_prompts=2, num_samples=8, rl_start=rl_start)
+  return branch_lib.BranchRollout(ctx, st)
+
+
+def _groups(b=2, g=8, t=6, seed=0):
+  rng = np.random.default_rng(seed)
+  mask = np.ones((b, g, t), bool)
+  return rollouts.Groups(
+      prompt=np.zeros((b, 3), np.int32), prompt_mask=np.ones((b, 3), bool),
+      tokens=np.full((b, g, t), 2, np.int32), mask=mask,
+      logp=np.where(mask, -rng.random((b, g, t)), 0).astype(np.float32),
+      lengths=np.full((b, g), t), finished=np.ones((b, g), bool),
+      reward=rng.random((b, g)).astype(np.float32),
+      texts=np.full((b, g), "", object), stats={})
+
+
+def test_engine_prunes_by_rl_step_window_and_cutoff():
+  engine = _engine(depth_pruning=(2,), depth_pruning_slide=True,
+                   depth_pruning_slide_interval=3, depth_pruning_stop_depth=0,
+                   width_pruning="best_and_worst", pruning_cutoff_step=7)
+  groups = _groups()
+  edge_w = tree_adv.edge_weights((0, 1, 2), (2, 2, 2), 6)
+  # RL steps (from 1) -> pruned depths: 1-2 {2}, 3-5 {1}, 6-7 {0}, 8+ none.
+  for rl_step, depths, width in [(1, (2,), "best_and_worst"),
+                                 (3, (1,), "best_and_worst"),
+                                 (7, (0,), "best_and_worst"),
+                                 (8, (), "none")]:
+    engine.step = 10 + rl_step - 1
+    out = engine.readvantage(groups)
+    want = tree_adv.tree_advantages(
+        groups.reward, groups.mask.reshape(16, 6),
+        logp_NT=groups.logp.reshape(16, 6), split_points=(0, 1, 2),
+        branching=(2, 2, 2), pruned_depths=depths, width_pruning=width)
+    np.testing.assert_allclose(out.token_adv.reshape(16, 6), want.adv_NT,
+                               rtol=1e-6)
+    np.testing.assert_allclose(
+        out.weights.reshape(16, 6),
+        np.asarray(want.loss_mask_NT) * np.tile(edge_w, (2, 1)), rtol=1e-6)
+    seg = tree_adv.segment_ids((0, 1, 2), 6)
+    for d in range(3):  # the listed depth, and only it, is dropped
+      assert (out.weights[..., seg == d].sum() == 0) == (d in depths)
+    assert out.stats["rollout/depth_pruning_shallowest"] == (
+        min(depths) if depths else -1)
+
+
+def test_engine_value_weighting_reaches_the_advantages():
+  groups = _groups(seed=3)
+  mean = _engine().readvantage(groups)
+  soft = _engine(value_weighting="edge_softmax",
+                 value_alpha=2.0).readvantage(groups)
+  want = tree_adv.tree_advantages(
+      groups.reward, groups.mask.reshape(16, 6),
+      logp_NT=groups.logp.reshape(16, 6), split_points=(0, 1, 2),
+      branching=(2, 2, 2), value_weighting="edge_softmax", value_alpha=2.0)
+  np.testing.assert_allclose(soft.token_adv.reshape(16, 6), want.adv_NT,
+                             rtol=1e-6)
+  assert not np.allclose(soft.token_adv, mean.token_adv, atol=1e-3)
+  clipped = _engine(adv_clip_max=0.5).readvantage(groups)
+  np.testing.assert_allclose(clipped.token_adv, np.clip(mean.token_adv, -0.5,
+                                                        0.5), rtol=1e-6)
+  assert np.abs(mean.token_adv).max() > 0.5  # the clip acts
+
+
+def test_parse_settings_defaults_follow_the_official_code():
+  st = _engine().settings
+  assert st.value_weighting == "mean" and st.value_alpha == 1.0
+  assert st.depth_pruning == () and not st.depth_pruning_slide
+  assert st.width_pruning == "none" and st.width_pruning_ratio == 0.5
+  assert st.pruning_cutoff_step == -1 and st.train_edges_once
+  assert st.adv_clip_max == 5.0
+  assert st.depth_pruning_stop_depth == 1  # -1: the last split's parent
+  # The official comma-list form of depth_pruning.
+  st = branch_lib.parse_settings(
+      dict(split_points=(0, 1, 2), branching=(2, 2, 2), depth_pruning="0,2"),
+      num_samples=8, max_new_tokens=6)
+  assert st.depth_pruning == (0, 2)
+  assert branch_lib.pruning_at(st, 1) == ((0, 2), "none")
 
 
 @pytest.mark.parametrize("rollout,match", [
     (dict(branching=(4, 2, 4)), "set rl.num_samples to 32"),
     (dict(split_points=(0, 1, 9)), "max_new_tokens"),
-    (dict(max_depth=5), "max_depth"),
-    (dict(width_keep=-1), "width_keep"),
+    (dict(depth_pruning=(3,)), "distinct depths in 0..2"),
+    (dict(depth_pruning=(0, 1, 2)), "drops every depth"),
+    (dict(depth_pruning_slide_interval=0), "slide_interval"),
+    (dict(depth_pruning_stop_depth=3), "stop_depth"),
+    (dict(value_weighting="path"), "value_weighting"),
+    (dict(width_pruning="top"), "width_pruning"),
+    (dict(width_pruning_ratio=0.0), "width_pruning_ratio"),
+    (dict(adv_clip_max=0.0), "adv_clip_max"),
 ])
 def test_bad_tree_config_is_refused(tmp_path, rollout, match):
   c = _shrunk_config(**rollout)
   with pytest.raises(ValueError, match=match):
+    experiment.Experiment(c, str(tmp_path))
+
+
+def test_removed_fields_are_refused(tmp_path):
+  c = _shrunk_config()
+  c.rollout.width_keep = 3  # the former per-depth width pruning
+  with pytest.raises(ValueError, match="does not know"):
     experiment.Experiment(c, str(tmp_path))

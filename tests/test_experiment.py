@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from rlax_llm.training import experiment
+from rlax_llm import experiment
 from rlax_llm.training.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

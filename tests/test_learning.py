@@ -21,13 +21,13 @@ import pytest
 from configs import smoke
 from rlax_llm.training import checkpoint as ckpt_lib
 from rlax_llm.training import evaluation
-from rlax_llm.training import experiment
+from rlax_llm import experiment
 from rlax_llm.training import state as state_lib
 from rlax_llm.training import steps as steps_lib
 
 RL_STEPS = 20
 METHODS = ["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo",
-           "reinforce_pp", "ppo", "xrpo"]
+           "reinforce_pp", "ppo", "xrpo", "grpo_kl", "reinforce_pp_kl", "d3s"]
 
 
 def _easy(name: str, *, rl_steps: int = RL_STEPS, learning_rate=3e-4):
@@ -48,6 +48,10 @@ def _easy(name: str, *, rl_steps: int = RL_STEPS, learning_rate=3e-4):
   c.eval.num_samples = 0
   c.checkpoint.every = 10_000
   c.progress = False
+  if c.rl.d3s_sample_keep:  # D^3S keeps half of each (smaller) group
+    c.rl.d3s_sample_keep = c.rl.num_samples // 2
+  if c.rl.d3s_schedule_steps:
+    c.rl.d3s_schedule_steps = rl_steps // 2
   return c
 
 
@@ -85,7 +89,7 @@ def _learn(name, sft_dir, tmp_path, **kwargs):
   rl_step = steps_lib.jit_step(exp.make_rl_step(), rl_sh, exp.mesh)
   before = _expected_reward(exp, exp.policy_params(state))
   for step in range(latest, latest + RL_STEPS):
-    batch, _ = exp.rollout(exp.policy_params(state), step)
+    batch, _ = exp.rollout(state, step)
     state, metrics = rl_step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
   after = _expected_reward(exp, exp.policy_params(state))
@@ -106,3 +110,55 @@ def test_method_raises_expected_reward(name, sft_dir, tmp_path):
   before, after = _learn(name, sft_dir, tmp_path)
   print(f"{name}: expected reward {before:.3f} -> {after:.3f}")
   assert after >= before + 0.03, (before, after)
+
+
+def _lora_from_sft(sft_dir, tmp_path, *, learning_rate, kl_coef=0.0):
+  """An Experiment that continues the SFT checkpoint with LoRA adapters.
+
+  The SFT policy is exported as a Hugging Face checkpoint (the path a user's
+  pretrained model takes) and loaded with fresh adapters of rank 8.
+  """
+  from rlax_llm.models import hf  # pylint: disable=g-import-not-at-top
+  base = experiment.Experiment(_easy("grpo"), str(tmp_path / "base"))
+  ckpt = ckpt_lib.Checkpointer(os.path.join(sft_dir, "checkpoints"))
+  abstract, sh = state_lib.state_shardings(base.model_cfg, base.sft_opt,
+                                           base.mesh, seed=0)
+  state, _ = ckpt.restore(ckpt.latest_step(), abstract, sh)
+  hf.save_pretrained((base.model_cfg, state.params), str(tmp_path / "hf"))
+  c = _easy("grpo", learning_rate=learning_rate)
+  c.sft.steps = 0
+  c.model.hf_path = str(tmp_path / "hf")
+  c.model.lora_rank = 8
+  c.model.lora_alpha = 16.0
+  c.rl.kl_coef = kl_coef
+  return experiment.Experiment(c, str(tmp_path / "lora"))
+
+
+@pytest.mark.slow
+def test_lora_grpo_raises_expected_reward_with_a_free_reference(sft_dir,
+                                                                tmp_path):
+  """GRPO with LoRA (base frozen, KL to the adapters-off base) learns."""
+  exp = _lora_from_sft(sft_dir, tmp_path, learning_rate=3e-3, kl_coef=0.04)
+  state, sft_sh = exp.initial_state()
+  _, rl_sh = exp.rl_state_shardings()
+  state = exp.to_rl_state(state, rl_sh)
+  assert isinstance(state, state_lib.TrainState)  # no reference copy
+  base = jax.tree.map(np.asarray, state.params)
+  rl_step = steps_lib.jit_step(exp.make_rl_step(), rl_sh, exp.mesh)
+  before = _expected_reward(exp, state.params)
+  kls = []
+  for step in range(RL_STEPS):
+    batch, _ = exp.rollout(state, step)
+    state, metrics = rl_step(state, batch)
+    kls.append(float(metrics["kl"]))
+  after = _expected_reward(exp, state.params)
+  print(f"lora grpo: expected reward {before:.3f} -> {after:.3f}")
+  assert after >= before + 0.03, (before, after)
+  assert abs(kls[0]) < 1e-6 < kls[-1]  # fresh adapters: policy == base
+  from rlax_llm.models import lora  # pylint: disable=g-import-not-at-top
+  frozen, adapters = lora.split_lora(state.params)
+  b_frozen, _ = lora.split_lora(base)
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(b_frozen)):
+    np.testing.assert_array_equal(np.asarray(a), b)  # base never moves
+  assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(
+      adapters) if x.ndim)

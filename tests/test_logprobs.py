@@ -316,3 +316,24 @@ def test_chunked_memory_is_far_below_full_logits(vocab_chunk):
   # The backward pass keeps a [D, V] float32 kernel gradient (16 MiB) but
   # never all the logits.
   assert chunked_bwd < logits_bytes // 4 < naive_bwd
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 7])
+def test_chunked_softcap_matches_numpy(vocab_chunk):
+  """Gemma 2's final soft-cap: z = c tanh(h W / c), then the softmax at tau."""
+  rng = np.random.default_rng(5)
+  h = rng.normal(size=(2, 3, 4)).astype(np.float32) * 3
+  w = rng.normal(size=(4, 17)).astype(np.float32) * 3
+  y = rng.integers(0, 17, (2, 3))
+  c, tau = 5.0, 0.7
+  out = logprobs.chunked_token_logprobs_and_entropy(
+      h, w, y, temperature=tau, chunk_size=4, vocab_chunk=vocab_chunk,
+      softcap=c)
+  z = c * np.tanh((h @ w).astype(np.float64) / c) / tau
+  lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+  want = np.take_along_axis(z, y[..., None], -1)[..., 0] - lse
+  p = np.exp(z - lse[..., None])
+  np.testing.assert_allclose(out.logp, want, atol=2e-5)
+  np.testing.assert_allclose(out.entropy, lse - (p * z).sum(-1), atol=2e-5)
+  assert np.abs(z * tau).max() < c  # the cap acted (raw logits exceed it)
+  assert np.abs(h @ w).max() > c

@@ -8,7 +8,7 @@ import pytest
 
 from configs import smoke
 from rlax_llm.methods import get_method
-from rlax_llm.training import experiment
+from rlax_llm import experiment
 
 REWARD_BG = jnp.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
 
@@ -140,11 +140,12 @@ def test_overlong_buffer_penalises_long_completions(tmp_path):
   from rlax_llm.training import state as state_lib  # pylint: disable=g-import-not-at-top
   state, _ = state_lib.create_train_state(exp.model_cfg, exp.rl_opt, exp.mesh,
                                           seed=0)
-  from rlax_llm.methods import rollouts  # pylint: disable=g-import-not-at-top
-  groups = rollouts.sample_groups(exp, state.params, 3, 0)
-  want = 1.0 - np.clip(groups["lengths"] - 3, 0, 2) / 2.0
-  np.testing.assert_allclose(groups["reward"], want, atol=1e-6)
-  assert (groups["lengths"] >= 4).any()  # an untrained model runs long
+  groups = exp.engine.rollout(state.params, 3, 0)
+  for shape in exp.per_draw:
+    groups = shape(groups)
+  want = 1.0 - np.clip(groups.lengths - 3, 0, 2) / 2.0
+  np.testing.assert_allclose(groups.reward, want, atol=1e-6)
+  assert (groups.lengths >= 4).any()  # an untrained model runs long
 
 
 def test_group_diversity_measures_against_hand_counts():

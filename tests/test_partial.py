@@ -15,7 +15,7 @@ from rlax_llm.models.transformer import Transformer
 from rlax_llm.sampling import partial as partial_lib
 from rlax_llm.sampling.generate import generate_jit
 from rlax_llm.sampling.samplers import SamplerConfig
-from rlax_llm.training import experiment
+from rlax_llm import experiment
 from rlax_llm.training.metrics import read_metrics
 
 V, EOS, PAD = 24, 1, 0
@@ -388,37 +388,16 @@ def test_engine_rejects_bad_config(tmp_path):
     experiment.Experiment(_small_config(over_provision=0.5), str(tmp_path))
   c = _small_config()
   c.rollout.overprovision = 2.0
-  with pytest.raises(ValueError, match="Unknown config.rollout keys"):
+  with pytest.raises(ValueError, match="does not know"):
     experiment.Experiment(c, str(tmp_path / "b"))
-
-
-def test_importance_correction_matches_reference(tiny):
-  graphdef, params = tiny
-  model = nnx.merge(graphdef, params)
-  prompt, pmask = _prompts()
-  rng = np.random.default_rng(3)
-  n = B
-  comp = rng.integers(2, V, (n, T)).astype(np.int32)
-  cmask = np.arange(T) < np.array([3, 8, 1])[:, None]
-  behaviour = np.where(cmask, rng.normal(-3.5, 1.5, (n, T)), 0.0).astype(
-      np.float32)
-  adv = np.where(cmask, rng.normal(size=(n, T)), 0.0).astype(np.float32)
-  cur, adv_w, m = april._corrected(graphdef, params, prompt, pmask, comp,
-                                   cmask, behaviour, adv, temperature=0.7,
-                                   cap=2.0)
-  for i in range(n):
-    seq = np.concatenate([prompt[i][pmask[i]], comp[i]])
-    lg = np.asarray(model(jnp.asarray(seq[None])))[0] / 0.7
-    lsm = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1,
-                                                                  keepdims=True)
-                      ) - lg.max(-1, keepdims=True)
-    p0 = int(pmask[i].sum())
-    ref = lsm[np.arange(p0 - 1, p0 - 1 + T), comp[i]]
-    ref = np.where(cmask[i], ref, 0.0)
-    np.testing.assert_allclose(cur[i], ref, atol=2e-5)
-    w = np.where(cmask[i], np.minimum(np.exp(ref - behaviour[i]), 2.0), 0.0)
-    np.testing.assert_allclose(adv_w[i], adv[i] * w, rtol=1e-4, atol=1e-6)
-  assert 0.0 < float(m["is_capped_frac"]) < 1.0
+  old = _small_config(is_correction=True)
+  with pytest.raises(ValueError, match="rl.rollout_correction"):
+    experiment.Experiment(old, str(tmp_path / "c"))
+  c = _small_config()
+  c.rl.rollout_correction = "tis"
+  c.rl.recompute_old_logp = False
+  with pytest.raises(ValueError, match="recompute_old_logp"):
+    experiment.Experiment(c, str(tmp_path / "d"))
 
 
 def _strip_time(records):
@@ -427,7 +406,8 @@ def _strip_time(records):
 
 
 def test_end_to_end_run_and_resume_equal_uninterrupted(tmp_path):
-  c = _small_config(over_provision=3.0, is_correction=True)
+  c = _small_config(over_provision=3.0)
+  c.rl.rollout_correction = "tis"
   experiment.run(c, str(tmp_path / "full"))
   full = read_metrics(str(tmp_path / "full/metrics.jsonl"))
   rl = [r for r in full if "rl/loss" in r]
@@ -436,15 +416,54 @@ def test_end_to_end_run_and_resume_equal_uninterrupted(tmp_path):
     assert np.isfinite(r["rl/loss"])
     hist = sum(r[f"rollout/staleness_hist_{k}"] for k in range(4))
     assert hist == pytest.approx(1.0)
-    # old_logp holds the current policy's log-probs: no mismatch.
-    assert r["rl/logp_mismatch_max"] < 1e-4
-    assert 0.0 < r["rollout/is_weight_mean"] <= 2.0
+    # Carried tokens' behaviour log-probs are stale: the trainer recomputes
+    # old log-probs, and truncated weights correct the gap.
+    assert 0.0 < r["rl/rc_is_weight_mean"] <= 2.0
+    assert 0.0 <= r["rollout/off_policy_tokens"] <= 1.0
   # Some step trains on rows carried from an earlier step.
   assert max(r["rollout/staleness_max"] for r in rl) >= 1
   # k RL steps, then the same config to the end on the same workdir.
-  short = _small_config(over_provision=3.0, is_correction=True)
+  short = _small_config(over_provision=3.0)
+  short.rl.rollout_correction = "tis"
   short.rl.steps = 1
   experiment.run(short, str(tmp_path / "resumed"))
   experiment.run(c, str(tmp_path / "resumed"))
   got = _strip_time(read_metrics(str(tmp_path / "resumed/metrics.jsonl")))
   assert got == _strip_time(full)
+
+
+def test_buffer_filter_drops_constant_groups_and_decodes_more_rounds():
+  """With a filter, the round goes on until B finished groups pass it;
+  dropped groups are counted and never returned."""
+  buf = partial_lib.PartialBuffer(0)
+  made = []
+
+  def fresh(n, r):
+    out = [partial_lib.Group.fresh(f"{r}/{i}", np.array([1, 2]),
+                                   np.array([True, True]), str(i),
+                                   num_samples=2, max_new_tokens=3)
+           for i in range(n)]
+    made.extend(out)
+    return out
+
+  def generate(state, target, r):
+    del target
+    # Every row ends at its first token: all groups finish each round.
+    st = state._replace(length=np.ones_like(state.length),
+                        done=np.ones_like(state.done),
+                        eos=np.ones_like(state.eos))
+    return st, 1
+
+  # Round 0's groups "0/*" fail, round 1's odd ones pass.
+  accept = lambda gs: [g.uid.startswith("1/") and int(g.uid[2:]) % 2 == 1
+                       for g in gs]
+  used, info = buf.advance(num_groups=2, num_slots=4, new_groups=fresh,
+                           generate=generate, accept=accept, max_rounds=3)
+  assert [g.uid for g in used] == ["1/1", "1/3"]
+  assert info["filtered_groups"] == 6 and info["decode_rounds"] == 2
+  assert len(buf) == 0
+  # Out of rounds: fewer than B come back.
+  used, info = partial_lib.PartialBuffer(0).advance(
+      num_groups=2, num_slots=2, new_groups=fresh, generate=generate,
+      accept=lambda gs: [False] * len(gs), max_rounds=2)
+  assert used == [] and info["filtered_groups"] == 4

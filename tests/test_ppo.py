@@ -26,7 +26,7 @@ def _batch(n=8, p=4, t=5, seed=0):
   old = np.where(cmask, rng.normal(-3.0, 0.2, (n, t)), 0).astype(np.float32)
   reward = rng.integers(0, 2, (n, 1)).astype(np.float32)
   return steps_lib.RLBatch(prompt, pmask, comp, cmask, old,
-                           (reward * cmask).astype(np.float32))
+                           np.zeros_like(old), reward=reward[:, 0])
 
 
 def reference_gae(reward_N, value_NT, mask_NT, gamma, lam):
@@ -48,11 +48,11 @@ def test_ppo_advantages_match_reference():
   b = _batch()
   rng = np.random.default_rng(1)
   v = np.where(b.completion_mask, rng.normal(size=b.old_logp.shape), 0)
-  adv, ret, raw = ppo_lib.ppo_advantages(jnp.asarray(b.advantages),
+  adv, ret, raw = ppo_lib.ppo_advantages(jnp.asarray(b.reward),
                                          jnp.asarray(v, jnp.float32),
                                          b.completion_mask, gamma=0.9,
                                          lam=0.8)
-  reward_N = b.advantages.max(-1)
+  reward_N = b.reward
   want_adv, want_ret = reference_gae(reward_N, v, b.completion_mask, 0.9, 0.8)
   np.testing.assert_allclose(raw, want_adv, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-6)

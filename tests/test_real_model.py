@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import qwen2_5_0_5b_gsm8k as qwen_config
-from rlax_llm.training import experiment
+from rlax_llm import experiment
 from rlax_llm.training.metrics import read_metrics
 from tests.test_tasks import short_gsm8k, write_tokenizer
 

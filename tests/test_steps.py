@@ -131,7 +131,8 @@ _SHARDED = textwrap.dedent("""
       state, sh = state_lib.create_train_state(CFG, opt, mesh, seed=0)
       gd = state_lib.model_graphdef(CFG)
       rl = steps_lib.jit_step(steps_lib.make_rl_step(
-          gd, opt, grpo().policy_loss, num_minibatches=2), sh, mesh)
+          gd, opt, grpo().policy_loss, num_minibatches=2, mesh=mesh), sh,
+          mesh)
       sft = steps_lib.jit_step(steps_lib.make_sft_step(gd, opt), sh, mesh)
       b = _rl_batch()
       state, m1 = sft(state, steps_lib.SFTBatch(*b[:4]))
@@ -184,6 +185,8 @@ def test_sft_step_losses_are_the_core_objectives():
       "dft": objectives.dft_loss(logp, batch.completion_mask)[0],
       "otr": objectives.otr_loss(logits, batch.completion,
                                  batch.completion_mask, rng)[0],
+      "otr_exact": objectives.otr_exact_loss(logits, batch.completion,
+                                             batch.completion_mask)[0],
   }
   for name, fn in steps_lib.SUPERVISED_LOSSES.items():
     step = jax.jit(steps_lib.make_sft_step(gd, opt, loss_fn=fn))

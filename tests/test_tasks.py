@@ -19,8 +19,8 @@ from configs import gsm8k as gsm8k_config
 from configs import smoke
 from rlax_llm.data import CountdownTask
 from rlax_llm.rewards import countdown as countdown_rewards
-from rlax_llm.training import experiment
-from rlax_llm.training import tasks
+from rlax_llm import experiment
+from rlax_llm.data import tasks
 from rlax_llm.training.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,7 +204,7 @@ def test_gsm8k_resumed_run_reads_the_records_of_an_uninterrupted_one(
   # An independent loader with the run's seed reads the same records.
   from rlax_llm.data import pipeline  # pylint: disable=g-import-not-at-top
   from rlax_llm.models.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
-  setup = tasks.make_setup(c, str(tmp_path / "ref"))
+  setup = experiment.make_setup(c, str(tmp_path / "ref"))
   source = setup._sources["train"]  # pylint: disable=protected-access
   tok = HFTokenizer.from_pretrained(c.task.tokenizer_path)
   loader = pipeline.make_loader(

@@ -7,7 +7,9 @@ arrays (and keyword hyper-parameters) and returns arrays.
 from rlax_llm.core.advantages import gae_advantages
 from rlax_llm.core.advantages import GAEOutput
 from rlax_llm.core.advantages import grpo_advantages
+from rlax_llm.core.advantages import masked_whiten_unbiased
 from rlax_llm.core.advantages import reinforce_pp_advantages
+from rlax_llm.core.advantages import reinforce_pp_token_advantages
 from rlax_llm.core.advantages import rloo_advantages
 from rlax_llm.core.advantages import token_level_returns
 from rlax_llm.core.advantages import token_level_rewards
@@ -47,7 +49,13 @@ from rlax_llm.core.selection import overlong_penalty
 from rlax_llm.core.selection import truncation_mask
 from rlax_llm.core.selection import xrpo_novelty
 from rlax_llm.core.selection import xrpo_sharpen
+from rlax_llm.core.tree_advantages import active_pruned_depths
 from rlax_llm.core.tree_advantages import depth_advantages
+from rlax_llm.core.tree_advantages import edge_log_probs
+from rlax_llm.core.tree_advantages import edge_softmax_values
+from rlax_llm.core.tree_advantages import edge_weights
+from rlax_llm.core.tree_advantages import VALUE_WEIGHTINGS
+from rlax_llm.core.tree_advantages import WIDTH_PRUNING_MODES
 from rlax_llm.core.tree_advantages import depth_prune_mask
 from rlax_llm.core.tree_advantages import node_values
 from rlax_llm.core.tree_advantages import path_log_weights
@@ -60,6 +68,14 @@ from rlax_llm.core.value import value_loss
 from rlax_llm.core.value import whiten
 
 __all__ = [
+    "VALUE_WEIGHTINGS",
+    "WIDTH_PRUNING_MODES",
+    "active_pruned_depths",
+    "edge_log_probs",
+    "edge_softmax_values",
+    "edge_weights",
+    "masked_whiten_unbiased",
+    "reinforce_pp_token_advantages",
     "AGGREGATIONS",
     "AggregationFn",
     "GAEOutput",

@@ -376,3 +376,82 @@ def token_level_rewards(
     chex.assert_equal_shape([kl_NT, valid_NT])
     reward_NT = reward_NT - kl_coef * kl_NT
   return jnp.where(valid_NT, reward_NT, 0)
+
+
+def masked_whiten_unbiased(x_NT: jax.typing.ArrayLike,
+                           mask_NT: jax.typing.ArrayLike, *,
+                           eps: float = 1e-8) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) over the valid tokens, Bessel-corrected.
+
+  The statistics of verl's ``masked_whiten`` (verl/utils/torch_functional.py:
+  masked mean, ``masked_var`` with the n / (n - 1) correction, rsqrt of
+  var + 1e-8), used by its REINFORCE++ advantages. Masked entries are 0; a
+  batch with fewer than two valid tokens is returned centred, unscaled.
+  """
+  x_NT = jnp.asarray(x_NT, jnp.float32)
+  valid = jnp.asarray(mask_NT)
+  valid = valid if valid.dtype == jnp.bool_ else valid != 0
+  chex.assert_equal_shape([x_NT, valid])
+  n = jnp.sum(valid).astype(jnp.float32)
+  mean = jnp.sum(jnp.where(valid, x_NT, 0)) / jnp.maximum(n, 1)
+  sq = jnp.sum(jnp.where(valid, (x_NT - mean) ** 2, 0))
+  var = sq / jnp.maximum(n - 1, 1)
+  scale = jnp.where(n > 1, jax.lax.rsqrt(var + eps), 1.0)
+  return jnp.where(valid, (x_NT - mean) * scale, 0)
+
+
+def reinforce_pp_token_advantages(
+    reward_N: jax.typing.ArrayLike,
+    mask_NT: jax.typing.ArrayLike,
+    *,
+    group_size: int,
+    kl_NT: Optional[jax.typing.ArrayLike] = None,
+    kl_coef: float = 0.0,
+    group_baseline: bool = False,
+    gamma: float = 1.0,
+) -> jax.Array:
+  """REINFORCE++ token advantages, whitened over the batch's tokens.
+
+  Without the group baseline (REINFORCE++, arXiv:2501.03262):
+    r_{n,t} = R_n [t last] - kl_coef KL_{n,t}         (token_level_rewards)
+    G_{n,t} = sum_{t' >= t} gamma^{t'-t} r_{n,t'}     (token_level_returns)
+    A       = whiten(G) over every valid token of the batch
+  With the group baseline ("REINFORCE++-baseline"):
+    s_n     = R_n - kl_coef sum_t KL_{n,t},   s_n <- s_n - mean_{group} s
+    A_{n,t} = whiten(s_n broadcast over its tokens)
+  as verl's ``compute_reinforce_plus_plus_outcome_advantage`` and
+  ``..._baseline_outcome_advantage`` compute them (whitening with
+  :func:`masked_whiten_unbiased`), so long completions weigh more in the
+  batch statistics, unlike :func:`reinforce_pp_advantages`.
+
+  Args:
+    reward_N: [N] sequence rewards, groups of `group_size` adjacent.
+    mask_NT: [N, T] validity mask.
+    group_size: G.
+    kl_NT: optional [N, T] per-token KL estimate (no gradient).
+    kl_coef: weight of the KL in the reward.
+    group_baseline: subtract the group mean (the "baseline" variant).
+    gamma: discount of the returns (variant without baseline).
+
+  Returns:
+    [N, T] float32 advantages, 0 where masked.
+  """
+  valid = jnp.asarray(mask_NT)
+  valid = valid if valid.dtype == jnp.bool_ else valid != 0
+  chex.assert_rank(valid, 2)
+  n = valid.shape[0]
+  if group_size < 1 or n % group_size:
+    raise ValueError(f"N={n} rollouts do not split into groups of "
+                     f"group_size={group_size}.")
+  reward_N = jnp.asarray(reward_N, jnp.float32)
+  kl = (jnp.zeros(valid.shape, jnp.float32) if kl_NT is None
+        else jax.lax.stop_gradient(jnp.asarray(kl_NT, jnp.float32)))
+  if group_baseline:
+    s_N = reward_N - kl_coef * jnp.sum(jnp.where(valid, kl, 0), -1)
+    s_BG = s_N.reshape(-1, group_size)
+    s_N = (s_BG - jnp.mean(s_BG, -1, keepdims=True)).reshape(n)
+    x_NT = jnp.broadcast_to(s_N[:, None], valid.shape)
+  else:
+    r_NT = token_level_rewards(reward_N, valid, kl_NT=kl, kl_coef=kl_coef)
+    x_NT = token_level_returns(r_NT, valid, gamma=gamma)
+  return masked_whiten_unbiased(x_NT, valid)

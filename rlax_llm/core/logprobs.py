@@ -136,9 +136,15 @@ def token_logprobs_and_entropy(
       logp=_gather(logp_NTV, targets_NT), entropy=_entropy(logp_NTV))
 
 
+def _softcap(z, softcap):
+  """softcap * tanh(z / softcap) (Gemma 2's final logit soft-capping)."""
+  return z if softcap is None else softcap * jnp.tanh(z / softcap)
+
+
 def _online_chunk_stats(hidden_KD: jax.Array, kernel_DV: jax.Array,
                         targets_K: jax.Array, temperature,
-                        vocab_chunk: int) -> tuple[jax.Array, jax.Array]:
+                        vocab_chunk: int, softcap=None
+                        ) -> tuple[jax.Array, jax.Array]:
   """Target log-probs and entropies of K tokens, streaming over vocab blocks.
 
   A running max ``m``, running ``s = sum_v exp(z_v - m)`` and running
@@ -159,8 +165,9 @@ def _online_chunk_stats(hidden_KD: jax.Array, kernel_DV: jax.Array,
     start = i * block
     first = jnp.minimum(start, vocab - block)  # where dynamic_slice lands
     kernel_DB = jax.lax.dynamic_slice_in_dim(kernel_DV, first, block, axis=1)
-    z_KB = jnp.dot(hidden_KD, kernel_DB,
-                   preferred_element_type=jnp.float32) / tau
+    z_KB = _softcap(jnp.dot(hidden_KD, kernel_DB,
+                            preferred_element_type=jnp.float32),
+                    softcap) / tau
     valid_B = first + jnp.arange(block) >= start
     z_KB = jnp.where(valid_B, z_KB, 0.0)
     m_new_K = jnp.maximum(
@@ -187,11 +194,12 @@ def _online_chunk_stats(hidden_KD: jax.Array, kernel_DV: jax.Array,
 
 
 def _dense_chunk_stats(hidden_KD: jax.Array, kernel_DV: jax.Array,
-                       targets_K: jax.Array,
-                       temperature) -> tuple[jax.Array, jax.Array]:
+                       targets_K: jax.Array, temperature,
+                       softcap=None) -> tuple[jax.Array, jax.Array]:
   """Target log-probs and entropies of K tokens from one [K, V] logits block."""
-  logits_1KV = jnp.dot(hidden_KD, kernel_DV,
-                       preferred_element_type=jnp.float32)[None]
+  logits_1KV = _softcap(jnp.dot(hidden_KD, kernel_DV,
+                                preferred_element_type=jnp.float32),
+                        softcap)[None]
   logp_1KV = _scaled_log_softmax(logits_1KV, temperature)
   return _gather(logp_1KV, targets_K[None])[0], _entropy(logp_1KV)[0]
 
@@ -204,13 +212,15 @@ def chunked_token_logprobs_and_entropy(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     vocab_chunk: int | None = None,
+    softcap: float | None = None,
 ) -> LogprobsAndEntropy:
   """Target log-probs and entropies of ``hidden @ kernel`` without [N, T, V].
 
   Same values as ``token_logprobs_and_entropy(hidden @ kernel, targets)``
   (logits accumulated in float32), computed ``chunk_size`` tokens at a time:
 
-    z[m] = hidden[m] @ kernel / tau
+    z[m] = c tanh(hidden[m] @ kernel / c) / tau     (c = softcap; without
+                                                    it z[m] = hidden @ kernel / tau)
     logp[m] = z[m, y_m] - logsumexp_v z[m, v]
     H[m] = logsumexp_v z[m, v] - sum_v softmax(z[m])_v z[m, v]
 
@@ -238,6 +248,7 @@ def chunked_token_logprobs_and_entropy(
     chunk_size: tokens per chunk (capped at N * T), > 0.
     vocab_chunk: vocabulary columns per streamed block (capped at V), or
       None to take the whole vocabulary of a chunk at once.
+    softcap: final logit soft-cap c (Gemma 2), or None.
 
   Returns:
     :class:`LogprobsAndEntropy` of two [N, T] float32 arrays.
@@ -265,10 +276,11 @@ def chunked_token_logprobs_and_entropy(
   targets_M = jnp.pad(targets_NT.reshape(m).astype(jnp.int32), (0, pad))
 
   if vocab_chunk is None:
-    stats = functools.partial(_dense_chunk_stats, temperature=temperature)
+    stats = functools.partial(_dense_chunk_stats, temperature=temperature,
+                              softcap=softcap)
   else:
     stats = functools.partial(_online_chunk_stats, temperature=temperature,
-                              vocab_chunk=vocab_chunk)
+                              vocab_chunk=vocab_chunk, softcap=softcap)
   stats = jax.checkpoint(stats)
   logp_CK, entropy_CK = jax.lax.map(
       lambda xs: stats(xs[0], kernel_DV, xs[1]),

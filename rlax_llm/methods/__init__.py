@@ -18,8 +18,10 @@ METHODS = {"grpo": grpo, "rloo": rloo, "reinforce_pp": reinforce_pp,
 def get_method(name: str, **settings) -> Method:
   """Builds the method `name` from the settings it declares.
 
-  Settings a method does not take (e.g. `scale_by_std` for RLOO) are ignored,
-  so the experiment layer can pass its whole RL section.
+  `settings` are the experiment's method settings; a method takes the ones
+  its builder declares. Those it does not declare must be at their neutral
+  value (`NEUTRAL`), or the method is refused naming them: a setting is never
+  ignored silently.
   """
   if name not in METHODS:
     close = difflib.get_close_matches(name, METHODS, n=3)
@@ -28,7 +30,19 @@ def get_method(name: str, **settings) -> Method:
                      + f" Known methods: {sorted(METHODS)}.")
   builder = METHODS[name]
   accepted = inspect.signature(builder).parameters
+  refused = sorted(k for k, v in settings.items()
+                   if k not in accepted and k in NEUTRAL and v != NEUTRAL[k])
+  if refused:
+    raise ValueError(
+        f"RL method {name!r} has no setting {refused} (config.rl."
+        f"{refused[0]}={settings[refused[0]]!r}); set "
+        + ", ".join(f"rl.{k}={NEUTRAL[k]!r}" for k in refused)
+        + " or choose a method that takes it.")
   return builder(**{k: v for k, v in settings.items() if k in accepted})
+
+
+# Method settings and the value at which a method without them is unchanged.
+NEUTRAL = {"dual_clip": None, "token_level": False}
 
 
 __all__ = ["METHODS", "Method", "cispo", "get_method", "grpo", "gspo",

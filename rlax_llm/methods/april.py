@@ -6,25 +6,18 @@ to the next step (see `rlax_llm.sampling.partial` and APRIL,
 arXiv:2509.18521). The carried buffer is the engine's `state_dict`, saved in
 every checkpoint, so a resumed run continues exactly.
 
-Tokens of a carried row were sampled by older parameters. Their behaviour
-log-probs are what `RLBatch.old_logp` holds by default (the PPO ratio is then
-taken against the policy that actually sampled each token). With
-`is_correction=True` the engine instead recomputes the current policy's
-log-probs pi_theta and applies truncated importance sampling against the
-behaviour policy mu:
-
-  w_{n,t} = min(pi_theta(y_t) / mu(y_t), is_cap),
-  old_logp <- log pi_theta(y_t),   A_{n,t} <- w_{n,t} A_{n,t},
-
-(V-trace's truncated weights, "IMPALA", arXiv:1802.01561), so the clipped
-ratio of the update is measured from the current policy while the
-off-policy gap is corrected by a bounded weight.
+Tokens of a carried row were sampled by older parameters; `Groups.version`
+records the step of each token and `rollout/off_policy_tokens` the share of
+this step's tokens sampled by an earlier policy. As APRIL does in slime,
+configs/april_arith.py has the trainer recompute the old log-probs at train
+time (`rl.recompute_old_logp=True`), so the PPO ratio starts at 1 and the
+carried tokens are not clipped against their stale behaviour log-probs; the
+sampler's log-probs plus an importance correction (`rl.rollout_correction`
+"tis" / "mis") is the option, shared with every engine.
 
 Config section (`config.rollout`):
   name: "april".
   over_provision: groups decoded per step / groups trained on (>= 1).
-  is_correction: apply the truncated importance correction above.
-  is_cap: the truncation C of the importance weight (> 0).
   staleness_bins: bins of the `rollout/staleness_hist_k` histogram.
 """
 
@@ -32,25 +25,19 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, NamedTuple
 
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlax_llm.core import objectives
-from rlax_llm.core import selection
 from rlax_llm.methods import rollouts
 from rlax_llm.models.transformer import KVCache
 from rlax_llm.models.transformer import decode_cache_from_kv
 from rlax_llm.models.transformer import prefix_cache_from_kv
 from rlax_llm.sampling import partial as partial_lib
 from rlax_llm.sampling.samplers import SamplerConfig
-from rlax_llm.training.scoring import score_completions
-
-_DEFAULTS = dict(over_provision=2.0, is_correction=False, is_cap=2.0,
-                 staleness_bins=4)
-
 
 def _pack_lanes(seg_len_N: jax.Array, lane_len: int, lanes: int):
   """`partial.pack_lanes` in JAX: first fit, longest segment first."""
@@ -256,118 +243,181 @@ def partial_generate(graphdef, params, state: partial_lib.PartialState, rng,
       **prefill_sizes(state, np.asarray(state.tokens).shape[-1]))
 
 
-@functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("temperature", "cap"))
-def _corrected(graphdef, params, prompt, prompt_mask, completion, mask,
-               behaviour_logp, adv, *, temperature, cap):
-  cur = score_completions(graphdef, params, prompt, prompt_mask, completion,
-                          mask, temperature=temperature).logp
-  w, metrics = objectives.importance_weights(cur, behaviour_logp, mask,
-                                             mode="truncate", cap=cap)
-  return cur, adv * w, metrics
+_DEFAULTS = dict(over_provision=2.0, staleness_bins=4)
 
 
-def _check_cfg(cfg) -> dict:
-  unknown = sorted(set(cfg.keys()) - set(_DEFAULTS) - {"name"})
-  if unknown:
-    raise ValueError(f"Unknown config.rollout keys {unknown} for the 'april' "
-                     f"engine; known keys: {sorted(_DEFAULTS)}.")
-  out = {k: cfg.get(k, v) for k, v in _DEFAULTS.items()}
+def parse_settings(section) -> dict:
+  """Validated `config.rollout` fields of the april engine."""
+  fields = dict(section)
+  for old in ("is_correction", "is_cap"):
+    if old in fields:
+      raise ValueError(
+          f"config.rollout.{old} is no longer an APRIL engine field: the "
+          "importance correction of carried tokens is the shared "
+          "rl.rollout_correction ('tis' or 'mis', with rl.rollout_correction_"
+          "cap) together with rl.recompute_old_logp=True, for every engine.")
+  out = rollouts.check_fields("april", fields, _DEFAULTS)
   if not out["over_provision"] >= 1.0:
     raise ValueError("config.rollout.over_provision must be >= 1 (groups "
                      "decoded per group trained on), got "
                      f"{out['over_provision']}.")
-  if not out["is_cap"] > 0:
-    raise ValueError(f"config.rollout.is_cap must be > 0, got {out['is_cap']}.")
   if int(out["staleness_bins"]) < 1:
     raise ValueError("config.rollout.staleness_bins must be >= 1, got "
                      f"{out['staleness_bins']}.")
   return out
 
 
-@rollouts.register("april")
 class AprilRollout(rollouts.Engine):
-  """APRIL partial rollouts (module docstring)."""
+  """APRIL partial rollouts (module docstring).
 
-  def __init__(self, exp, cfg):
-    super().__init__(exp, cfg)
-    opts = _check_cfg(cfg)
-    c = exp.config
-    self.num_groups = c.rl.prompts_per_step
-    self.num_slots = math.ceil(opts["over_provision"] * self.num_groups
+  A step's groups come from the buffer (finished ones first, then as many as
+  decoding finishes), so they cannot be drawn again for the same step. DAPO's
+  dynamic sampling is applied inside the engine instead, as APRIL does in
+  slime: with `ctx.filter_rounds` a newly finished group whose rewards all
+  agree is dropped, and the round goes on (up to that many decode rounds)
+  until B finished groups have passed; slots still empty then hold fully
+  masked groups. Stats: `rollout/filtered_groups`, `rollout/decode_rounds`,
+  `rollout/empty_groups`.
+  """
+
+  name = "april"
+  resamples = False
+  filters_groups = True
+
+  @classmethod
+  def from_section(cls, ctx, section):
+    return cls(ctx, parse_settings(section))
+
+  def __init__(self, ctx, settings: dict):
+    super().__init__(ctx, settings)
+    self.num_groups = ctx.num_prompts
+    self.num_slots = math.ceil(settings["over_provision"] * self.num_groups
                                - 1e-9)
-    self.is_correction = bool(opts["is_correction"])
-    self.is_cap = float(opts["is_cap"])
-    self.bins = int(opts["staleness_bins"])
-    self.buffer = partial_lib.PartialBuffer(exp.setup.tokenizer.pad_id)
+    self.bins = int(settings["staleness_bins"])
+    self.buffer = partial_lib.PartialBuffer(ctx.tokenizer.pad_id)
     # (state, target, params, step) -> (state, steps); replaceable by a
     # synthetic model in tests.
     self.generate_fn = self._generate
 
-  def _generate(self, state, target, params, step):
-    exp, tok = self.exp, self.exp.setup.tokenizer
+  def _generate(self, state, target, params, step, round_=0):
+    ctx, tok = self.ctx, self.ctx.tokenizer
     out, steps = partial_generate(
-        exp.graphdef, params, state, rollouts.rollout_key(exp.key, step),
-        target, step, eos_id=tok.eos_id, pad_id=tok.pad_id,
-        sampler=exp.sampler)
+        ctx.graphdef, params, state,
+        rollouts.rollout_key(ctx.key, step, round_), target, step,
+        eos_id=tok.eos_id, pad_id=tok.pad_id, sampler=ctx.sampler)
     return jax.device_get((out, steps))
 
-  def _new_groups(self, step: int, n: int) -> list[partial_lib.Group]:
-    exp, tok = self.exp, self.exp.setup.tokenizer
+  def _new_groups(self, step: int, n: int,
+                  round_: int = 0) -> list[partial_lib.Group]:
+    ctx, tok = self.ctx, self.ctx.tokenizer
     if n == 0:
       return []
-    problems = exp.setup.task.train_batch(step, n)
-    p, pm = tok.encode_batch([q.prompt for q in problems],
-                             max_length=exp.prompt_len)
+    problems, p, pm = rollouts.encode_prompts(ctx, step, n, round_)
+    prefix = f"{step}/" if round_ == 0 else f"{step}.{round_}/"
     return [partial_lib.Group.fresh(
-        f"{step}/{i}", p[i], pm[i], q.answer,
-        num_samples=exp.config.rl.num_samples,
-        max_new_tokens=exp.max_new_tokens, pad_id=tok.pad_id)
+        f"{prefix}{i}", p[i], pm[i], q.answer, num_samples=ctx.num_samples,
+        max_new_tokens=ctx.max_new_tokens, pad_id=tok.pad_id)
             for i, q in enumerate(problems)]
 
-  def rollout(self, params, step: int):
-    exp, c = self.exp, self.exp.config
-    used, info = self.buffer.advance(
-        num_groups=self.num_groups, num_slots=self.num_slots,
-        new_groups=functools.partial(self._new_groups, step),
-        generate=lambda s, target: self.generate_fn(s, target, params, step))
+  def _score(self, groups: list[partial_lib.Group]):
+    """(texts, reward_N, errors) of finished groups (each scored once)."""
+    st = partial_lib.stack_groups(groups)
+    b, g, t = st.tokens.shape
+    mask = (np.arange(t) < st.length[..., None]).reshape(b * g, t)
+    texts = self.ctx.decode(st.tokens.reshape(b * g, t), mask)
+    reward, errors = self.ctx.score(texts, [x.answer for x in groups
+                                            for _ in range(g)])
+    return texts, np.asarray(reward, np.float32), errors
+
+  def _accept(self, groups: list[partial_lib.Group]) -> list[bool]:
+    texts, reward, errors = self._score(groups)
+    g = self.ctx.num_samples
+    out = []
+    for i, x in enumerate(groups):
+      r = reward[i * g:(i + 1) * g]
+      self._scored[x.uid] = (texts[i * g:(i + 1) * g], r)
+      out.append(bool(r.max() > r.min()))
+    self._errors += errors
+    return out
+
+  def rollout(self, params, step: int, draw: int = 0) -> rollouts.Groups:
+    if draw:
+      raise ValueError("The april engine draws each step's groups once from "
+                       "its buffer (draw must be 0).")
+    ctx = self.ctx
+    self._scored, self._errors = {}, 0
+    if ctx.filter_rounds:
+      used, info = self.buffer.advance(
+          num_groups=self.num_groups, num_slots=self.num_slots,
+          new_groups=lambda n, r: self._new_groups(step, n, r),
+          generate=lambda s, target, r: self.generate_fn(s, target, params,
+                                                          step, r),
+          accept=self._accept, max_rounds=ctx.filter_rounds)
+    else:
+      used, info = self.buffer.advance(
+          num_groups=self.num_groups, num_slots=self.num_slots,
+          new_groups=functools.partial(self._new_groups, step),
+          generate=lambda s, target: self.generate_fn(s, target, params,
+                                                      step))
+    missing = self.num_groups - len(used)
+    if missing:  # fully masked fillers (nothing passed the filter)
+      template = used[0] if used else self._filler_template()
+      used = used + [partial_lib.Group.fresh(
+          f"{step}/empty{i}", template.prompt, template.prompt_mask, "",
+          num_samples=ctx.num_samples, max_new_tokens=ctx.max_new_tokens,
+          pad_id=ctx.tokenizer.pad_id) for i in range(missing)]
     st = partial_lib.stack_groups(used)
     b, g, t = st.tokens.shape
     mask_BGT = np.arange(t) < st.length[..., None]
-    texts = exp.decode(st.tokens.reshape(b * g, t), mask_BGT.reshape(b * g, t))
-    reward_N, errors = exp.rewards(texts,
-                                   [x.answer for x in used for _ in range(g)])
-    if c.rl.overlong_buffer > 0:  # DAPO's soft overlong punishment
-      reward_N = reward_N + np.asarray(selection.overlong_penalty(
-          st.length.reshape(-1), max_length=t,
-          cache_length=c.rl.overlong_buffer))
-    groups = dict(prompt=st.prompt, prompt_mask=st.prompt_mask,
-                  tokens=st.tokens, mask=mask_BGT, logp=st.logp,
-                  lengths=st.length, finished=st.eos,
-                  reward=reward_N.reshape(b, g),
-                  texts=np.asarray(texts, dtype=object).reshape(b, g))
-    adv_BG = np.asarray(exp.method.advantage_fn(jnp.asarray(groups["reward"])))
-    batch = rollouts.group_batch(groups, adv_BG)
-    stats = rollouts.reward_stats(groups)
-    stats["reward/errors"] = errors
-    stats["rollout/adv_abs"] = np.abs(adv_BG).mean()
-    stats.update(partial_lib.staleness_stats(
-        st.version.reshape(b * g, t), batch.completion_mask, step,
-        num_bins=self.bins))
+    problems = [_Answer(x.answer) for x in used]
+    scores = None
+    if ctx.filter_rounds:
+      # Carried finished groups were scored when they passed the filter in
+      # an earlier step; score those (and fillers) now.
+      todo = [x for x in used if x.uid not in self._scored]
+      if todo:
+        texts, reward, _ = self._score(todo)
+        for i, x in enumerate(todo):
+          self._scored[x.uid] = (texts[i * g:(i + 1) * g],
+                                 reward[i * g:(i + 1) * g])
+      scores = ([s_ for x in used for s_ in self._scored[x.uid][0]],
+                np.concatenate([self._scored[x.uid][1] for x in used]),
+                self._errors)
+    groups = rollouts.scored_groups(
+        ctx, problems, st.prompt, st.prompt_mask, st.tokens.reshape(b * g, t),
+        mask_BGT.reshape(b * g, t), st.logp.reshape(b * g, t),
+        st.length.reshape(-1), st.eos.reshape(-1), scores=scores,
+        version=np.asarray(st.version, np.int32))
+    if missing:
+      w = groups.weights.copy()
+      w[b - missing:] = 0.0
+      groups = groups._replace(weights=w)
+      info["empty_groups"] = missing
+    elif ctx.filter_rounds:
+      info["empty_groups"] = 0
+    stats = partial_lib.staleness_stats(
+        st.version.reshape(b * g, t), mask_BGT.reshape(b * g, t), step,
+        num_bins=self.bins)
+    stale = mask_BGT & (np.asarray(st.version) < step)
+    stats["rollout/off_policy_tokens"] = float(
+        stale.sum() / max(mask_BGT.sum(), 1))
     stats.update({f"rollout/{k}": float(v) for k, v in info.items()})
-    if self.is_correction:
-      cur, adv, m = _corrected(
-          exp.graphdef, params, batch.prompt, batch.prompt_mask,
-          batch.completion, batch.completion_mask, batch.old_logp,
-          batch.advantages, temperature=c.rl.temperature, cap=self.is_cap)
-      cur, adv, m = jax.device_get((cur, adv, m))
-      batch = batch._replace(old_logp=np.asarray(cur, np.float32),
-                             advantages=np.asarray(adv, np.float32))
-      stats.update({f"rollout/{k}": float(v) for k, v in m.items()})
-    return batch, stats
+    groups.stats.update(stats)
+    return groups
+
+  def _filler_template(self):
+    problems, p, pm = rollouts.encode_prompts(self.ctx, 0, 1)
+    del problems
+    return partial_lib.Group.fresh("empty", p[0], pm[0], "",
+                                   num_samples=self.ctx.num_samples,
+                                   max_new_tokens=self.ctx.max_new_tokens)
 
   def state_dict(self):
     return self.buffer.state_dict()
 
   def load_state_dict(self, state) -> None:
     self.buffer.load_state_dict(state)
+
+
+class _Answer(NamedTuple):
+  answer: Any

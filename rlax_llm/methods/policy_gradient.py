@@ -20,7 +20,7 @@ configs/dapo.py).
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 
@@ -38,11 +38,15 @@ class Method(NamedTuple):
     critic: True for actor-critic methods (PPO): `advantage_fn` is then the
       identity and the update step computes GAE advantages with a learned
       value model (`rlax_llm.training.ppo`).
+    token_advantage_fn: optional (reward_N, mask_NT, *, kl_NT, kl_coef,
+      group_size) -> adv_NT; when set it replaces `advantage_fn` (token-level
+      advantages, e.g. REINFORCE++ with the KL in each token's reward).
   """
   name: str
   advantage_fn: Callable[[jax.Array], jax.Array]
   policy_loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
   critic: bool = False
+  token_advantage_fn: Optional[Callable[..., jax.Array]] = None
 
 
 def _norm_constant(aggregation: str, max_new_tokens: int | None):
@@ -103,12 +107,16 @@ def reinforce_pp(*, clip_low: float = 0.2, clip_high: float = 0.2,
                  dual_clip: float | None = None,
                  aggregation: str = "token_mean",
                  max_new_tokens: int | None = None,
-                 group_baseline: bool = True, adv_eps: float = 1e-6
-                 ) -> Method:
+                 group_baseline: bool = True, adv_eps: float = 1e-6,
+                 token_level: bool = False, gamma: float = 1.0) -> Method:
   """REINFORCE++ (arXiv:2501.03262): batch-normalised advantages, PPO clip.
 
   With `group_baseline` the group mean is subtracted first (the paper's
-  "REINFORCE++ with baseline" for groups of samples per prompt).
+  "REINFORCE++ with baseline" for groups of samples per prompt). With
+  `token_level` the advantages are verl's: token rewards (the KL in the
+  reward on every token, the outcome on the last), returns, whitened over
+  every valid token of the batch (`advantages.reinforce_pp_token_advantages`);
+  otherwise sequence rewards normalised over the batch's sequences.
   """
   return Method(
       name="reinforce_pp",
@@ -116,7 +124,11 @@ def reinforce_pp(*, clip_low: float = 0.2, clip_high: float = 0.2,
                                      group_baseline=group_baseline,
                                      eps=adv_eps),
       policy_loss=_ppo_clip(clip_low, clip_high, dual_clip, aggregation,
-                            max_new_tokens))
+                            max_new_tokens),
+      token_advantage_fn=(functools.partial(
+          advantages.reinforce_pp_token_advantages,
+          group_baseline=group_baseline, gamma=gamma) if token_level
+                          else None))
 
 
 def gspo(*, clip_low: float = 3e-4, clip_high: float = 4e-4,

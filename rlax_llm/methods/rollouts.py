@@ -1,56 +1,118 @@
-"""Rollout engines: how the experiment layer turns prompts into an RLBatch.
+"""Rollout engines: how prompts become scored groups of completions.
 
-An engine is built once per run, `Engine(exp, cfg)`, from the experiment
-(task, tokenizer, reward, method, base key) and its own config section
-(`config.rollout`, whose `name` selects the engine), and is then asked once per
-RL step for `rollout(params, step) -> (RLBatch, stats)`. The batch always has
-`rl.prompts_per_step * rl.num_samples` rows, so the compiled update step never
-changes shape.
+An engine is built once per run from a `RolloutContext` (what it uses: the
+model graph, mesh, sampler, tokenizer, reward scorer, task stream, sizes) and
+its own parsed settings (`Engine.from_section(ctx, config.rollout)`), and is
+then asked once per RL step for `rollout(params, step, draw=0) -> Groups`:
+B = `ctx.num_prompts` prompts with G = `ctx.num_samples` completions each,
+rewarded by the task's verifier. Everything after that (reward shaping,
+dynamic sampling, advantages, XRPO, D^3S, KL in the reward) is one chain of
+group transforms shared by every engine (`rlax_llm.methods.transforms`).
 
-Engines that carry host state across steps (e.g. partial rollouts continued at
-the next step) return it from `state_dict()` as JSON-able data; it is stored in
-every checkpoint and handed back through `load_state_dict` on resume, so a
-resumed run continues exactly.
+What an engine can honour is declared on its class, so that an option it
+cannot honour is refused at start-up rather than ignored:
+  resamples: `rollout(..., draw=k)` draws fresh independent groups (other
+    prompts) for the same step, which dynamic sampling needs.
+  sequence_advantages: the method's sequence advantage (reward_BG -> adv_BG)
+    applies; False when the engine supplies its own per-token advantages
+    (`Groups.token_adv`, e.g. shared-prefix trees).
+  filters_groups: the engine applies dynamic sampling itself
+    (`RolloutContext.filter_rounds`), as APRIL stops a round once enough
+    groups have finished and passed the filter.
 
-Register a new engine with `@register("name")`; its config file sets
-`config.rollout = ml_collections.ConfigDict(dict(name="name", ...))`.
+Engines that carry host state across steps (partial rollouts continued at
+the next step) return it from `state_dict()` as JSON-able data; it is stored
+in every checkpoint and handed back through `load_state_dict` on resume.
+
+The engines are registered explicitly in `rlax_llm.methods.engines.ENGINES`.
 """
 
 from __future__ import annotations
 
 import abc
-import difflib
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from rlax_llm.core import selection
 from rlax_llm.sampling.generate import generate_on_mesh_jit
-from rlax_llm.training import steps as steps_lib
-
-ROLLOUTS: dict[str, Callable[..., Any]] = {}
+from rlax_llm.sampling.samplers import SamplerConfig
 
 
-def register(name: str):
-  """Class decorator adding a rollout engine to `ROLLOUTS` under `name`."""
-  def deco(cls):
-    ROLLOUTS[name] = cls
-    return cls
-  return deco
+class RolloutContext(NamedTuple):
+  """What a rollout engine uses (built by the experiment layer).
+
+  Attributes:
+    graphdef: NNX graph of the policy.
+    mesh: the device mesh rollouts are split over.
+    sampler: the sampling settings.
+    tokenizer: encode_batch/decode_batch, pad_id, eos_id, vocab_size.
+    task: the train stream, `train_batch(step, n, draw=0)` -> problems with
+      `.prompt` and `.answer`.
+    score: (texts, answers) -> (reward_N f32, errors); never raises.
+    decode: (tokens_NT, mask_NT) -> list of N texts.
+    key: the run's base PRNG key.
+    prompt_len: width prompts are padded to.
+    max_new_tokens: the completion budget T.
+    num_prompts: B, groups per step.
+    num_samples: G, completions per group.
+    decode_chunk: rows decoded at once per device (None: automatic).
+    rl_start: the global step at which RL starts (schedules count from it).
+    vocab_size: the model's vocabulary (output width; 0: the tokenizer's).
+    filter_rounds: for engines that filter groups themselves
+      (`Engine.filters_groups`): drop groups whose rewards all agree (DAPO's
+      dynamic sampling), decoding up to this many rounds; 0 keeps all.
+  """
+  graphdef: Any
+  mesh: Any
+  sampler: SamplerConfig
+  tokenizer: Any
+  task: Any
+  score: Callable[..., tuple[np.ndarray, int]]
+  decode: Callable[..., list]
+  key: jax.Array
+  prompt_len: int
+  max_new_tokens: int
+  num_prompts: int
+  num_samples: int
+  decode_chunk: Optional[int] = None
+  rl_start: int = 0
+  vocab_size: int = 0
+  filter_rounds: int = 0
 
 
-def get_rollout(name: str):
-  """The engine class registered as `name` (a clear error otherwise)."""
-  # Engines defined in other modules register on import.
-  from rlax_llm.methods import engines  # pylint: disable=g-import-not-at-top,unused-import
-  if name not in ROLLOUTS:
-    close = difflib.get_close_matches(name, ROLLOUTS, n=3)
-    raise ValueError(f"Unknown rollout engine {name!r} (config.rollout.name)"
-                     + (f"; did you mean {close}?" if close else "")
-                     + f" Known engines: {sorted(ROLLOUTS)}.")
-  return ROLLOUTS[name]
+class Groups(NamedTuple):
+  """B groups of G scored completions, on the host.
+
+  Attributes:
+    prompt, prompt_mask: [B, P] prompts.
+    tokens: [B, G, T] int32 completions; mask [B, G, T] bool generated
+      tokens (EOS included); logp [B, G, T] f32 behaviour log-probs.
+    lengths: [B, G] int; finished: [B, G] bool (ended with EOS).
+    reward: [B, G] f32 verifier rewards (shaped by the transforms).
+    texts: [B, G] object decoded completions.
+    errors: reward-function failures of this draw.
+    weights: [B, G, T] f32 token weights (default the mask).
+    token_adv: [B, G, T] f32 per-token advantages the engine computed
+      itself (trees), or None: the method's advantage applies.
+    version: [B, G, T] int32 global step whose policy sampled each token
+      (partial rollouts), or None: every token is from this step.
+    stats: the engine's own statistics ("rollout/..." keys).
+  """
+  prompt: np.ndarray
+  prompt_mask: np.ndarray
+  tokens: np.ndarray
+  mask: np.ndarray
+  logp: np.ndarray
+  lengths: np.ndarray
+  finished: np.ndarray
+  reward: np.ndarray
+  texts: np.ndarray
+  errors: int = 0
+  weights: Optional[np.ndarray] = None
+  token_adv: Optional[np.ndarray] = None
+  version: Optional[np.ndarray] = None
+  stats: Optional[dict] = None
 
 
 def rollout_key(base_key: jax.Array, step: int, draw: int = 0) -> jax.Array:
@@ -61,40 +123,42 @@ def rollout_key(base_key: jax.Array, step: int, draw: int = 0) -> jax.Array:
   return key
 
 
-def sample_groups(exp, params, step: int, draw: int, *,
-                  num_prompts: int | None = None,
-                  num_samples: int | None = None) -> dict[str, Any]:
-  """One round of B prompts x G samples from `generate`, scored, on the host.
+def encode_prompts(ctx: RolloutContext, step: int, num: int, draw: int = 0):
+  """(problems, prompt_BP, prompt_mask_BP) of draw `draw` of step `step`."""
+  problems = ctx.task.train_batch(step, num, draw=draw)
+  p, pm = ctx.tokenizer.encode_batch([q.prompt for q in problems],
+                                     max_length=ctx.prompt_len)
+  return problems, p, pm
 
-  Returns a dict of arrays with leading [B, G] (or [B] for prompts): prompt,
-  prompt_mask [B, P]; tokens, mask, logp [B, G, T]; lengths, finished,
-  reward [B, G]; and `errors`, the number of reward-function failures.
+
+def scored_groups(ctx: RolloutContext, problems, prompt_BP, prompt_mask_BP,
+                  tokens_NT, mask_NT, logp_NT, lengths_N, finished_N, *,
+                  stats: Optional[dict] = None, scores=None,
+                  **fields) -> Groups:
+  """Decodes and rewards N = B * G completions; returns them as Groups.
+
+  `scores` = (texts, reward_N, errors) already computed skips the scoring.
   """
-  c, tok = exp.config, exp.setup.tokenizer
-  b = num_prompts or c.rl.prompts_per_step
-  g = num_samples or c.rl.num_samples
-  problems = exp.setup.task.train_batch(step, b, draw=draw)
-  p, pm = tok.encode_batch([q.prompt for q in problems],
-                           max_length=exp.prompt_len)
-  ro = jax.device_get(generate_on_mesh_jit(
-      exp.graphdef, params, p, pm, rollout_key(exp.key, step, draw),
-      mesh=exp.mesh, num_samples=g, max_new_tokens=exp.max_new_tokens,
-      eos_id=tok.eos_id, pad_id=tok.pad_id, sampler=exp.sampler,
-      decode_chunk=exp.decode_chunk))
-  texts = exp.decode(ro.tokens, ro.mask)
-  answers = [q.answer for q in problems for _ in range(g)]
-  reward_N, errors = exp.rewards(texts, answers)
-  if c.rl.overlong_buffer > 0:  # DAPO's soft overlong punishment
-    reward_N = reward_N + np.asarray(selection.overlong_penalty(
-        ro.lengths, max_length=exp.max_new_tokens,
-        cache_length=c.rl.overlong_buffer))
-  t = exp.max_new_tokens
-  return dict(prompt=p, prompt_mask=pm, tokens=ro.tokens.reshape(b, g, t),
-              mask=ro.mask.reshape(b, g, t), logp=ro.logp.reshape(b, g, t),
-              lengths=ro.lengths.reshape(b, g),
-              finished=ro.finished.reshape(b, g),
-              reward=reward_N.reshape(b, g), errors=errors,
-              texts=np.asarray(texts, dtype=object).reshape(b, g))
+  b = len(problems)
+  n, t = np.shape(tokens_NT)
+  g = n // max(b, 1)
+  if scores is None:
+    texts = ctx.decode(tokens_NT, mask_NT)
+    answers = [q.answer for q in problems for _ in range(g)]
+    reward_N, errors = ctx.score(texts, answers)
+  else:
+    texts, reward_N, errors = scores
+  mask = np.asarray(mask_NT, bool).reshape(b, g, t)
+  return Groups(
+      prompt=np.asarray(prompt_BP), prompt_mask=np.asarray(prompt_mask_BP),
+      tokens=np.asarray(tokens_NT).reshape(b, g, t), mask=mask,
+      logp=np.asarray(logp_NT, np.float32).reshape(b, g, t),
+      lengths=np.asarray(lengths_N).reshape(b, g),
+      finished=np.asarray(finished_N, bool).reshape(b, g),
+      reward=np.asarray(reward_N, np.float32).reshape(b, g),
+      texts=np.asarray(texts, dtype=object).reshape(b, g),
+      errors=int(errors), weights=mask.astype(np.float32),
+      stats=dict(stats or {}), **fields)
 
 
 def distinct_completions(texts_BG) -> float:
@@ -130,51 +194,61 @@ def pairwise_edit_distance(texts_BG) -> float:
   return float(np.mean(means))
 
 
-def group_batch(groups: dict[str, Any], adv_BG_or_BGT) -> steps_lib.RLBatch:
-  """Flattens [B, G, ...] groups and their advantages into an RLBatch.
-
-  `adv` is [B, G] (sequence advantages, broadcast over the completion's
-  tokens) or [B, G, T] (per-token advantages, e.g. tree methods).
-  """
-  b, g, t = groups["tokens"].shape
-  mask = groups["mask"].reshape(b * g, t)
-  adv = np.asarray(adv_BG_or_BGT, np.float32)
-  adv_NT = adv.reshape(b * g, t) if adv.ndim == 3 else np.broadcast_to(
-      adv.reshape(b * g, 1), (b * g, t))
-  return steps_lib.RLBatch(
-      prompt=np.repeat(groups["prompt"], g, axis=0),
-      prompt_mask=np.repeat(groups["prompt_mask"], g, axis=0),
-      completion=groups["tokens"].reshape(b * g, t),
-      completion_mask=mask, old_logp=groups["logp"].reshape(b * g, t),
-      advantages=(adv_NT * mask).astype(np.float32))
-
-
-def reward_stats(groups: dict[str, Any]) -> dict[str, Any]:
-  """Reward and length statistics of one round of groups."""
-  r = groups["reward"]
-  out = {
+def reward_stats(groups: Groups) -> dict[str, Any]:
+  """Reward and length statistics of one draw of groups."""
+  r = groups.reward
+  return {
       "reward/mean": r.mean(),
       "reward/std": r.std(),
       "reward/solved_groups": np.mean(r.min(axis=1) >= 0.5),
       "reward/failed_groups": np.mean(r.max(axis=1) < 0.5),
-      "rollout/length": groups["lengths"].mean(),
-      "rollout/truncated": 1.0 - groups["finished"].mean(),
+      "rollout/length": groups.lengths.mean(),
+      "rollout/truncated": 1.0 - groups.finished.mean(),
+      "rollout/distinct_per_group": distinct_completions(groups.texts),
   }
-  if "texts" in groups:
-    out["rollout/distinct_per_group"] = distinct_completions(groups["texts"])
-  return out
+
+
+def check_fields(engine: str, section: Mapping[str, Any],
+                 known: Mapping[str, Any]) -> dict[str, Any]:
+  """`section`'s fields (minus `name`) over `known`'s defaults.
+
+  Raises ValueError naming an unknown field and the known ones.
+  """
+  fields = {k: v for k, v in dict(section).items() if k != "name"}
+  unknown = sorted(set(fields) - set(known))
+  if unknown:
+    raise ValueError(
+        f"config.rollout has fields {unknown} that the {engine!r} engine "
+        f"does not know; its fields are {sorted(known)}.")
+  return {k: fields.get(k, v) for k, v in known.items()}
 
 
 class Engine(abc.ABC):
-  """Base class: stateless engines need only `rollout`."""
+  """Base class of rollout engines (see the module docstring)."""
 
-  def __init__(self, exp, cfg):
-    self.exp = exp
-    self.cfg = cfg
+  name = ""
+  resamples = True
+  sequence_advantages = True
+  filters_groups = False
+
+  def __init__(self, ctx: RolloutContext, settings: Any = None):
+    self.ctx = ctx
+    self.settings = settings
+
+  @classmethod
+  def from_section(cls, ctx: RolloutContext, section: Mapping[str, Any]):
+    """The engine with settings parsed from its `config.rollout` fields."""
+    check_fields(cls.name, section, {})
+    return cls(ctx)
 
   @abc.abstractmethod
-  def rollout(self, params, step: int):
-    """-> (RLBatch with prompts_per_step * num_samples rows, stats dict)."""
+  def rollout(self, params, step: int, draw: int = 0) -> Groups:
+    """B groups of G scored completions of draw `draw` of global `step`."""
+
+  def readvantage(self, groups: Groups) -> Groups:
+    """Groups with the engine's own token advantages recomputed from their
+    (shaped) rewards; engines with `sequence_advantages` return them as is."""
+    return groups
 
   def state_dict(self) -> Any:
     return None
@@ -183,68 +257,19 @@ class Engine(abc.ABC):
     del state
 
 
-@register("sample")
 class SampleRollout(Engine):
-  """B prompts x G independent samples (GRPO family, BroRL with large G).
+  """B prompts x G independent samples (GRPO family, BroRL with large G)."""
 
-  With `rl.dynamic_sampling` (DAPO, arXiv:2503.14476), groups whose rewards
-  all agree carry no signal and are replaced by groups of extra prompts, up to
-  `rl.max_sampling_rounds` rounds; slots still empty then are filled with
-  fully masked groups, which contribute nothing, so the batch shape (and the
-  compiled step) never changes.
-  """
+  name = "sample"
 
-  def rollout(self, params, step: int):
-    exp, c = self.exp, self.exp.config
-    b = c.rl.prompts_per_step
-    first = sample_groups(exp, params, step, 0)
-    rounds, groups = [first], first
-    if c.rl.dynamic_sampling:
-      pieces, count, draw = [], 0, 0
-      while True:
-        r = rounds[-1]
-        informative = np.flatnonzero(r["reward"].max(1) > r["reward"].min(1))
-        pieces.append({k: v[informative] for k, v in r.items()
-                       if k != "errors"})
-        count += len(informative)
-        draw += 1
-        if count >= b or draw >= c.rl.max_sampling_rounds:
-          break
-        rounds.append(sample_groups(exp, params, step, draw))
-      kept = {k: np.concatenate([p_[k] for p_ in pieces])[:b]
-              for k in pieces[0]}
-      missing = b - len(kept["reward"])
-      if missing:  # fully masked filler groups
-        filler = {k: np.zeros((missing,) + v.shape[1:], v.dtype)
-                  for k, v in first.items() if k not in ("errors", "texts")}
-        filler["texts"] = np.full((missing,) + first["texts"].shape[1:], "",
-                                  dtype=object)
-        filler["prompt"] = first["prompt"][:1].repeat(missing, 0)
-        filler["prompt_mask"] = first["prompt_mask"][:1].repeat(missing, 0)
-        kept = {k: np.concatenate([kept[k], filler[k]]) for k in kept}
-      groups = kept
-    adv_BG = np.asarray(exp.method.advantage_fn(jnp.asarray(groups["reward"])))
-    if c.rl.xrpo_lambda > 0:  # XRPO novelty-aware sharpening
-      b_, g_, t_ = groups["tokens"].shape
-      eta = selection.xrpo_novelty(groups["logp"].reshape(b_ * g_, t_),
-                                   groups["mask"].reshape(b_ * g_, t_), g_)
-      sharp = selection.xrpo_sharpen(
-          adv_BG.reshape(-1), groups["reward"].reshape(-1) >= 0.5, eta,
-          lam=c.rl.xrpo_lambda, kappa_clip=c.rl.xrpo_kappa_clip)
-      sharp = np.asarray(sharp).reshape(adv_BG.shape)
-      xrpo_stats = {"rollout/xrpo_sharpened": float(np.mean(sharp != adv_BG)),
-                    "rollout/xrpo_bonus": float(np.mean(sharp - adv_BG))}
-      adv_BG = sharp
-    else:
-      xrpo_stats = {}
-    batch = group_batch(groups, adv_BG)
-    # Reward statistics describe the step's ordinary draw (round 0).
-    stats = reward_stats(first)
-    stats["reward/errors"] = sum(r["errors"] for r in rounds)
-    stats["rollout/adv_abs"] = np.abs(adv_BG).mean()
-    stats.update(xrpo_stats)
-    if c.rl.dynamic_sampling:
-      stats["rollout/sampling_rounds"] = len(rounds)
-      stats["rollout/empty_groups"] = b - int(
-          np.sum(batch.completion_mask.reshape(b, -1).any(1)))
-    return batch, stats
+  def rollout(self, params, step: int, draw: int = 0) -> Groups:
+    ctx, tok = self.ctx, self.ctx.tokenizer
+    problems, p, pm = encode_prompts(ctx, step, ctx.num_prompts, draw)
+    ro = jax.device_get(generate_on_mesh_jit(
+        ctx.graphdef, params, p, pm, rollout_key(ctx.key, step, draw),
+        mesh=ctx.mesh, num_samples=ctx.num_samples,
+        max_new_tokens=ctx.max_new_tokens, eos_id=tok.eos_id,
+        pad_id=tok.pad_id, sampler=ctx.sampler,
+        decode_chunk=ctx.decode_chunk))
+    return scored_groups(ctx, problems, p, pm, ro.tokens, ro.mask, ro.logp,
+                         ro.lengths, ro.finished)

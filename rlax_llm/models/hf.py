@@ -8,6 +8,15 @@ Supported families (the `model_type` of `config.json`):
               `attention_bias` on q/k/v/o
   llama       Llama 2/3.x: `attention_bias` on q/k/v/o, `mlp_bias`, rope
               scaling "llama3" or "linear"
+  gemma2      Gemma 2: (1 + w) RMSNorms, post-attention and post-feedforward
+              norms, embeddings times sqrt(hidden), GeGLU (tanh GELU),
+              `query_pre_attn_scalar`, attention and final logit soft-capping,
+              sliding-window layers alternating with global ones
+  gemma3_text Gemma 3 text model (`Gemma3ForCausalLM`): Gemma 2's block with
+              q/k norms, local/global `layer_types` (or
+              `sliding_window_pattern`), `rope_local_base_freq` for the
+              sliding layers and rope scaling for the global ones; like
+              transformers it applies no attention soft-capping
   ==========  =================================================================
 
 A checkpoint directory holds `config.json` and either `model.safetensors` or
@@ -22,6 +31,13 @@ Example::
   model = load_pretrained("/ckpt/Qwen2.5-0.5B", dtype=jnp.bfloat16)
   logits_BTV = model(tokens_BT)
   save_pretrained(model, "/tmp/out", max_shard_size="2GB")
+
+Low-rank adapters (`ModelConfig.lora_rank` > 0): `save_pretrained` folds
+W + (alpha / r) A B into each targeted weight, one tensor at a time on the
+host, and writes a plain checkpoint of the `lora_rank=0` model that
+transformers loads; `load_params(path, lora_rank=r, ...)` reads the base
+weights of a plain checkpoint and adds fresh adapters (B = 0, so the loaded
+model computes the checkpoint's function exactly).
 
 Layouts: HF linear weights are [out, in]; ours are [in, ...]. q/k/v
 projections are [D, heads, H], the output projection [heads, H, D], MLP
@@ -45,8 +61,9 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
+from rlax_llm.models import lora as lora_lib
 from rlax_llm.models.config import ModelConfig
-from rlax_llm.models.transformer import Transformer
+from rlax_llm.models.transformer import Transformer, logical_axes
 from rlax_llm.parallel import mesh as mesh_lib
 
 __all__ = ["config_from_hf", "config_to_hf", "hf_tensor_specs", "load_params",
@@ -58,7 +75,22 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 _ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                  "llama": "LlamaForCausalLM"}
+                  "llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                  "gemma3_text": "Gemma3ForCausalLM"}
+_GEMMA = ("gemma2", "gemma3_text")
+# transformers' defaults for fields a Gemma config.json may leave out.
+_GEMMA_DEFAULTS = {
+    "gemma2": dict(head_dim=256, max_position_embeddings=8192,
+                   query_pre_attn_scalar=256, sliding_window=4096,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                   sliding_window_pattern=2, rope_theta=10_000.0),
+    "gemma3_text": dict(head_dim=256, max_position_embeddings=131_072,
+                        query_pre_attn_scalar=256, sliding_window=4096,
+                        final_logit_softcapping=None,
+                        attn_logit_softcapping=None, sliding_window_pattern=6,
+                        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0),
+}
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_python_tanh", "gelu_new")
 
 # safetensors dtype codes <-> numpy dtypes (bf16 through ml_dtypes).
 _DTYPES = {
@@ -236,6 +268,14 @@ def _family(hf: Mapping[str, Any]) -> str:
   model_type = hf.get("model_type")
   if model_type in _ARCHITECTURES:
     return model_type
+  if model_type == "gemma3" or "Gemma3ForConditionalGeneration" in (
+      hf.get("architectures") or ()):
+    raise ValueError(
+        "This is a multimodal Gemma 3 checkpoint (model_type='gemma3', "
+        "Gemma3ForConditionalGeneration); only the text model is supported. "
+        "Load a Gemma3ForCausalLM checkpoint (model_type 'gemma3_text'), or "
+        "save the language model of this one with transformers' "
+        "Gemma3ForCausalLM.save_pretrained first.")
   for arch in hf.get("architectures") or ():
     for family, name in _ARCHITECTURES.items():
       if arch == name:
@@ -250,15 +290,26 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
   """The ModelConfig of an HF `config.json` dict.
 
   Args:
-    hf: the parsed `config.json` of a Qwen2, Qwen3 or Llama checkpoint.
+    hf: the parsed `config.json` of a Qwen2, Qwen3, Llama, Gemma 2 or
+      Gemma 3 text checkpoint.
     **overrides: ModelConfig fields to set on top (`dtype`, `param_dtype`,
       `remat`, `max_seq_len`, ...).
 
   Raises:
     ValueError: for an unsupported architecture, activation, rope type,
-      sliding-window attention or a missing field.
+      sliding-window attention outside the Gemma families, bidirectional
+      attention or a missing field.
   """
   family = _family(hf)
+  for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+              "intermediate_size", "vocab_size"):
+    if key not in hf:
+      raise ValueError(f"config.json lacks {key!r}, which a {family} config "
+                       "must give.")
+  if family in _GEMMA:
+    fields = _gemma_fields(hf, family)
+    fields.update(overrides)
+    return ModelConfig(**fields)
   act = hf.get("hidden_act", "silu")
   if act not in ("silu", "swish"):
     raise ValueError(f"hidden_act={act!r} is not supported; the decoder uses "
@@ -268,32 +319,12 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
   if hf.get("use_sliding_window", False) and window and window < max_len:
     raise ValueError(
         f"use_sliding_window=true with sliding_window={window} is not "
-        "supported (the decoder attends to the full context); set "
-        "use_sliding_window to false in config.json to load it with full "
+        f"supported for {family} (its decoder attends to the full context); "
+        "set use_sliding_window to false in config.json to load it with full "
         "attention.")
-  for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-              "intermediate_size", "vocab_size"):
-    if key not in hf:
-      raise ValueError(f"config.json lacks {key!r}, which a {family} config "
-                       "must give.")
   d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
   rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-  theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type not in ("default", "linear", "llama3"):
-    raise ValueError(f"rope_type={rope_type!r} is not supported; supported "
-                     "are 'default', 'linear' and 'llama3'.")
-  if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-    raise ValueError("partial_rotary_factor != 1 is not supported.")
-  rope_fields: dict[str, Any] = {}
-  if rope_type != "default":
-    rope_fields = dict(rope_scaling=rope_type,
-                       rope_factor=float(rope["factor"]))
-  if rope_type == "llama3":
-    rope_fields.update(
-        rope_low_freq_factor=float(rope["low_freq_factor"]),
-        rope_high_freq_factor=float(rope["high_freq_factor"]),
-        rope_original_max_len=int(rope["original_max_position_embeddings"]))
+  rope.setdefault("rope_theta", hf.get("rope_theta", 10_000.0))
   attention_bias = bool(hf.get("attention_bias", False))
   fields = dict(
       vocab_size=int(hf["vocab_size"]),
@@ -304,25 +335,231 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
       head_dim=int(hf.get("head_dim") or d // heads),
       mlp_dim=int(hf["intermediate_size"]),
       max_seq_len=max_len,
-      rope_theta=theta,
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       qkv_bias=True if family == "qwen2" else attention_bias,
       out_bias=False if family == "qwen2" else attention_bias,
       mlp_bias=bool(hf.get("mlp_bias", False)) if family == "llama" else False,
       qk_norm=family == "qwen3",
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      **rope_fields)
+      **_rope_fields(rope))
   fields.update(overrides)
   return ModelConfig(**fields)
+
+
+def _rope_fields(rope: Mapping[str, Any]) -> dict[str, Any]:
+  """ModelConfig rope fields of one HF rope dict (`rope_parameters` style)."""
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ("default", "linear", "llama3"):
+    raise ValueError(f"rope_type={rope_type!r} is not supported; supported "
+                     "are 'default', 'linear' and 'llama3'.")
+  if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+    raise ValueError("partial_rotary_factor != 1 is not supported.")
+  fields: dict[str, Any] = dict(rope_theta=float(rope["rope_theta"]))
+  if rope_type != "default":
+    fields.update(rope_scaling=rope_type, rope_factor=float(rope["factor"]))
+  if rope_type == "llama3":
+    fields.update(
+        rope_low_freq_factor=float(rope["low_freq_factor"]),
+        rope_high_freq_factor=float(rope["high_freq_factor"]),
+        rope_original_max_len=int(rope["original_max_position_embeddings"]))
+  return fields
+
+
+def _gemma_fields(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
+  """ModelConfig fields of a Gemma 2 or Gemma 3 text `config.json`."""
+  defaults = _GEMMA_DEFAULTS[family]
+
+  def get(key):  # the value, or transformers' default when absent or null
+    value = hf.get(key)
+    return defaults[key] if value is None else value
+
+  act = hf.get("hidden_activation") or hf.get("hidden_act") or _GELU_TANH[0]
+  if act not in _GELU_TANH:
+    raise ValueError(f"hidden_activation={act!r} is not supported for "
+                     f"{family}; the decoder's GeGLU uses the tanh "
+                     f"approximation of GELU ({_GELU_TANH}).")
+  if hf.get("use_bidirectional_attention"):
+    raise ValueError(
+        "use_bidirectional_attention=true is not supported: the decoder is "
+        "causal. Set it to false (or null) in config.json for a causal LM.")
+  n = int(hf["num_hidden_layers"])
+  layer_types = hf.get("layer_types")
+  if layer_types is None:
+    pattern = int(hf.get("sliding_window_pattern")
+                  or hf.get("_sliding_window_pattern")
+                  or defaults["sliding_window_pattern"])
+    layer_types = ["sliding_attention" if (i + 1) % pattern else
+                   "full_attention" for i in range(n)]
+  layer_types = tuple(layer_types)
+  sliding = "sliding_attention" in layer_types
+  window = hf.get("sliding_window", defaults["sliding_window"])
+  if sliding and not window:
+    raise ValueError(
+        f"config.json has sliding_attention layers but sliding_window="
+        f"{window!r}; give the window length (transformers' default is "
+        f"{defaults['sliding_window']}).")
+  # Rotary settings: one dict for every layer (Gemma 2), or one per layer
+  # type (Gemma 3: `rope_parameters` keyed by layer type, or the older
+  # rope_theta / rope_local_base_freq / rope_scaling fields).
+  params = dict(hf.get("rope_parameters") or {})
+  local_theta = None
+  if family == "gemma3_text":
+    if "full_attention" in params or "sliding_attention" in params:
+      full = dict(params.get("full_attention") or {})
+      local = dict(params.get("sliding_attention") or {})
+    else:
+      full = dict(hf.get("rope_scaling") or params)
+      local = {}
+    full.setdefault("rope_theta", hf.get("rope_theta", defaults["rope_theta"]))
+    local.setdefault("rope_theta", hf.get("rope_local_base_freq",
+                                          defaults["rope_local_base_freq"]))
+    local_type = local.get("rope_type", local.get("type", "default"))
+    if sliding and local != full:
+      if local_type != "default":
+        raise ValueError(
+            f"rope_parameters['sliding_attention'] has rope_type="
+            f"{local_type!r}; sliding layers support only 'default' rope "
+            "(with their own rope_theta) or the same rope as full layers.")
+      local_theta = float(local["rope_theta"])
+    rope = full
+    if hf.get("attn_logit_softcapping") is not None:
+      raise ValueError(
+          f"attn_logit_softcapping={hf['attn_logit_softcapping']} in a "
+          "gemma3_text config: transformers' Gemma 3 does not apply attention "
+          "soft-capping, so these weights were not trained with it. Set it "
+          "to null in config.json.")
+  else:
+    rope = dict(params or hf.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", hf.get("rope_theta", defaults["rope_theta"]))
+  d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+  attention_bias = bool(hf.get("attention_bias", False))
+  attn_cap = (hf.get("attn_logit_softcapping",
+                     defaults["attn_logit_softcapping"])
+              if family == "gemma2" else None)
+  final_cap = hf.get("final_logit_softcapping",
+                     defaults["final_logit_softcapping"])
+  return dict(
+      vocab_size=int(hf["vocab_size"]),
+      num_layers=n,
+      embed_dim=d,
+      num_heads=heads,
+      num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+      head_dim=int(get("head_dim")),
+      mlp_dim=int(hf["intermediate_size"]),
+      max_seq_len=int(get("max_position_embeddings")),
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      qkv_bias=attention_bias,
+      out_bias=attention_bias,
+      qk_norm=family == "gemma3_text",
+      tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+      norm_unit_offset=True,
+      post_norms=True,
+      embed_scale=True,
+      mlp_activation="gelu_tanh",
+      query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
+      attn_logit_softcap=None if attn_cap is None else float(attn_cap),
+      final_logit_softcap=None if final_cap is None else float(final_cap),
+      sliding_window=int(window) if sliding else None,
+      layer_types=layer_types if sliding else (),
+      rope_local_theta=local_theta,
+      **_rope_fields(rope))
 
 
 def _dtype_name(dtype) -> str:
   return _TORCH_NAMES[_CODES[np.dtype(dtype)]]
 
 
+def _uses_gemma_features(cfg: ModelConfig) -> bool:
+  return (cfg.norm_unit_offset or cfg.post_norms or cfg.embed_scale
+          or cfg.mlp_activation != "silu"
+          or cfg.query_pre_attn_scalar is not None
+          or cfg.attn_logit_softcap is not None
+          or cfg.final_logit_softcap is not None or any(cfg.sliding_layers)
+          or cfg.rope_local_theta is not None)
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  rope: dict[str, Any] = {"rope_type": cfg.rope_scaling or "default",
+                          "rope_theta": float(cfg.rope_theta)}
+  if cfg.rope_scaling in ("linear", "llama3"):
+    rope["factor"] = float(cfg.rope_factor)
+  if cfg.rope_scaling == "llama3":
+    rope.update(low_freq_factor=float(cfg.rope_low_freq_factor),
+                high_freq_factor=float(cfg.rope_high_freq_factor),
+                original_max_position_embeddings=int(
+                    cfg.rope_original_max_len))
+  return rope
+
+
+def _number(x: float) -> int | float:
+  """x as an int when it is integral (transformers types some fields int)."""
+  return int(x) if float(x).is_integer() else float(x)
+
+
+def _gemma_to_hf(cfg: ModelConfig, dtype) -> dict[str, Any]:
+  """The Gemma 2 / Gemma 3 text `config.json` of `cfg`."""
+  family = "gemma3_text" if cfg.qk_norm else "gemma2"
+  needed = dict(norm_unit_offset=True, post_norms=True, embed_scale=True,
+                mlp_activation="gelu_tanh", mlp_bias=False)
+  wrong = {k: getattr(cfg, k) for k, v in needed.items()
+           if getattr(cfg, k) != v}
+  if wrong or cfg.qkv_bias != cfg.out_bias:
+    raise ValueError(
+        f"cfg uses Gemma features but no supported family expresses it: a "
+        f"{family} checkpoint needs {needed} and q/k/v/o biases all or none; "
+        f"cfg has {wrong}, qkv_bias={cfg.qkv_bias}, out_bias={cfg.out_bias}.")
+  if family == "gemma2" and cfg.rope_local_theta is not None:
+    raise ValueError(
+        f"rope_local_theta={cfg.rope_local_theta} needs a gemma3_text "
+        "checkpoint (qk_norm=True); Gemma 2 uses one rope for all layers.")
+  if family == "gemma3_text" and cfg.attn_logit_softcap is not None:
+    raise ValueError(
+        f"attn_logit_softcap={cfg.attn_logit_softcap} cannot be exported as "
+        "gemma3_text: transformers' Gemma 3 does not apply attention "
+        "soft-capping. Set it to None (or export without q/k norm as gemma2).")
+  rope = _rope_to_hf(cfg)
+  sliding = cfg.sliding_layers
+  hf: dict[str, Any] = {
+      "architectures": [_ARCHITECTURES[family]],
+      "model_type": family,
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.embed_dim,
+      "intermediate_size": cfg.mlp_dim,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_activation": "gelu_pytorch_tanh",
+      "max_position_embeddings": cfg.max_seq_len,
+      "rms_norm_eps": float(cfg.norm_eps),
+      "attention_bias": bool(cfg.qkv_bias),
+      "query_pre_attn_scalar": _number(cfg.query_pre_attn_scalar
+                                       or cfg.head_dim),
+      "sliding_window": cfg.sliding_window,
+      "layer_types": ["sliding_attention" if s else "full_attention"
+                      for s in sliding],
+      "attn_logit_softcapping": cfg.attn_logit_softcap,
+      "final_logit_softcapping": cfg.final_logit_softcap,
+      "use_bidirectional_attention": False,
+      "tie_word_embeddings": bool(cfg.tie_embeddings),
+      "torch_dtype": _dtype_name(cfg.param_dtype if dtype is None else dtype),
+      "use_cache": True,
+  }
+  if family == "gemma2":
+    hf["rope_parameters"] = rope
+  else:
+    local = (rope if cfg.rope_local_theta is None else
+             {"rope_type": "default",
+              "rope_theta": float(cfg.rope_local_theta)})
+    hf["rope_parameters"] = {"full_attention": rope,
+                             "sliding_attention": dict(local)}
+  return hf
+
+
 def config_to_hf(cfg: ModelConfig, *, dtype=None) -> dict[str, Any]:
-  """The HF `config.json` dict of `cfg` (Qwen3 if q/k norm, Qwen2 if q/k/v
-  but no output bias, Llama otherwise).
+  """The HF `config.json` dict of `cfg` (Gemma 3 text or Gemma 2 if it uses
+  Gemma's features, with or without q/k norm; else Qwen3 if q/k norm, Qwen2
+  if q/k/v but no output bias, Llama otherwise).
 
   Args:
     cfg: the model config.
@@ -332,6 +569,8 @@ def config_to_hf(cfg: ModelConfig, *, dtype=None) -> dict[str, Any]:
     ValueError: when no supported family expresses `cfg` (e.g. q/k norm with
       MLP biases).
   """
+  if _uses_gemma_features(cfg):
+    return _gemma_to_hf(cfg, dtype)
   if cfg.qk_norm:
     family = "qwen3"
   elif cfg.qkv_bias and not cfg.out_bias:
@@ -346,15 +585,7 @@ def config_to_hf(cfg: ModelConfig, *, dtype=None) -> dict[str, Any]:
     raise ValueError(f"mlp_bias is only expressible as a llama checkpoint, "
                      f"but cfg is {family} (qk_norm={cfg.qk_norm}, qkv_bias="
                      f"{cfg.qkv_bias}, out_bias={cfg.out_bias}).")
-  rope: dict[str, Any] = {"rope_type": cfg.rope_scaling or "default",
-                          "rope_theta": float(cfg.rope_theta)}
-  if cfg.rope_scaling in ("linear", "llama3"):
-    rope["factor"] = float(cfg.rope_factor)
-  if cfg.rope_scaling == "llama3":
-    rope.update(low_freq_factor=float(cfg.rope_low_freq_factor),
-                high_freq_factor=float(cfg.rope_high_freq_factor),
-                original_max_position_embeddings=int(
-                    cfg.rope_original_max_len))
+  rope = _rope_to_hf(cfg)
   hf = {
       "architectures": [_ARCHITECTURES[family]],
       "model_type": family,
@@ -397,8 +628,16 @@ def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, str]]:
   for i in range(cfg.num_layers):
     hf, ours = f"model.layers.{i}.", ("layers", i)
     m[ours + ("attn_norm", "scale")] = (hf + "input_layernorm.weight", "copy")
-    m[ours + ("mlp_norm", "scale")] = (
-        hf + "post_attention_layernorm.weight", "copy")
+    if cfg.post_norms:  # Gemma's names: "post_attention" is the attention's
+      m[ours + ("attn_post_norm", "scale")] = (
+          hf + "post_attention_layernorm.weight", "copy")
+      m[ours + ("mlp_norm", "scale")] = (
+          hf + "pre_feedforward_layernorm.weight", "copy")
+      m[ours + ("mlp_post_norm", "scale")] = (
+          hf + "post_feedforward_layernorm.weight", "copy")
+    else:
+      m[ours + ("mlp_norm", "scale")] = (
+          hf + "post_attention_layernorm.weight", "copy")
     a = ours + ("attn",)
     for x in "qkv":
       m[a + (f"{x}_proj",)] = (hf + f"self_attn.{x}_proj.weight", "in_proj")
@@ -465,7 +704,9 @@ def _abstract_model(cfg: ModelConfig):
 
 def hf_tensor_specs(cfg: ModelConfig, dtype=None) -> list[tuple[str, tuple,
                                                                  np.dtype]]:
-  """(HF name, HF shape, dtype) of every tensor of `cfg`'s checkpoint."""
+  """(HF name, HF shape, dtype) of every tensor of `cfg`'s checkpoint (of
+  its merged `lora_rank=0` model when `cfg` has adapters)."""
+  cfg = lora_lib.base_config(cfg)
   _, abstract = _abstract_model(cfg)
   dtype = np.dtype(cfg.param_dtype if dtype is None else dtype)
   pmap = _param_map(cfg)
@@ -538,7 +779,28 @@ def _placement(shape, logical, mesh: Mesh | None, rules):
                                                       rules))
 
 
-def _load(path, dtype, param_dtype, mesh, rules, overrides):
+def _fresh_adapters(cfg: ModelConfig, abstract, mesh: Mesh | None, rules,
+                    seed: int) -> list:
+  """Flat (path, LoRAParam) adapters of `Transformer(cfg, Rngs(seed))`.
+
+  Initialised by one jit that outputs only the adapters, each onto its
+  sharding; the base weights it would draw are dead code XLA removes.
+  """
+  _, adapters = lora_lib.split_lora(abstract)
+  if mesh is None:
+    shardings = SingleDeviceSharding(jax.devices()[0])
+  else:
+    shardings = mesh_lib.tree_shardings(logical_axes(adapters), adapters,
+                                        mesh, rules)
+
+  def init():
+    state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1]
+    return lora_lib.split_lora(state)[1]
+
+  return list(nnx.to_flat_state(jax.jit(init, out_shardings=shardings)()))
+
+
+def _load(path, dtype, param_dtype, mesh, rules, overrides, lora_seed=0):
   path, hf, files = _check_dir(path)
   param_dtype = dtype if param_dtype is None else param_dtype
   cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, **overrides)
@@ -563,7 +825,8 @@ def _load(path, dtype, param_dtype, mesh, rules, overrides):
   readers: dict[str, _SafetensorsFile] = {}
   leaves = []
   try:
-    flat = list(nnx.to_flat_state(abstract))
+    # Adapters (lora_rank > 0) are not in the checkpoint; they start fresh.
+    flat = [pv for pv in nnx.to_flat_state(abstract) if tuple(pv[0]) in pmap]
     # Read shard by shard, tensors in file order.
     flat.sort(key=lambda pv: (files[pmap[tuple(pv[0])][0]],
                               _natural_key(pmap[tuple(pv[0])][0])))
@@ -595,12 +858,14 @@ def _load(path, dtype, param_dtype, mesh, rules, overrides):
   finally:
     for r in readers.values():
       r.close()
+  if cfg.lora_rank:
+    leaves.extend(_fresh_adapters(cfg, abstract, mesh, rules, lora_seed))
   return cfg, graphdef, nnx.from_flat_state(leaves)
 
 
 def load_params(path, *, dtype=jnp.float32, param_dtype=None,
                 mesh: Mesh | None = None, rules=mesh_lib.DEFAULT_RULES,
-                **overrides):
+                lora_seed: int = 0, **overrides):
   """Reads an HF checkpoint directory into a parameter state.
 
   Args:
@@ -610,7 +875,11 @@ def load_params(path, *, dtype=jnp.float32, param_dtype=None,
     mesh: place each parameter on the NamedSharding its logical axes map to
       under `rules`; None puts everything on the first device.
     rules: logical -> mesh axis rules.
-    **overrides: other ModelConfig fields (`remat`, `max_seq_len`, ...).
+    lora_seed: with `lora_rank` > 0 among the overrides, the seed of the
+      fresh adapters: A as `Transformer(cfg, rngs=nnx.Rngs(lora_seed))`
+      draws it, B zero.
+    **overrides: other ModelConfig fields (`remat`, `max_seq_len`,
+      `lora_rank`, `lora_alpha`, `lora_targets`, ...).
 
   Returns:
     (ModelConfig, nnx.State of `nnx.Param`s), the state shaped like
@@ -621,19 +890,21 @@ def load_params(path, *, dtype=jnp.float32, param_dtype=None,
     ValueError: unsupported architecture, or weights that do not match the
       config (missing, unexpected or wrongly shaped tensors, named).
   """
-  cfg, _, state = _load(path, dtype, param_dtype, mesh, rules, overrides)
+  cfg, _, state = _load(path, dtype, param_dtype, mesh, rules, overrides,
+                        lora_seed)
   return cfg, state
 
 
 def load_pretrained(path, *, dtype=jnp.float32, param_dtype=None,
                     mesh: Mesh | None = None, rules=mesh_lib.DEFAULT_RULES,
-                    **overrides) -> Transformer:
+                    lora_seed: int = 0, **overrides) -> Transformer:
   """Reads an HF checkpoint directory into a `Transformer`.
 
   `model(tokens_BT)` then gives f32 logits [B, T, V]. Arguments as in
   `load_params`.
   """
-  _, graphdef, state = _load(path, dtype, param_dtype, mesh, rules, overrides)
+  _, graphdef, state = _load(path, dtype, param_dtype, mesh, rules, overrides,
+                             lora_seed)
   return nnx.merge(graphdef, state)
 
 
@@ -668,6 +939,10 @@ def save_pretrained(model_or_params, path, *, max_shard_size: int | str = "5GB",
       `model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json`.
     dtype: dtype to write the weights in (default: `cfg.param_dtype`).
 
+  With `cfg.lora_rank` > 0 the adapters are folded in (W + (alpha / r) A B,
+  in f32 on the host, one tensor at a time) and the checkpoint is that of
+  `lora.base_config(cfg)`: a plain model with no adapter tensors.
+
   Returns:
     The file names written.
 
@@ -689,6 +964,27 @@ def save_pretrained(model_or_params, path, *, max_shard_size: int | str = "5GB",
       raise TypeError(f"Expected (ModelConfig, params), got a "
                       f"{type(cfg).__name__} as the first element.")
   flat = _flatten(params)
+  adapters: dict[tuple, tuple[tuple, tuple]] = {}  # weight -> (A, B) paths
+  scale = cfg.lora_scale
+  if cfg.lora_rank:
+    _, abstract = _abstract_model(cfg)
+    want = {tuple(p) for p, _ in nnx.to_flat_state(abstract)
+            if lora_lib.is_adapter_name(p[-1])}
+    got = {p for p in flat if lora_lib.is_adapter_name(p[-1])}
+    if want != got:
+      raise ValueError(
+          f"params do not hold the adapters of lora_rank={cfg.lora_rank}, "
+          f"lora_targets={cfg.lora_targets}: missing "
+          f"{sorted(map(str, want - got))[:4]}, unexpected "
+          f"{sorted(map(str, got - want))[:4]}. Pass the config the params "
+          "were made with.")
+    for p in sorted(want):
+      if p[-1].endswith("_lora_a"):
+        target = p[-1][:-len("_lora_a")]
+        adapters[p[:-1] + (f"{target}_proj",)] = (
+            p, p[:-1] + (f"{target}_lora_b",))
+    cfg = lora_lib.base_config(cfg)
+  adapter_leaves = {p: flat.pop(p) for ab in adapters.values() for p in ab}
   pmap = _param_map(cfg)
   if set(flat) != set(pmap):
     missing = sorted(map(str, set(pmap) - set(flat)))
@@ -710,7 +1006,11 @@ def save_pretrained(model_or_params, path, *, max_shard_size: int | str = "5GB",
 
   def fetch(name):
     p, kind = by_name[name]
-    return _to_hf(kind, _to_host(flat[p]))
+    w = _to_host(flat[p])
+    if p in adapters:
+      a, b = (_to_host(adapter_leaves[q]) for q in adapters[p])
+      w = lora_lib.fold_adapter(w, a, b, scale, xp=np)
+    return _to_hf(kind, w)
 
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, CONFIG_NAME), "w") as f:

@@ -1,11 +1,25 @@
-"""A Flax NNX decoder of the Llama / Qwen2 family, with a group-shared KV cache.
+"""A Flax NNX decoder of the Llama / Qwen / Gemma families, with a group-shared
+KV cache.
 
 Architecture: token embedding -> L x [RMSNorm -> grouped-query attention with
 rotary embeddings (optional q/k/v and output biases, optional per-head q/k
 RMSNorm as in Qwen3, optional "linear"/"llama3" frequency scaling) -> residual
 -> RMSNorm -> SwiGLU MLP (optional biases) -> residual] -> RMSNorm -> output
 layer (tied to the embedding or separate). Checkpoints of the Qwen2/Qwen2.5,
-Qwen3 and Llama 3 families load into it through `rlax_llm.models.hf`.
+Qwen3, Llama 3, Gemma 2 and Gemma 3 (text) families load into it through
+`rlax_llm.models.hf`.
+
+Gemma's features are switched on by static `ModelConfig` fields whose
+defaults leave the computation above unchanged: (1 + scale) RMSNorms
+(`norm_unit_offset`), norms on the attention and MLP outputs (`post_norms`),
+embeddings scaled by sqrt(D) (`embed_scale`), a GeGLU MLP (`mlp_activation`),
+query scaling by `query_pre_attn_scalar`, tanh soft-capping of attention
+scores and of the output logits (`attn_logit_softcap`, `final_logit_softcap`)
+and sliding-window layers (`sliding_window`, `layer_types` or
+`sliding_window_pattern`) with their own rotary base (`rope_local_theta`).
+A sliding-window layer lets a query at position p see keys at positions
+p - W + 1 .. p; positions are token positions (counted over valid tokens), in
+the full pass and in decoding alike.
 
 Numerics: parameters are stored in `cfg.param_dtype`, activations computed in
 `cfg.dtype`; norms, softmax and the rotary embedding run in f32, and logits are
@@ -27,6 +41,17 @@ Three ways to run it:
 
 Every parameter carries `logical_axes` metadata (names such as "embed", "mlp",
 "heads", "vocab") that `rlax_llm.parallel` maps onto mesh axes.
+
+With `cfg.lora_rank` r > 0 each projection named in `cfg.lora_targets` gets a
+low-rank adapter (LoRA, arXiv:2106.09685): y = x W + (alpha / r) (x A) B, the
+same in the full pass and in the fused projections of decoding. A and B are
+`LoRAParam`s named `<target>_lora_a` [in..., r] and `<target>_lora_b`
+[r, out...] beside the base weight (`q_lora_a` next to `q_proj`); their
+logical axes are the base weight's input / output axes and None for the rank.
+They are created after every base weight, so a model of the same seed has the
+same base weights with or without adapters, and B starts at zero, so a fresh
+adapter model computes exactly the base model. `rlax_llm.models.lora` splits,
+merges and zeroes them.
 """
 
 from __future__ import annotations
@@ -49,6 +74,36 @@ def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, *, std=None):
   std = cfg.init_std if std is None else std
   value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
   return nnx.Param(value.astype(cfg.param_dtype), logical_axes=axes)
+
+
+class LoRAParam(nnx.Param):
+  """A low-rank adapter matrix (A or B of `cfg.lora_targets`' projections)."""
+
+
+def _lora_pair(rngs: nnx.Rngs, in_shape, in_axes, out_shape, out_axes,
+               cfg: ModelConfig) -> tuple[LoRAParam, LoRAParam]:
+  """(A [in..., r] normal with std `cfg.init_std`, B [r, out...] zero)."""
+  r = cfg.lora_rank
+  a = cfg.init_std * jax.random.normal(rngs.params(), (*in_shape, r),
+                                       jnp.float32)
+  return (LoRAParam(a.astype(cfg.param_dtype),
+                    logical_axes=(*in_axes, None)),
+          LoRAParam(jnp.zeros((r, *out_shape), cfg.param_dtype),
+                    logical_axes=(None, *out_axes)))
+
+
+def _lora_down(x: jax.Array, a: jax.Array, dt) -> jax.Array:
+  """x [..., in...] times A [in..., r] -> [..., r], in dtype `dt`."""
+  r = a.shape[-1]
+  n_in = a.ndim - 1
+  x = x.reshape(*x.shape[:x.ndim - n_in], -1)
+  return x.astype(dt) @ a.reshape(-1, r).astype(dt)
+
+
+def _lora_up(xa: jax.Array, b: jax.Array, scale: float, dt) -> jax.Array:
+  """(scale * xa) [..., r] times B [r, out...] -> [..., out...]."""
+  y = (xa * jnp.asarray(scale, dt)) @ b.reshape(b.shape[0], -1).astype(dt)
+  return y.reshape(*xa.shape[:-1], *b.shape[1:])
 
 
 def _ones(shape, axes, cfg: ModelConfig):
@@ -197,27 +252,41 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, *,
 
 
 class RMSNorm(nnx.Module):
-  """Root-mean-square layer norm (arXiv:1910.07467), computed in f32."""
+  """Root-mean-square layer norm (arXiv:1910.07467), computed in f32.
+
+  y = x / sqrt(mean(x^2) + eps) * scale, or * (1 + scale) in f32 with
+  `cfg.norm_unit_offset` (Gemma; the scale then starts at zero).
+  """
 
   def __init__(self, cfg: ModelConfig, dim: int | None = None,
                axis: str = "embed"):
     self.eps = cfg.norm_eps
+    self.unit_offset = cfg.norm_unit_offset
     dim = cfg.embed_dim if dim is None else dim
-    self.scale = _ones((dim,), (axis,), cfg)
+    init = _zeros if self.unit_offset else _ones
+    self.scale = init((dim,), (axis,), cfg)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
                             + self.eps)
+    if self.unit_offset:
+      return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
     return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
 class Attention(nnx.Module):
-  """Grouped-query attention projections (arXiv:2305.13245)."""
+  """Grouped-query attention projections (arXiv:2305.13245).
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  `sliding` marks a sliding-window layer: it uses `cfg.rope_local_theta`
+  (when set) for its rotary angles; the caller applies the window mask.
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *,
+               sliding: bool = False):
     d, hq, hk, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.cfg = cfg
+    self.sliding = sliding
     self.q_proj = _param(rngs, (d, hq, h), ("embed", "heads", "head_dim"), cfg)
     self.k_proj = _param(rngs, (d, hk, h), ("embed", "kv_heads", "head_dim"),
                          cfg)
@@ -233,6 +302,41 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       self.q_norm = RMSNorm(cfg, h, "head_dim")
       self.k_norm = RMSNorm(cfg, h, "head_dim")
+
+  def init_lora(self, rngs: nnx.Rngs):
+    """Adds the adapters of the targeted q/k/v/o projections (B = 0)."""
+    cfg = self.cfg
+    d, hq, hk, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    io = {"q": ((d,), ("embed",), (hq, h), ("heads", "head_dim")),
+          "k": ((d,), ("embed",), (hk, h), ("kv_heads", "head_dim")),
+          "v": ((d,), ("embed",), (hk, h), ("kv_heads", "head_dim")),
+          "o": ((hq, h), ("heads", "head_dim"), (d,), ("embed",))}
+    for t, shapes in io.items():
+      if cfg.lora_on(t):
+        a, b = _lora_pair(rngs, *shapes, cfg)
+        setattr(self, f"{t}_lora_a", a)
+        setattr(self, f"{t}_lora_b", b)
+
+  def _add_qkv_lora(self, x, q, k, v, *, fused: bool):
+    """q, k, v plus the adapters' (alpha / r) (x A) B of those targeted.
+
+    `fused` computes x A of every targeted projection in one matmul.
+    """
+    cfg, dt = self.cfg, self.cfg.dtype
+    on = [t for t in "qkv" if cfg.lora_on(t)]
+    if not on:
+      return q, k, v
+    if fused and len(on) > 1:
+      a = jnp.concatenate([getattr(self, f"{t}_lora_a")[...] for t in on],
+                          axis=1)
+      xas = jnp.split(_lora_down(x, a, dt), len(on), axis=-1)
+    else:
+      xas = [_lora_down(x, getattr(self, f"{t}_lora_a")[...], dt) for t in on]
+    out = {"q": q, "k": k, "v": v}
+    for t, xa in zip(on, xas):
+      out[t] = out[t] + _lora_up(xa, getattr(self, f"{t}_lora_b")[...],
+                                 cfg.lora_scale, dt)
+    return out["q"], out["k"], out["v"]
 
   def qkv(self, x: jax.Array, positions: jax.Array, *, fused: bool = False,
           rope_cs: tuple[jax.Array, jax.Array] | None = None):
@@ -262,6 +366,8 @@ class Attention(nnx.Module):
       q = jnp.einsum("...d,dnh->...nh", x, self.q_proj[...].astype(dt))
       k = jnp.einsum("...d,dnh->...nh", x, self.k_proj[...].astype(dt))
       v = jnp.einsum("...d,dnh->...nh", x, self.v_proj[...].astype(dt))
+    if self.cfg.lora_rank:
+      q, k, v = self._add_qkv_lora(x, q, k, v, fused=fused)
     if self.cfg.qkv_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -272,12 +378,26 @@ class Attention(nnx.Module):
     cos, sin = rope_cs if rope_cs is not None else self.rope_angles(positions)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+  @property
+  def local_rope(self) -> bool:
+    """Whether this layer uses the sliding layers' own rotary base."""
+    return self.sliding and self.cfg.rope_local_theta is not None
+
   def rope_angles(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`rope_cos_sin` of `positions` with this model's frequencies."""
+    """`rope_cos_sin` of `positions` with this layer's frequencies."""
+    if self.local_rope:  # plain frequencies of the local base
+      return rope_cos_sin(positions, self.cfg.head_dim,
+                          self.cfg.rope_local_theta)
     scaled = self.cfg.rope_scaling not in (None, "default")
     inv_freq = rope_frequencies(self.cfg) if scaled else None
     return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta,
                         inv_freq=inv_freq)
+
+  @property
+  def score_scale(self) -> float | None:
+    """The attention score scale when it is not head_dim^-1/2, else None."""
+    s = self.cfg.query_pre_attn_scalar
+    return None if s is None else float(s) ** -0.5
 
   def out(self, o: jax.Array) -> jax.Array:
     dt = self.cfg.dtype
@@ -286,13 +406,18 @@ class Attention(nnx.Module):
     # two-axis einsum makes XLA transpose o on the CPU.
     y = (o.astype(dt).reshape(*o.shape[:-2], -1)
          @ w.reshape(-1, w.shape[-1]).astype(dt))
+    if self.cfg.lora_on("o"):
+      y = y + _lora_up(_lora_down(o, self.o_lora_a[...], dt),
+                       self.o_lora_b[...], self.cfg.lora_scale, dt)
     if self.cfg.out_bias:
       y = y + self.o_bias[...].astype(dt)
     return y
 
 
 class MLP(nnx.Module):
-  """SwiGLU feed-forward block (arXiv:2002.05202)."""
+  """Gated feed-forward block: SwiGLU, or GeGLU with the tanh approximation of
+  GELU (`cfg.mlp_activation`; GLU Variants Improve Transformer,
+  arXiv:2002.05202)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, f = cfg.embed_dim, cfg.mlp_dim
@@ -305,6 +430,27 @@ class MLP(nnx.Module):
       self.up_bias = _zeros((f,), ("mlp",), cfg)
       self.down_bias = _zeros((d,), ("embed",), cfg)
 
+  def init_lora(self, rngs: nnx.Rngs):
+    """Adds the adapters of the targeted gate/up/down projections (B = 0)."""
+    cfg = self.cfg
+    d, f = cfg.embed_dim, cfg.mlp_dim
+    io = {"gate": ((d,), ("embed",), (f,), ("mlp",)),
+          "up": ((d,), ("embed",), (f,), ("mlp",)),
+          "down": ((f,), ("mlp",), (d,), ("embed",))}
+    for t, shapes in io.items():
+      if cfg.lora_on(t):
+        a, b = _lora_pair(rngs, *shapes, cfg)
+        setattr(self, f"{t}_lora_a", a)
+        setattr(self, f"{t}_lora_b", b)
+
+  def _lora(self, t: str, x: jax.Array, xa: jax.Array | None = None):
+    """(alpha / r) (x A) B of projection `t` (x A given as `xa` or computed)."""
+    dt = self.cfg.dtype
+    if xa is None:
+      xa = _lora_down(x, getattr(self, f"{t}_lora_a")[...], dt)
+    return _lora_up(xa, getattr(self, f"{t}_lora_b")[...],
+                    self.cfg.lora_scale, dt)
+
   def __call__(self, x: jax.Array, *, fused: bool = False) -> jax.Array:
     """[..., D] -> [..., D]; `fused` runs gate and up as one [D, 2F] matmul."""
     dt = self.cfg.dtype
@@ -316,29 +462,73 @@ class MLP(nnx.Module):
     else:
       gate = x @ self.gate_proj[...].astype(dt)
       up = x @ self.up_proj[...].astype(dt)
+    cfg = self.cfg
+    if fused and cfg.lora_on("gate") and cfg.lora_on("up"):
+      a = jnp.concatenate([self.gate_lora_a[...], self.up_lora_a[...]], axis=1)
+      xa_gate, xa_up = jnp.split(_lora_down(x, a, dt), 2, axis=-1)
+      gate = gate + self._lora("gate", x, xa_gate)
+      up = up + self._lora("up", x, xa_up)
+    else:
+      if cfg.lora_on("gate"):
+        gate = gate + self._lora("gate", x)
+      if cfg.lora_on("up"):
+        up = up + self._lora("up", x)
     if self.cfg.mlp_bias:
       gate = gate + self.gate_bias[...].astype(dt)
       up = up + self.up_bias[...].astype(dt)
-    y = (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
+    if self.cfg.mlp_activation == "gelu_tanh":
+      act = jax.nn.gelu(gate, approximate=True)
+    else:
+      act = jax.nn.silu(gate)
+    h = act * up
+    y = h @ self.down_proj[...].astype(dt)
+    if cfg.lora_on("down"):
+      y = y + self._lora("down", h)
     if self.cfg.mlp_bias:
       y = y + self.down_bias[...].astype(dt)
     return y
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm decoder block."""
+  """Pre-norm decoder block (with `cfg.post_norms`, also post-norm: Gemma)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *,
+               sliding: bool = False):
     self.attn_norm = RMSNorm(cfg)
-    self.attn = Attention(cfg, rngs)
+    self.attn = Attention(cfg, rngs, sliding=sliding)
+    if cfg.post_norms:
+      self.attn_post_norm = RMSNorm(cfg)
     self.mlp_norm = RMSNorm(cfg)
     self.mlp = MLP(cfg, rngs)
+    if cfg.post_norms:
+      self.mlp_post_norm = RMSNorm(cfg)
+
+  def attn_residual(self, x, o):
+    """x + the attention output o [..., Hq, H], projected (and normed)."""
+    y = self.attn.out(o)
+    if self.attn.cfg.post_norms:
+      y = self.attn_post_norm(y)
+    return x + y
+
+  def mlp_residual(self, x, *, fused: bool = False):
+    """x + the MLP of x (normed before, and with post_norms after)."""
+    y = self.mlp(self.mlp_norm(x), fused=fused)
+    if self.attn.cfg.post_norms:
+      y = self.mlp_post_norm(y)
+    return x + y
 
   def __call__(self, x, positions, allowed):
-    """One block over a full sequence: x [B, T, D] -> (x', (k, v))."""
+    """One block over a full sequence: x [B, T, D] -> (x', (k, v)).
+
+    `allowed` [B, T, S] bool marks the keys each query sees (the caller
+    narrows it to the window for a sliding-window layer).
+    """
     q, k, v = self.attn.qkv(self.attn_norm(x), positions)
-    x = x + self.attn.out(full_attention(q, k, v, allowed))
-    x = x + self.mlp(self.mlp_norm(x))
+    cfg = self.attn.cfg
+    o = full_attention(q, k, v, allowed, scale=self.attn.score_scale,
+                       softcap=cfg.attn_logit_softcap)
+    x = self.attn_residual(x, o)
+    x = self.mlp_residual(x)
     return x, (k, v)
 
 
@@ -361,13 +551,27 @@ def _group(q: jax.Array, num_kv_heads: int) -> jax.Array:
   return q.reshape(*lead, num_kv_heads, hq // num_kv_heads, h)
 
 
-def full_attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS) -> jax.Array:
-  """Softmax attention with GQA; `allowed_BTS` marks visible keys."""
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  """cap * tanh(x / cap) (logit soft-capping, Gemma 2); x when cap is None."""
+  if cap is None:
+    return x
+  return cap * jnp.tanh(x / cap)
+
+
+def full_attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, *,
+                   scale: float | None = None,
+                   softcap: float | None = None) -> jax.Array:
+  """Softmax attention with GQA; `allowed_BTS` marks visible keys.
+
+  Scores are q.k * scale (default head_dim^-1/2), soft-capped to
+  softcap * tanh(s / softcap) when `softcap` is given, then masked.
+  """
   kh = k_BSKH.shape[-2]
   q = _group(q_BTNH, kh)
-  scale = q.shape[-1] ** -0.5
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
   s = jnp.einsum("btkrh,bskh->bkrts", q, k_BSKH,
                  preferred_element_type=jnp.float32) * scale
+  s = _softcap(s, softcap)
   s = jnp.where(allowed_BTS[:, None, None], s, _NEG_INF)
   p = jax.nn.softmax(s, axis=-1)
   o = jnp.einsum("bkrts,bskh->btkrh", p.astype(v_BSKH.dtype), v_BSKH)
@@ -375,7 +579,8 @@ def full_attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS) -> jax.Array:
 
 
 def grouped_decode_attention(q_BGNH, pk_BKHP, pv_BKPH, pmask_BP, k_BGKHT,
-                             v_BGKTH, dmask) -> jax.Array:
+                             v_BGKTH, dmask, *, scale: float | None = None,
+                             softcap: float | None = None) -> jax.Array:
   """One query per sample over shared prompt keys plus per-sample keys.
 
   softmax over the union of the prompt's P keys and the sample's own T decode
@@ -386,16 +591,19 @@ def grouped_decode_attention(q_BGNH, pk_BKHP, pv_BKPH, pmask_BP, k_BGKHT,
   Args:
     q_BGNH: [B, G, Hq, H] queries.
     pk_BKHP, pv_BKPH: the prompt keys/values (`KVCache.prefix_k/v` layout).
-    pmask_BP: [B, P] bool, valid prompt keys.
+    pmask_BP: visible prompt keys, [B, P] bool, or [B, G, P] (a sliding
+      window differs per sample).
     k_BGKHT, v_BGKTH: the decode slots (`KVCache.k/v` layout).
     dmask: visible decode slots, [T] (one index for all rows) or [B, G, T].
+    scale: score scale (default head_dim^-1/2).
+    softcap: soft-cap of the scaled scores, as in `full_attention`.
 
   Returns:
     [B, G, Hq, H] attention outputs, in the dtype of the values.
   """
   kh = pk_BKHP.shape[1]
   q = _group(q_BGNH, kh)  # [B, G, K, R, H]
-  scale = q.shape[-1] ** -0.5
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
   f32 = jnp.float32
   # The prompt's keys are shared by the G samples. A multiply-reduce over H
   # fuses into one loop over [B, G, K, R, P] with no copies; as a dot it
@@ -404,7 +612,10 @@ def grouped_decode_attention(q_BGNH, pk_BKHP, pv_BKPH, pmask_BP, k_BGKHT,
                * pk_BKHP[:, None, :, None].astype(f32), axis=-2) * scale
   sd = jnp.einsum("bgkrh,bgkht->bgkrt", q, k_BGKHT,
                   preferred_element_type=jnp.float32) * scale
-  sp = jnp.where(pmask_BP[:, None, None, None, :], sp, _NEG_INF)
+  sp, sd = _softcap(sp, softcap), _softcap(sd, softcap)
+  pmask = (pmask_BP[:, None, None, None, :] if pmask_BP.ndim == 2
+           else pmask_BP[:, :, None, None, :])
+  sp = jnp.where(pmask, sp, _NEG_INF)
   dmask = jnp.asarray(dmask, bool)
   dmask = dmask if dmask.ndim == 1 else dmask[:, :, None, None, :]
   sd = jnp.where(dmask, sd, _NEG_INF)
@@ -427,16 +638,27 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.embedding = _param(rngs, (cfg.vocab_size, cfg.embed_dim),
                             ("vocab", "embed"), cfg)
-    self.layers = nnx.List([DecoderLayer(cfg, rngs)
-                            for _ in range(cfg.num_layers)])
+    self.layers = nnx.List([DecoderLayer(cfg, rngs, sliding=sliding)
+                            for sliding in cfg.sliding_layers])
     self.final_norm = RMSNorm(cfg)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.embed_dim, cfg.vocab_size),
                             ("embed", "vocab"), cfg)
+    if cfg.lora_rank:  # after every base weight: their init does not change
+      for layer in self.layers:
+        layer.attn.init_lora(rngs)
+        layer.mlp.init_lora(rngs)
 
   # -- pieces -----------------------------------------------------------------
   def embed(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.cfg.dtype)
+    """Token embeddings [..., D] in `cfg.dtype` (times sqrt(D) with
+    `cfg.embed_scale`, the factor rounded to the parameter dtype)."""
+    w = self.embedding[...]
+    x = jnp.take(w, tokens, axis=0)
+    if self.cfg.embed_scale:
+      x = x * jnp.asarray(math.sqrt(self.cfg.embed_dim), jnp.float32
+                          ).astype(w.dtype)
+    return x.astype(self.cfg.dtype)
 
   def output_kernel(self) -> jax.Array:
     """The [D, V] output projection (tied or separate)."""
@@ -445,10 +667,14 @@ class Transformer(nnx.Module):
     return self.lm_head[...]
 
   def logits_from_hidden(self, h: jax.Array) -> jax.Array:
-    """[..., D] final hidden states -> [..., V] f32 logits."""
+    """[..., D] final hidden states -> [..., V] f32 logits.
+
+    With `cfg.final_logit_softcap` c the logits are c tanh((h W) / c).
+    """
     w = self.output_kernel().astype(self.cfg.dtype)
-    return jnp.einsum("...d,dv->...v", h.astype(self.cfg.dtype), w,
-                      preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...d,dv->...v", h.astype(self.cfg.dtype), w,
+                        preferred_element_type=jnp.float32)
+    return _softcap(logits, self.cfg.final_logit_softcap)
 
   # -- full sequence ----------------------------------------------------------
   def hidden_states(self, tokens_BT, positions_BT=None, mask_BT=None,
@@ -477,11 +703,16 @@ class Transformer(nnx.Module):
                          == segment_ids_BT[:, None, :])
     # A padded query still sees itself, so no row is fully masked (no NaN).
     allowed = (causal & mask_BT[:, None, :]) | (idx[:, None] == idx[None, :])
+    if any(self.cfg.sliding_layers):
+      # The window counts token positions (a query sees itself, distance 0).
+      dist = positions_BT[:, :, None] - positions_BT[:, None, :]
+      allowed_local = allowed & (dist < self.cfg.sliding_window)
     x = self.embed(tokens_BT)
     block = _block_fn(self.cfg)
     kvs = []
     for layer in self.layers:
-      x, kv = block(layer, x, positions_BT, allowed)
+      visible = allowed_local if layer.attn.sliding else allowed
+      x, kv = block(layer, x, positions_BT, visible)
       kvs.append(kv)
     h = self.final_norm(x)
     return (h, kvs) if return_kv else h
@@ -539,23 +770,44 @@ class Transformer(nnx.Module):
         lengths, e.g. partial rollouts). Each row attends to its slots
         <= its index.
 
+    A sliding-window layer also drops keys at token positions <= the
+    query's position - W: prompt keys at the positions counted over
+    `cache.prefix_mask`, and slot s at position prompt length + s (the
+    position `generate` and partial rollouts write it at).
+
     Returns:
       (logits_BGV f32, updated cache).
     """
+    cfg = self.cfg
     x = self.embed(tokens_BG)
     t = decode_cache_length(cache)
     index = jnp.asarray(index, jnp.int32)
     slots = jnp.arange(t)
     per_row = index.ndim > 0
     dmask = slots <= (index[..., None] if per_row else index)
-    # The rotary angles of this step, once for all layers; the barrier keeps
-    # XLA from recomputing cos/sin inside every fusion that reads them.
-    rope_cs = jax.lax.optimization_barrier(
-        self.layers[0].attn.rope_angles(positions_BG))
+    # The rotary angles of this step, once for all layers (once per kind when
+    # sliding layers have their own base); the barrier keeps XLA from
+    # recomputing cos/sin inside every fusion that reads them.
+    kinds = {}
+    for layer in self.layers:
+      kinds.setdefault(layer.attn.local_rope, layer.attn)
+    angles = jax.lax.optimization_barrier(
+        {kind: attn.rope_angles(positions_BG) for kind, attn in kinds.items()})
+    pmask, pmask_local = cache.prefix_mask, None
+    if any(cfg.sliding_layers):
+      # Sliding layers see keys at token positions > query position - W: the
+      # prompt's at their counted positions, slot s at prompt length + s.
+      w = cfg.sliding_window
+      pos_q = positions_BG[..., None]
+      prefix_pos = default_positions(cache.prefix_mask)[:, None, :]
+      pmask_local = cache.prefix_mask[:, None, :] & (pos_q - prefix_pos < w)
+      prompt_len = jnp.sum(cache.prefix_mask, axis=-1).astype(jnp.int32)
+      slot_pos = prompt_len[:, None, None] + slots
+      dmask_local = dmask & (pos_q - slot_pos < w)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       q, k, v = layer.attn.qkv(layer.attn_norm(x), positions_BG, fused=True,
-                               rope_cs=rope_cs)
+                               rope_cs=angles[layer.attn.local_rope])
       k, v = k.astype(cache.k[i].dtype), v.astype(cache.v[i].dtype)
       if per_row:  # one scatter per array: each row writes its own slot
         b, g = index.shape
@@ -569,10 +821,14 @@ class Transformer(nnx.Module):
             cache.v[i], v[:, :, :, None, :], index, axis=3)
       new_k.append(ck)
       new_v.append(cv)
-      o = grouped_decode_attention(q, cache.prefix_k[i], cache.prefix_v[i],
-                                   cache.prefix_mask, ck, cv, dmask)
-      x = x + layer.attn.out(o)
-      x = x + layer.mlp(layer.mlp_norm(x), fused=True)
+      sliding = layer.attn.sliding
+      o = grouped_decode_attention(
+          q, cache.prefix_k[i], cache.prefix_v[i],
+          pmask_local if sliding else pmask, ck, cv,
+          dmask_local if sliding else dmask, scale=layer.attn.score_scale,
+          softcap=cfg.attn_logit_softcap)
+      x = layer.attn_residual(x, o)
+      x = layer.mlp_residual(x, fused=True)
     logits = self.logits_from_hidden(self.final_norm(x))
     return logits, cache._replace(k=tuple(new_k), v=tuple(new_v))
 

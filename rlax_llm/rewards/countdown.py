@@ -50,7 +50,7 @@ MAX_COMPLETION_CHARS = 100_000
 MAX_EXPRESSION_CHARS = 1_000
 MAX_DEPTH = 100
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_OPEN, _CLOSE = "<answer>", "</answer>"
 _TOKEN = re.compile(r"\s*(?:(\d+)|([-+*/()\u00d7\u00f7]))")
 _OP_ALIASES = {"\u00d7": "*", "\u00f7": "/"}
 
@@ -59,16 +59,34 @@ class _Invalid(Exception):
   """The expression breaks a rule; the completion scores 0.0."""
 
 
+def _last_answer_tag(completion: str) -> str | None:
+  """Content of the last ``<answer>...</answer>`` pair, None without one.
+
+  The pairs are those ``re.findall(r"<answer>(.*?)</answer>", text,
+  re.DOTALL)`` finds, found in one linear pass: the regex retries from every
+  ``<answer>`` that has no closing tag after it and costs quadratic time on
+  text made of many of them.
+  """
+  found, pos = None, 0
+  while True:
+    start = completion.find(_OPEN, pos)
+    if start < 0:
+      return found
+    end = completion.find(_CLOSE, start + len(_OPEN))
+    if end < 0:
+      return found
+    found = completion[start + len(_OPEN):end]
+    pos = end + len(_CLOSE)
+
+
 def extract_expression(completion: str) -> str | None:
   """The expression a completion commits to (rule in the module docstring).
 
   Returns:
     The stripped expression text, or None if there is none.
   """
-  matches = _ANSWER.findall(completion)
-  if matches:
-    text = matches[-1]
-  else:
+  text = _last_answer_tag(completion)
+  if text is None:
     lines = [line for line in completion.splitlines() if line.strip()]
     if not lines:
       return None

@@ -343,7 +343,9 @@ def normalize(answer: str) -> str:
   for pattern, replacement in _SIMPLE_REPLACEMENTS:
     text = pattern.sub(replacement, text)
   text = _SPACING.sub(lambda m: m[0] if m[0] == "\\\\" else " ", text)
-  text = _TRAILING_UNIT.sub("", text)
+  # Whitespace is collapsed before the unit pattern: on long runs of spaces
+  # its leading `\s*` would otherwise cost quadratic time.
+  text = _TRAILING_UNIT.sub("", " ".join(text.split()))
   text = " ".join(text.split()).rstrip(" .")
   if _THOUSANDS.fullmatch(text):
     text = text.replace(",", "")

@@ -19,7 +19,13 @@ from rlax_llm.sampling.generate import generate_on_mesh
 from rlax_llm.sampling.generate import generate_on_mesh_jit
 from rlax_llm.sampling.generate import Rollout
 from rlax_llm.sampling.latr import edit_distance
+from rlax_llm.sampling.latr import COUNTDOWN_ETA
+from rlax_llm.sampling.latr import eta_at
 from rlax_llm.sampling.latr import eta_schedule
+from rlax_llm.sampling.latr import math_symbol_table
+from rlax_llm.sampling.latr import rouge_l
+from rlax_llm.sampling.latr import suffix_match
+from rlax_llm.sampling.latr import tree_config_from_fields
 from rlax_llm.sampling.latr import latr_decode
 from rlax_llm.sampling.latr import latr_generate
 from rlax_llm.sampling.latr import latr_generate_jit
@@ -53,7 +59,9 @@ __all__ = [
     "PartialState", "Rollout", "Sample", "SamplerConfig", "TreeConfig",
     "TreeRollout", "auto_decode_chunk", "branch_generate",
     "branch_generate_jit", "categorical_from_uniform", "check_context",
-    "chunk_layout", "edit_distance", "eta_schedule", "expand_samples",
+    "COUNTDOWN_ETA", "chunk_layout", "edit_distance", "eta_at",
+    "eta_schedule", "math_symbol_table", "rouge_l", "suffix_match",
+    "tree_config_from_fields", "expand_samples",
     "filtered_logits", "generate", "generate_jit", "generate_on_mesh",
     "generate_on_mesh_jit", "generate_partial", "latr_decode",
     "latr_generate", "latr_generate_jit", "min_p_filter",

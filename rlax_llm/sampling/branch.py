@@ -38,10 +38,9 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence, TYPE_CHECKING
 
 import chex
-import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
@@ -50,6 +49,9 @@ from rlax_llm.core.tree_advantages import validate_tree
 from rlax_llm.sampling.generate import check_context
 from rlax_llm.sampling.samplers import SamplerConfig
 from rlax_llm.sampling.samplers import sample_token
+
+if TYPE_CHECKING:  # flax loads on first call, not on import.
+  import flax.nnx as nnx
 
 StepFn = Callable[[jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
@@ -231,6 +233,7 @@ def branch_generate(graphdef: nnx.GraphDef, params,
   chex.assert_equal_shape([prompt_BP, prompt_mask_BP])
   splits, ks = validate_tree(split_points, branching,
                              max_new_tokens=max_new_tokens)
+  from flax import nnx  # pylint: disable=g-import-not-at-top
   model = nnx.merge(graphdef, params)
   check_context(prompt_BP.shape[1], max_new_tokens, model.cfg.max_seq_len)
   last_logits_BV, cache, prompt_len_B = model.prefill(

@@ -29,15 +29,17 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import NamedTuple, TYPE_CHECKING
 
 import chex
-import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from rlax_llm.sampling.samplers import SamplerConfig, sample_token_from_uniform
+
+if TYPE_CHECKING:  # flax loads on first call, not on import.
+  import flax.nnx as nnx
 
 # Decode steps per segment of the loop, and the most segments (see `generate`).
 _SEGMENT = 32
@@ -181,6 +183,7 @@ def generate(graphdef: nnx.GraphDef, params, prompt_BP: jax.typing.ArrayLike,
   chex.assert_rank([prompt_BP, prompt_mask_BP], 2)
   chex.assert_equal_shape([prompt_BP, prompt_mask_BP])
   sampler = SamplerConfig(*sampler).validate()
+  from flax import nnx  # pylint: disable=g-import-not-at-top
   model = nnx.merge(graphdef, params)
   check_context(prompt_BP.shape[1], max_new_tokens, model.cfg.max_seq_len)
   b, g, t = prompt_BP.shape[0], num_samples, max_new_tokens

@@ -36,7 +36,7 @@ exactly) and `PartialBuffer.advance` is the host-side schedule of one step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import chex
 import jax
@@ -375,44 +375,71 @@ class PartialBuffer:
     return len(self.groups)
 
   def advance(self, *, num_groups: int, num_slots: int,
-              new_groups: Callable[[int], list[Group]],
-              generate: Callable[[PartialState, int],
-                                 tuple[PartialState, int]]
+              new_groups: Callable[..., list[Group]],
+              generate: Callable[..., tuple[PartialState, int]],
+              accept: Optional[Callable[[list[Group]], Sequence[bool]]] = None,
+              max_rounds: int = 1
               ) -> tuple[list[Group], dict[str, float]]:
     """One step's schedule (class docstring); returns (groups used, info).
 
     Args:
       num_groups: groups the step needs (B).
       num_slots: groups decoded at once (B_over >= B).
-      new_groups: n -> n fresh `Group`s.
+      new_groups: n -> n fresh `Group`s; with `accept`, (n, round) -> ...
+        (round r > 0 must draw other prompts).
       generate: (state with num_slots groups, target finished groups) ->
-        (continued state, decode iterations run).
+        (continued state, decode iterations run); with `accept`,
+        (state, target, round) -> ... (round r > 0 must use another key).
+      accept: optional filter of newly finished groups (APRIL with DAPO's
+        dynamic sampling: a group whose rewards all agree is dropped). The
+        step then decodes in up to `max_rounds` rounds until `num_groups`
+        finished groups passed it, and may return fewer when the rounds run
+        out; dropped groups are counted in `info["filtered_groups"]`.
+      max_rounds: decode rounds allowed per step with `accept`.
     """
     if num_slots < num_groups:
       raise ValueError(f"num_slots={num_slots} must be >= num_groups="
                        f"{num_groups}: over-provisioning cannot be below 1.")
+    if max_rounds < 1:
+      raise ValueError(f"max_rounds must be >= 1, got {max_rounds}.")
     ready = [x for x in self.groups if x.complete]
     waiting = [x for x in self.groups if not x.complete]
     info = dict(carried_groups=len(self.groups), carried_finished=len(ready),
                 continued_groups=0, fresh_groups=0, decode_steps=0)
-    need = num_groups - len(ready)
-    if need > 0:
+    if accept is not None:
+      info.update(filtered_groups=0, decode_rounds=0)
+    rounds = 0
+    while len(ready) < num_groups and (rounds < max_rounds if accept
+                                       is not None else rounds < 1):
+      need = num_groups - len(ready)
       if len(waiting) > num_slots:
         raise RuntimeError(
             f"{len(waiting)} unfinished groups carried but only {num_slots} "
             "slots; the buffer was restored under a different "
             "over-provisioning. Resume with the original config.")
-      fresh = new_groups(num_slots - len(waiting))
+      n_fresh = num_slots - len(waiting)
+      fresh = (new_groups(n_fresh) if accept is None
+               else new_groups(n_fresh, rounds))
       slots = waiting + fresh
-      out, steps = generate(stack_groups(slots), need)
+      out, steps = (generate(stack_groups(slots), need) if accept is None
+                    else generate(stack_groups(slots), need, rounds))
       unstack_into(slots, out)
-      info.update(continued_groups=len(waiting), fresh_groups=len(fresh),
-                  decode_steps=int(steps))
-      ready += [x for x in slots if x.complete]
+      info["continued_groups"] += len(waiting)
+      info["fresh_groups"] += len(fresh)
+      info["decode_steps"] += int(steps)
+      done = [x for x in slots if x.complete]
       waiting = [x for x in slots if not x.complete]
-      if len(ready) < num_groups:
-        raise RuntimeError(f"generation finished {len(ready)} groups, fewer "
-                           f"than the {num_groups} asked for.")
+      if accept is not None and done:
+        ok = list(accept(done))
+        info["filtered_groups"] += sum(not o for o in ok)
+        done = [x for x, o in zip(done, ok) if o]
+      ready += done
+      rounds += 1
+    if accept is not None:
+      info["decode_rounds"] = rounds
+    elif len(ready) < num_groups:
+      raise RuntimeError(f"generation finished {len(ready)} groups, fewer "
+                         f"than the {num_groups} asked for.")
     used, surplus = ready[:num_groups], ready[num_groups:]
     self.groups = surplus + waiting
     info.update(buffer_groups=len(self.groups), buffer_finished=len(surplus))

@@ -34,9 +34,11 @@ from rlax_llm.core import advantages as adv_lib
 from rlax_llm.core import value as value_lib
 from rlax_llm.parallel import mesh as mesh_lib
 from rlax_llm.training import state as state_lib
-from rlax_llm.training.scoring import predictor_hidden, score_completions
+from rlax_llm.training.scoring import predictor_hidden
 from rlax_llm.training.state import TrainState, step_rng
-from rlax_llm.training.steps import PolicyLoss, RLBatch, _counts
+from rlax_llm.training import steps as steps_lib
+from rlax_llm.training.state import RefState
+from rlax_llm.training.steps import PolicyLoss
 
 
 class PPOState(NamedTuple):
@@ -107,18 +109,19 @@ def to_ppo_state(policy_state: TrainState, policy_opt, critic_opt,
   return PPOState(policy, critic)
 
 
-def ppo_advantages(reward_NT, value_NT, mask_NT, *, gamma: float,
-                   lam: float, whiten_advantages: bool = True):
-  """(advantages, returns, raw GAE advantages) from a broadcast reward.
+def ppo_advantages(reward_N, value_NT, mask_NT, *, gamma: float,
+                   lam: float, whiten_advantages: bool = True, kl_NT=None,
+                   kl_coef: float = 0.0):
+  """(advantages, returns, raw GAE advantages) from sequence rewards.
 
-  `reward_NT` holds each sequence's reward on all its valid tokens (as the
-  rollout batch carries it); the reward is placed on the last valid token
-  (`advantages.token_level_rewards`) and GAE runs over the critic's values.
+  Each sequence's reward is placed on its last valid token, minus
+  `kl_coef * kl_NT` on every token when a KL estimate is given (the
+  KL-shaped token reward of RLHF, `advantages.token_level_rewards`), and
+  GAE runs over the critic's values; advantages are whitened over the
+  batch's valid tokens.
   """
-  valid = mask_NT.astype(jnp.float32)
-  reward_N = jnp.sum(reward_NT * valid, -1) / jnp.maximum(jnp.sum(valid, -1),
-                                                          1.0)
-  token_reward = adv_lib.token_level_rewards(reward_N, mask_NT)
+  token_reward = adv_lib.token_level_rewards(reward_N, mask_NT, kl_NT=kl_NT,
+                                             kl_coef=kl_coef)
   gae = adv_lib.gae_advantages(token_reward, value_NT, mask_NT, gamma=gamma,
                                lam=lam)
   adv = (value_lib.whiten(gae.adv_NT, mask_NT) if whiten_advantages
@@ -134,11 +137,20 @@ def make_ppo_step(graphdef: nnx.GraphDef, policy_opt, critic_opt,
                   value_clip: float | None = 0.2,
                   whiten_advantages: bool = True,
                   aggregation: str = "token_mean", logprob_chunk: int = 0,
-                  vocab_chunk: int | None = None):
+                  vocab_chunk: int | None = None, entropy_coef: float = 0.0,
+                  kl_coef: float = 0.0, kl_estimator: str = "k3",
+                  kl_in_reward: bool = False, use_ref: bool = False,
+                  kl_norm_constant: float | None = None,
+                  recompute_old_logp: bool = False,
+                  rollout_correction=None, mesh=None):
   """Returns `ppo_step(PPOState, RLBatch) -> (PPOState, metrics)`.
 
-  The batch's `advantages` field holds each sequence's reward, broadcast over
-  its tokens; the step turns it into GAE advantages with the critic.
+  The batch's `reward` field holds each sequence's reward; the step turns it
+  into GAE advantages with the critic. The update is the shared
+  `steps.make_policy_step` with the critic's value loss added; with
+  `use_ref` the state is a `RefState(PPOState, ref_params)`, and
+  `kl_in_reward` puts -kl_coef * KL on every token's reward (else a KL loss
+  term with `kl_coef`).
 
   Args:
     graphdef: NNX graph of the policy (the critic trunk shares it).
@@ -150,108 +162,35 @@ def make_ppo_step(graphdef: nnx.GraphDef, policy_opt, critic_opt,
     value_coef: weight of the value loss (it only moves the critic).
     value_clip: clip range of the value loss (None disables).
     whiten_advantages: normalise GAE advantages over the batch's tokens.
-    aggregation: aggregation of the value loss.
-    logprob_chunk, vocab_chunk: memory-bounded scoring, as in `make_rl_step`.
+    aggregation: aggregation of the value and KL losses.
+    logprob_chunk, vocab_chunk, entropy_coef, kl_*, use_ref,
+      recompute_old_logp, rollout_correction: as in `steps.make_rl_step`.
   """
-  num_updates = num_epochs * num_minibatches
-  vloss = functools.partial(value_lib.value_loss, clip=value_clip,
-                            aggregation=aggregation)
+  critic = steps_lib.Critic(
+      values=lambda c_params, b: critic_values(
+          graphdef, c_params, b.prompt, b.prompt_mask, b.completion,
+          b.completion_mask),
+      loss=functools.partial(value_lib.value_loss, clip=value_clip,
+                             aggregation=aggregation),
+      advantages=functools.partial(ppo_advantages, gamma=gamma, lam=lam,
+                                   whiten_advantages=whiten_advantages),
+      value_coef=value_coef)
+  body = steps_lib.make_policy_step(
+      graphdef, (policy_opt, critic_opt), policy_loss, critic=critic,
+      temperature=temperature, num_epochs=num_epochs,
+      num_minibatches=num_minibatches, num_microbatches=num_microbatches,
+      entropy_coef=entropy_coef, logprob_chunk=logprob_chunk,
+      vocab_chunk=vocab_chunk, kl_coef=kl_coef, kl_estimator=kl_estimator,
+      kl_aggregation=aggregation, kl_norm_constant=kl_norm_constant,
+      kl_in_reward=kl_in_reward, use_ref=use_ref,
+      recompute_old_logp=recompute_old_logp,
+      rollout_correction=rollout_correction, mesh=mesh)
 
-  def values_of(critic_params, b: RLBatch):
-    return critic_values(graphdef, critic_params, b.prompt, b.prompt_mask,
-                         b.completion, b.completion_mask)
-
-  def micro_loss(params, micro, adv, ret, v_old, num_tokens, num_seqs):
-    p_params, c_params = params
-    scores = score_completions(graphdef, p_params, micro.prompt,
-                               micro.prompt_mask, micro.completion,
-                               micro.completion_mask, temperature=temperature,
-                               chunk_size=logprob_chunk,
-                               vocab_chunk=vocab_chunk)
-    pl, pm = policy_loss(scores.logp, micro.old_logp, adv,
-                         micro.completion_mask, num_tokens=num_tokens,
-                         num_seqs=num_seqs)
-    v = values_of(c_params, micro)
-    vl, vm = vloss(v, v_old, ret, micro.completion_mask,
-                   num_tokens=num_tokens, num_seqs=num_seqs)
-    mask = micro.completion_mask.astype(jnp.float32)
-    diff = jnp.abs(scores.logp - micro.old_logp) * mask
-    sums = dict(entropy=jnp.sum(scores.entropy * mask),
-                logp_mismatch_mean=jnp.sum(diff), tokens=jnp.sum(mask))
-    metrics = dict(pm, **vm)
-    return pl + value_coef * vl, (metrics, sums, jnp.max(diff))
-
-  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-  def minibatch_update(carry, idx_UB, batch, adv, ret, v_old):
-    (p_params, p_opt), (c_params, c_opt) = carry
-    take = lambda x: x[idx_UB]
-    mb = jax.tree.map(take, batch)
-    mb_adv, mb_ret, mb_v = take(adv), take(ret), take(v_old)
-    num_tokens, num_seqs = _counts(mb.completion_mask)
-
-    def micro_body(acc, xs):
-      micro, a, r, v = xs
-      (loss, aux), grads = grad_fn((p_params, c_params), micro, a, r, v,
-                                   num_tokens, num_seqs)
-      return jax.tree.map(jnp.add, acc, grads), (loss,) + aux
-
-    zeros = jax.tree.map(jnp.zeros_like, (p_params, c_params))
-    (g_p, g_c), (loss_U, metrics_U, sums_U, maxdiff_U) = jax.lax.scan(
-        micro_body, zeros, (mb, mb_adv, mb_ret, mb_v))
-    upd, p_opt = policy_opt.update(g_p, p_opt, p_params)
-    p_params = optax.apply_updates(p_params, upd)
-    upd, c_opt = critic_opt.update(g_c, c_opt, c_params)
-    c_params = optax.apply_updates(c_params, upd)
-    tokens = jnp.maximum(jnp.sum(sums_U["tokens"]), 1.0)
-    out = {k: jnp.sum(v) if k in ("pg_loss", "value_loss") else jnp.mean(v)
-           for k, v in metrics_U.items()}
-    out.update(loss=jnp.sum(loss_U), grad_norm=optax.tree.norm(g_p),
-               value_grad_norm=optax.tree.norm(g_c),
-               entropy=jnp.sum(sums_U["entropy"]) / tokens,
-               logp_mismatch_mean=jnp.sum(sums_U["logp_mismatch_mean"]) / tokens,
-               logp_mismatch_max=jnp.max(maxdiff_U))
-    return ((p_params, p_opt), (c_params, c_opt)), out
-
-  def ppo_step(state: PPOState, batch: RLBatch):
-    n = batch.prompt.shape[0]
-    per_update = num_minibatches * num_microbatches
-    if n % per_update:
-      raise ValueError(
-          f"The rollout batch of {n} sequences does not split into "
-          f"{num_minibatches} minibatches x {num_microbatches} micro-batches; "
-          "choose sizes whose product divides the number of sequences.")
-    mask = batch.completion_mask
-    # Values at rollout time, in micro-batch-sized chunks.
-    chunks = jax.tree.map(
-        lambda x: x.reshape((n // (n // per_update), n // per_update)
-                            + x.shape[1:]), batch)
-    v_old = jax.lax.map(lambda b: values_of(state.critic.params, b),
-                        chunks).reshape(mask.shape)
-    v_old = jax.lax.stop_gradient(v_old)
-    adv, ret, raw_adv = ppo_advantages(batch.advantages, v_old, mask,
-                                       gamma=gamma, lam=lam,
-                                       whiten_advantages=whiten_advantages)
-    key = step_rng(state.policy, 1)
-    perms = jax.vmap(lambda e: jax.random.permutation(
-        jax.random.fold_in(key, e), n))(jnp.arange(num_epochs))
-    idx = perms.reshape(num_updates, num_microbatches, n // per_update)
-    carry = ((state.policy.params, state.policy.opt_state),
-             (state.critic.params, state.critic.opt_state))
-    ((p_params, p_opt), (c_params, c_opt)), m = jax.lax.scan(
-        functools.partial(minibatch_update, batch=batch, adv=adv, ret=ret,
-                          v_old=v_old), carry, idx)
-    metrics = {k: jnp.mean(v) for k, v in m.items()}
-    metrics["logp_mismatch_mean"] = m["logp_mismatch_mean"][0]
-    metrics["logp_mismatch_max"] = m["logp_mismatch_max"][0]
-    metrics["explained_variance"] = value_lib.explained_variance(v_old, ret,
-                                                                 mask)
-    metrics["gae_adv_mean"] = jnp.sum(raw_adv * mask) / jnp.maximum(
-        jnp.sum(mask), 1)
-    policy = TrainState(state.policy.step + 1, p_params, p_opt,
-                        state.policy.rng)
-    critic = TrainState(state.critic.step + 1, c_params, c_opt,
-                        state.critic.rng)
-    return PPOState(policy, critic), metrics
+  def ppo_step(state, batch):
+    inner, ref = (state.train, state.ref) if use_ref else (state, None)
+    (policy, critic_state), metrics = body((inner.policy, inner.critic), ref,
+                                           batch)
+    new = PPOState(policy, critic_state)
+    return (RefState(new, ref) if use_ref else new), metrics
 
   return ppo_step

@@ -83,7 +83,8 @@ def score_completions(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
     out = logprobs_lib.chunked_token_logprobs_and_entropy(
         h_NTD.astype(model.cfg.dtype),
         model.output_kernel().astype(model.cfg.dtype), completion_NT,
-        temperature=temp, chunk_size=chunk_size, vocab_chunk=vocab_chunk)
+        temperature=temp, chunk_size=chunk_size, vocab_chunk=vocab_chunk,
+        softcap=getattr(model.cfg, "final_logit_softcap", None) or None)
   else:
     logits = completion_logits(graphdef, params, prompt_NP, prompt_mask_NP,
                                completion_NT, completion_mask_NT)

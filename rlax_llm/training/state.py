@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from rlax_llm.models import lora as lora_lib
 from rlax_llm.models.config import ModelConfig
 from rlax_llm.models.transformer import Transformer, logical_axes
 from rlax_llm.parallel import mesh as mesh_lib
@@ -88,15 +89,25 @@ def opt_state_shardings(optimizer: optax.GradientTransformation,
                                  abstract_params, param_sh,
                                  transform_non_params=lambda _: rep)
   except (ValueError, TypeError):
-    # An optimiser whose init cannot be traced with placeholders: match whole
-    # sub-trees with the parameters' structure instead.
+    # An optimiser whose init cannot be traced with placeholders (or whose
+    # state holds `optax.MaskedNode`s, as `optax.masked` and
+    # `lora_optimizer` make): match whole sub-trees with the parameters'
+    # structure instead, a masked-out parameter matching any parameter.
     params_def = jax.tree.structure(param_sh)
 
-    def is_param_tree(x):
-      return jax.tree.structure(x) == params_def
+    def masked(x):
+      return isinstance(x, optax.MaskedNode)
 
-    return jax.tree.map(lambda x: param_sh if is_param_tree(x) else rep,
-                        abstract_opt_state, is_leaf=is_param_tree)
+    def is_param_tree(x):
+      return jax.tree.structure(x, is_leaf=masked) == params_def
+
+    def shardings_of(x):
+      if not is_param_tree(x):
+        return rep
+      return jax.tree.map(lambda leaf, sh: leaf if masked(leaf) else sh, x,
+                          param_sh, is_leaf=masked)
+
+    return jax.tree.map(shardings_of, abstract_opt_state, is_leaf=is_param_tree)
 
 
 def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation,
@@ -174,3 +185,44 @@ def step_rng(state: TrainState, *tags: int) -> jax.Array:
     key = jax.random.fold_in(key, tag)
   return key
 
+
+def lora_optimizer(optimizer: optax.GradientTransformation,
+                   cfg: ModelConfig) -> optax.GradientTransformation:
+  """`optimizer` on the adapters only, when `cfg.lora_rank` > 0.
+
+  `optax.multi_transform` runs `optimizer` on the leaves that
+  `lora.lora_labels` marks as adapters and `optax.set_to_zero` on the base
+  weights: the base weights get exactly zero updates (they stay bit for bit
+  unchanged under `optax.apply_updates`), the optimiser state holds moments
+  for the adapters only (`optax.MaskedNode` in place of every base weight),
+  and a clipping or weight decay inside `optimizer` sees the adapters alone.
+  With `cfg.lora_rank` 0 it returns `optimizer` itself.
+
+  Wrap the optimiser once and use the result everywhere the optimiser is
+  used: `state_shardings`, `create_train_state`, `reset_optimizer` and the
+  update step.
+  """
+  if not cfg.lora_rank:
+    return optimizer
+  return optax.multi_transform(
+      {lora_lib.ADAPTER: optimizer, lora_lib.FROZEN: optax.set_to_zero()},
+      lora_lib.lora_labels)
+
+
+def opt_state_bytes(opt_state) -> int:
+  """Bytes of an optimiser state's arrays (or of its `jax.eval_shape`)."""
+  return int(sum(x.size * jnp.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(opt_state) if hasattr(x, "dtype")))
+
+
+
+class RefState(NamedTuple):
+  """An RL-phase state with a frozen reference policy beside it.
+
+  Attributes:
+    train: the trained state (a `TrainState`, or `ppo.PPOState`).
+    ref: the reference policy's parameters, sharded like the policy's; never
+      updated by a step (`experiment` may reset it to the policy).
+  """
+  train: Any
+  ref: Any

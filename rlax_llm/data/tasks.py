@@ -1,7 +1,7 @@
 """Task setups: problems, tokenizer, prompt budget and reward of each task.
 
-`make_setup(config, workdir)` builds the setup `config.task.name` selects from
-`TASKS`. A setup offers what the experiment layer and the rollout engines use:
+A setup (built by `rlax_llm.experiment.setups.make_setup` from a config)
+offers what the experiment layer and the rollout engines use:
 
   tokenizer         encode/decode/encode_batch/decode_batch, pad_id, eos_id
   task              `train_batch(step, B, draw=0)` -> B problems with `.prompt`
@@ -36,7 +36,6 @@ import os
 import zlib
 from typing import Any, Callable, NamedTuple, Sequence
 
-import ml_collections
 import numpy as np
 
 from rlax_llm import data as data_lib
@@ -71,7 +70,7 @@ class ArithmeticSetup:
 
   use_runner = False  # in-process scoring unless the config asks for workers
 
-  def __init__(self, task_cfg: ml_collections.ConfigDict, seed: int):
+  def __init__(self, task_cfg: Any, seed: int):
     self.tokenizer = data_lib.CharTokenizer()
     self.task = data_lib.ArithmeticTask(
         min_digits=task_cfg.min_digits, max_digits=task_cfg.max_digits,
@@ -139,7 +138,7 @@ class CountdownSetup:
 
   use_runner = True
 
-  def __init__(self, task_cfg: ml_collections.ConfigDict, seed: int):
+  def __init__(self, task_cfg: Any, seed: int):
     self.tokenizer = data_lib.CharTokenizer(data_lib.DEFAULT_ALPHABET + "/")
     gen = data_lib.CountdownTask(
         num_numbers=(task_cfg.num_numbers_min, task_cfg.num_numbers_max),
@@ -250,7 +249,7 @@ class JsonlSetup:
 
   use_runner = True
 
-  def __init__(self, name: str, config: ml_collections.ConfigDict,
+  def __init__(self, name: str, config: Any,
                workdir: str):
     from rlax_llm.data import pipeline  # pylint: disable=g-import-not-at-top
     from rlax_llm.data import tfds_builders  # pylint: disable=g-import-not-at-top
@@ -366,29 +365,6 @@ def _check_split(split: str, splits: Sequence[str], task: str,
   if split not in splits:
     raise ValueError(f"Task {task!r} has no split {split!r} (config.{field}); "
                      f"choose one of {list(splits)}.")
-
-
-# name -> factory(config, workdir) -> setup
-TASKS: dict[str, Callable[..., Any]] = {
-    "arithmetic": lambda config, workdir: ArithmeticSetup(config.task,
-                                                          config.seed),
-    "countdown": lambda config, workdir: CountdownSetup(config.task,
-                                                        config.seed),
-    "gsm8k": functools.partial(JsonlSetup, "gsm8k"),
-    "math500": functools.partial(JsonlSetup, "math500"),
-}
-
-
-def make_setup(config: ml_collections.ConfigDict, workdir: str):
-  """The setup of `config.task.name` (a clear error for an unknown name)."""
-  name = config.task.name
-  if name not in TASKS:
-    import difflib  # pylint: disable=g-import-not-at-top
-    close = difflib.get_close_matches(name, TASKS, n=2)
-    raise ValueError(f"Unknown task {name!r} (config.task.name)"
-                     + (f"; did you mean {close}?" if close else "")
-                     + f" Known tasks: {sorted(TASKS)}.")
-  return TASKS[name](config, workdir)
 
 
 def sft_target(problem) -> str:

@@ -156,12 +156,49 @@ def _flat_values(config: ml_collections.ConfigDict, prefix: str = ""):
   return out
 
 
+def _newest_checkpoint_step(workdir: str) -> int | None:
+  """The largest step directory under `workdir/checkpoints`, if any."""
+  try:
+    names = os.listdir(os.path.join(workdir, "checkpoints"))
+  except OSError:
+    return None
+  steps = [int(n) for n in names if n.isdigit()]
+  return max(steps) if steps else None
+
+
+def _check_budget(workdir: str, saved: dict, current: dict) -> None:
+  """Refuses an `rl.steps` smaller than the workdir's run was given.
+
+  A larger value extends the run from its last checkpoint. A smaller one
+  would leave a run whose metrics, checkpoints and summary describe more
+  steps than its config; it is refused whether or not the run got that far.
+  """
+  old, new = saved.get("rl.steps"), current.get("rl.steps")
+  if old is None or new is None or new >= old:
+    return
+  sft = current.get("sft.steps", 0)
+  step = _newest_checkpoint_step(workdir)
+  reached = (f"its newest checkpoint is at step {step} (SFT {sft} + RL "
+             f"{max(step - sft, 0)})" if step is not None
+             else "it has no checkpoint yet")
+  raise ValueError(
+      f"--config.rl.steps={new} is smaller than the {old} RL steps the run in "
+      f"{workdir!r} was started with ({reached}); a run's budget can be "
+      f"extended but not shrunk. Re-run with --config.rl.steps={old} (or "
+      "larger, to extend it), or use a new --workdir for a shorter run.")
+
+
 def check_resume_config(workdir: str, config: ml_collections.ConfigDict, *,
                         resuming: bool) -> None:
   """Stores the config of a new run; refuses to resume with a different one.
 
+  Of the fields that may change on resume (`RESUMABLE_CHANGES`), `rl.steps`
+  may only grow: a larger value extends the run (the stored config then
+  holds the new budget), a smaller one is refused.
+
   Raises:
-    ValueError: naming the fields that differ from the workdir's run.
+    ValueError: naming the fields that differ from the workdir's run, or
+      the smaller `rl.steps` and the values that would resume it.
   """
   import json  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
@@ -179,6 +216,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict, *,
           f"The workdir {workdir!r} holds a run with a different config "
           f"({shown}). Resuming would mix two experiments: use a new "
           "--workdir, or restore the original values.")
+    _check_budget(workdir, a, b)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:  # one writer in a multi-process run
     tmp = path + ".tmp"

@@ -31,13 +31,22 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
+from rlax_llm.data import tasks as tasks_lib
+from rlax_llm.experiment import config_utils
+from rlax_llm.experiment import pipeline
+from rlax_llm.experiment import setups as setups_lib
+from rlax_llm.methods import Method
 from rlax_llm.methods import get_method
-from rlax_llm.methods.rollouts import get_rollout
+from rlax_llm.methods import rollouts
+from rlax_llm.methods import transforms
+from rlax_llm.methods.engines import get_rollout
 from rlax_llm.models import hf as hf_lib
+from rlax_llm.models import lora as lora_lib
 from rlax_llm.models.config import ModelConfig
 from rlax_llm.parallel import distributed
 from rlax_llm.parallel import mesh as mesh_lib
@@ -45,16 +54,12 @@ from rlax_llm.rewards import runner as runner_lib
 from rlax_llm.sampling.generate import check_context
 from rlax_llm.sampling.samplers import SamplerConfig
 from rlax_llm.training import checkpoint as ckpt_lib
-from rlax_llm.training import config_utils
 from rlax_llm.training import evaluation
 from rlax_llm.training import metrics as metrics_lib
 from rlax_llm.training import ppo as ppo_lib
 from rlax_llm.training import state as state_lib
 from rlax_llm.training import steps as steps_lib
-from rlax_llm.training import tasks as tasks_lib
-# Re-exported: the task setups live in `tasks`.
-from rlax_llm.training.tasks import ArithmeticSetup  # pylint: disable=unused-import
-from rlax_llm.training.tasks import TASKS  # pylint: disable=unused-import
+from rlax_llm.training.scoring import score_completions
 
 
 def _optimizer(section) -> optax.GradientTransformation:
@@ -75,7 +80,8 @@ def _optimizer(section) -> optax.GradientTransformation:
 
 
 # Model-section fields that apply on top of a Hugging Face config.json.
-HF_OVERRIDES = ("max_seq_len", "dtype", "param_dtype", "remat")
+HF_OVERRIDES = ("max_seq_len", "dtype", "param_dtype", "remat", "lora_rank",
+                "lora_alpha", "lora_targets")
 
 
 def _model_config(section: ml_collections.ConfigDict,
@@ -129,14 +135,26 @@ def _check_finite(metrics: dict[str, Any], step: int, last_ckpt: int | None):
 
 
 class Experiment:
-  """One run in one workdir; see the module docstring."""
+  """One run in one workdir; see the module docstring.
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  Args:
+    config: the experiment config (`configs/base.py` and derived).
+    workdir: where metrics, checkpoints and the summary go.
+    method: a `methods.Method` to train with instead of `config.rl.method`
+      (e.g. one a notebook builds); its name is logged with the config.
+    engine: a `methods.rollouts.Engine` subclass instead of
+      `config.rollout.name`'s.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+               method: Method | None = None, engine: type | None = None):
+    if method is not None:  # the run records the method it trains with
+      config = ml_collections.ConfigDict(config.to_dict())
+      config.rl.method = method.name
     config_utils.validate(config)
-    self.config = config
+    self.config = c = config
     self.workdir = config_utils.prepare_workdir(workdir)
-    c = config
-    self.setup = tasks_lib.make_setup(c, self.workdir)
+    self.setup = setups_lib.make_setup(c, self.workdir)
     tok = self.setup.tokenizer
     self.hf_path = c.model.get("hf_path", "")
     self.model_cfg = _model_config(c.model, tok.vocab_size)
@@ -146,20 +164,7 @@ class Experiment:
     check_context(self.prompt_len, self.max_new_tokens,
                   self.model_cfg.max_seq_len)
     self.mesh = mesh_lib.make_mesh(dict(c.mesh))
-    mult = mesh_lib.batch_size_multiple(self.mesh)
-    for name, size in (("sft.batch_size", c.sft.batch_size),
-                       ("rl.prompts_per_step * rl.num_samples",
-                        c.rl.prompts_per_step * c.rl.num_samples)):
-      if size % mult:
-        raise ValueError(f"{name}={size} must divide by the {mult} devices "
-                         "the batch is sharded over (mesh data x fsdp).")
-    n = c.rl.prompts_per_step * c.rl.num_samples
-    if n % (c.rl.num_minibatches * c.rl.num_microbatches):
-      raise ValueError(
-          f"rl.prompts_per_step * rl.num_samples = {n} rollouts do not split "
-          f"into rl.num_minibatches={c.rl.num_minibatches} x "
-          f"rl.num_microbatches={c.rl.num_microbatches}; pick sizes whose "
-          "product divides it.")
+    _check_batch_sizes(c, mesh_lib.batch_size_multiple(self.mesh))
     self.sampler = SamplerConfig(c.rl.temperature, c.rl.top_k, c.rl.top_p,
                                  c.rl.min_p).validate()
     chunk = int(c.rl.get("decode_chunk", -1))
@@ -167,21 +172,27 @@ class Experiment:
       raise ValueError(f"rl.decode_chunk={chunk}: use -1 (automatic), 0 (all "
                        "rollouts at once) or a positive number of sequences.")
     self.decode_chunk = None if chunk == -1 else chunk
-    self.method = get_method(
+    self.method = method if method is not None else get_method(
         c.rl.method, clip_low=c.rl.clip_low, clip_high=c.rl.clip_high,
         dual_clip=c.rl.dual_clip or None, scale_by_std=c.rl.scale_by_std,
         group_baseline=c.rl.group_baseline, aggregation=c.rl.aggregation,
-        max_new_tokens=self.max_new_tokens)
-    if c.sft.loss not in steps_lib.SUPERVISED_LOSSES:
-      raise ValueError(f"Unknown sft.loss {c.sft.loss!r}; choose one of "
-                       f"{sorted(steps_lib.SUPERVISED_LOSSES)}.")
-    self.sft_loss = steps_lib.SUPERVISED_LOSSES[c.sft.loss]
-    if c.sft.loss == "otr":
-      self.sft_loss = functools.partial(
-          self.sft_loss, num_candidates=c.sft.otr_num_candidates,
-          kappa=c.sft.otr_kappa, beta=c.sft.otr_beta)
-    self.sft_opt = _optimizer(c.sft)
-    self.rl_opt = _optimizer(c.rl)
+        max_new_tokens=self.max_new_tokens,
+        token_level=bool(c.rl.token_level_advantages))
+    self.sft_loss = _supervised_loss(c.sft)
+    # With LoRA (model.lora_rank > 0) both phases train the adapters only.
+    self.lora = bool(self.model_cfg.lora_rank)
+    if self.lora and self.method.critic:
+      raise ValueError(
+          "config.model.lora_rank > 0 with rl.method='ppo': the critic is a "
+          "full copy of the policy trunk, which LoRA does not train; use a "
+          "critic-free method (grpo, rloo, ...) with LoRA, or lora_rank=0.")
+    if self.lora and c.rl.ref_reset_every:
+      raise ValueError(
+          "config.rl.ref_reset_every with LoRA: the reference is the base "
+          "model (adapters off), which never changes; set "
+          "rl.ref_reset_every=0, or lora_rank=0 for a copied reference.")
+    self.sft_opt = state_lib.lora_optimizer(_optimizer(c.sft), self.model_cfg)
+    self.rl_opt = state_lib.lora_optimizer(_optimizer(c.rl), self.model_cfg)
     self.critic_opt = _optimizer(ml_collections.ConfigDict(dict(
         warmup_steps=c.rl.warmup_steps, learning_rate=c.rl.value_learning_rate,
         grad_clip=c.rl.grad_clip, weight_decay=c.rl.weight_decay)))
@@ -192,7 +203,9 @@ class Experiment:
                                                    "checkpoints"),
                                       max_to_keep=c.checkpoint.max_to_keep)
     self.key = jax.random.key(c.seed)
-    self.engine = get_rollout(c.rollout.name)(self, c.rollout)
+    self.use_ref = pipeline.uses_reference(c.rl)
+    # LoRA's reference is free: the policy with its adapters off.
+    self.copied_ref = self.use_ref and not self.model_cfg.lora_rank
     r = c.get("reward") or ml_collections.ConfigDict(dict(
         mode="auto", num_workers=2, timeout_s=10.0))
     if r.mode not in ("auto", "process", "inline"):
@@ -204,6 +217,29 @@ class Experiment:
     self._runner = None
     # Reward failures since the last `take_reward_counts()`.
     self.reward_counts = {"errors": 0, "timeouts": 0}
+    engine_cls = engine or get_rollout(c.rollout.name)
+    pipeline.check_options(c, self.method, engine_cls)
+    self.engine = engine_cls.from_section(
+        self.rollout_context()._replace(
+            filter_rounds=pipeline.engine_filter_rounds(c, engine_cls)),
+        c.rollout,
+        **({"scale_by_std": bool(c.rl.scale_by_std)}
+           if engine_cls.name == "branch" else {}))
+    self.per_draw = pipeline.per_draw(c, self.max_new_tokens)
+    self.chain = pipeline.build_chain(c, self.method, engine_cls)
+    self._ref_score = None
+
+  def rollout_context(self) -> rollouts.RolloutContext:
+    """What the rollout engine uses (`rollouts.RolloutContext`)."""
+    c = self.config
+    return rollouts.RolloutContext(
+        graphdef=self.graphdef, mesh=self.mesh, sampler=self.sampler,
+        tokenizer=self.setup.tokenizer, task=self.setup.task,
+        score=self.rewards, decode=self.decode, key=self.key,
+        prompt_len=self.prompt_len, max_new_tokens=self.max_new_tokens,
+        num_prompts=c.rl.prompts_per_step, num_samples=c.rl.num_samples,
+        decode_chunk=self.decode_chunk, rl_start=c.sft.steps,
+        vocab_size=self.model_cfg.vocab_size)
 
   def set_eval_split(self, split: str) -> None:
     """Encodes the held-out problems of `split` (eval.num_problems of them)."""
@@ -316,28 +352,44 @@ class Experiment:
         batch_size=c.eval.batch_size, mesh=self.mesh,
         decode_chunk=self.decode_chunk)
 
-  # -- the RL-phase state: a policy TrainState, or PPOState with a critic ----
+  # -- the RL-phase state: TrainState or PPOState, with a reference ----------
   def rl_state_shardings(self):
     """(abstract state, shardings) of the RL phase."""
     c = self.config
     if self.method.critic:
-      return ppo_lib.ppo_state_shardings(self.model_cfg, self.rl_opt,
-                                         self.critic_opt, self.mesh,
-                                         seed=c.seed)
-    return state_lib.state_shardings(self.model_cfg, self.rl_opt, self.mesh,
-                                     seed=c.seed)
+      abstract, sh = ppo_lib.ppo_state_shardings(
+          self.model_cfg, self.rl_opt, self.critic_opt, self.mesh,
+          seed=c.seed)
+    else:
+      abstract, sh = state_lib.state_shardings(self.model_cfg, self.rl_opt,
+                                               self.mesh, seed=c.seed)
+    if self.copied_ref:
+      p_abs, p_sh = _policy_of(abstract).params, _policy_of(sh).params
+      return state_lib.RefState(abstract, p_abs), state_lib.RefState(sh, p_sh)
+    return abstract, sh
 
   def to_rl_state(self, sft_state, rl_sh):
-    """The SFT -> RL switch: fresh optimiser (and a critic for PPO)."""
+    """The SFT -> RL switch: fresh optimiser (a critic for PPO, and the
+    reference: a frozen copy of the policy on the same shardings)."""
+    inner_sh = rl_sh.train if self.copied_ref else rl_sh
     if self.method.critic:
-      return ppo_lib.to_ppo_state(sft_state, self.rl_opt, self.critic_opt,
-                                  rl_sh, self.model_cfg.embed_dim)
-    return state_lib.reset_optimizer(sft_state, self.rl_opt, rl_sh)
+      inner = ppo_lib.to_ppo_state(sft_state, self.rl_opt, self.critic_opt,
+                                   inner_sh, self.model_cfg.embed_dim)
+    else:
+      inner = state_lib.reset_optimizer(sft_state, self.rl_opt, inner_sh)
+    if not self.copied_ref:
+      return inner
+    return state_lib.RefState(inner, self.copy_policy(inner, rl_sh.ref))
+
+  @staticmethod
+  def copy_policy(inner, shardings):
+    """A copy of the policy's parameters (new buffers) on `shardings`."""
+    return jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                   out_shardings=shardings)(_policy_of(inner).params)
 
   @staticmethod
   def policy_params(state):
-    return (state.policy.params if isinstance(state, ppo_lib.PPOState)
-            else state.params)
+    return _policy_of(state).params
 
   def make_rl_step(self):
     c = self.config
@@ -345,7 +397,12 @@ class Experiment:
                   num_minibatches=c.rl.num_minibatches,
                   num_microbatches=c.rl.num_microbatches,
                   logprob_chunk=c.rl.get("logprob_chunk", 0),
-                  vocab_chunk=c.rl.get("vocab_chunk", 0) or None)
+                  vocab_chunk=c.rl.get("vocab_chunk", 0) or None,
+                  entropy_coef=c.rl.entropy_coef, mesh=self.mesh,
+                  **pipeline.update_options(
+                      c, self.method, max_new_tokens=self.max_new_tokens))
+    if self.use_ref and self.lora:
+      common["ref_fn"] = lora_lib.zero_adapters
     if self.method.critic:
       return ppo_lib.make_ppo_step(
           self.graphdef, self.rl_opt, self.critic_opt,
@@ -353,8 +410,7 @@ class Experiment:
           value_coef=c.rl.value_coef, value_clip=c.rl.value_clip or None,
           aggregation=c.rl.aggregation, **common)
     return steps_lib.make_rl_step(self.graphdef, self.rl_opt,
-                                  self.method.policy_loss,
-                                  entropy_coef=c.rl.entropy_coef, **common)
+                                  self.method.policy_loss, **common)
 
   def data_metrics(self) -> dict[str, float]:
     """The train stream's data/... metrics of this step (if it has any)."""
@@ -362,26 +418,56 @@ class Experiment:
       return self.setup.step_metrics()
     return {}
 
-  def rollout(self, params, step: int):
-    """The RLBatch and rollout statistics of global step `step`."""
-    return self.engine.rollout(params, step)
+  def ref_logp_fn(self, ref_params):
+    """Groups -> [B, G, T] reference log-probs (for the KL in the reward)."""
+    if self._ref_score is None:
+      self._ref_score = jax.jit(functools.partial(
+          score_completions, self.graphdef,
+          temperature=self.config.rl.temperature,
+          chunk_size=self.config.rl.get("logprob_chunk", 0),
+          vocab_chunk=self.config.rl.get("vocab_chunk", 0) or None))
+
+    def score(groups: rollouts.Groups) -> np.ndarray:
+      b, g, t = groups.tokens.shape
+      out = self._ref_score(
+          ref_params, np.repeat(groups.prompt, g, 0),
+          np.repeat(groups.prompt_mask, g, 0),
+          groups.tokens.reshape(b * g, t), groups.mask.reshape(b * g, t))
+      return np.asarray(jax.device_get(out.logp)).reshape(b, g, t)
+
+    return score
+
+  def rollout(self, state_or_params, step: int):
+    """The RLBatch and statistics of global step `step`: the engine's groups
+    through the per-draw transforms and the chain."""
+    state = state_or_params
+    params = (self.policy_params(state)
+              if isinstance(state, (state_lib.TrainState, ppo_lib.PPOState,
+                                    state_lib.RefState)) else state)
+    ref = state.ref if isinstance(state, state_lib.RefState) else None
+    if ref is None and self.use_ref and self.lora:
+      ref = lora_lib.zero_adapters(params)  # the base model
+
+    def draw(k: int) -> rollouts.Groups:
+      groups = self.engine.rollout(params, step, k)
+      for f in self.per_draw:
+        groups = f(groups)
+      return groups
+
+    ctx = transforms.StepContext(
+        engine=self.engine, draw=draw,
+        ref_logp=None if ref is None else self.ref_logp_fn(ref),
+        step=step, rl_step=step - self.config.sft.steps)
+    work = transforms.apply_chain(self.chain, draw(0), ctx)
+    batch = transforms.to_batch(work)
+    frac = pipeline.token_fraction(self.config, ctx.rl_step)
+    if frac is not None:
+      batch = batch._replace(token_fraction=np.full(
+          batch.completion.shape[:1], frac, np.float32))
+      work.stats["rollout/d3s_token_fraction"] = frac
+    return batch, work.stats
 
   # -- the loop -----------------------------------------------------------------
-  def run(self) -> dict[str, Any]:
-    c = self.config
-    t_start = time.time()
-    latest = self.ckpt.latest_step()
-    meta: dict[str, Any] = {"phase": "sft"}
-    config_utils.check_resume_config(self.workdir, c, resuming=latest is not None)
-    sft_abstract, sft_sh = state_lib.state_shardings(
-        self.model_cfg, self.sft_opt, self.mesh, seed=c.seed)
-    rl_abstract, rl_sh = self.rl_state_shardings()
-    try:
-      return self._run(t_start, latest, meta, sft_sh, rl_abstract, rl_sh,
-                       sft_abstract)
-    finally:
-      self.close()
-
   def initial_state(self):
     """(TrainState, shardings) of a fresh run, on the SFT phase's shardings.
 
@@ -414,123 +500,208 @@ class Experiment:
     state = jax.jit(init, out_shardings=sh, donate_argnums=0)(params)
     return state, sh
 
-  def _run(self, t_start, latest, meta, sft_sh, rl_abstract, rl_sh,
-           sft_abstract):
-    c = self.config
-    if latest is None:
-      state, sft_sh = self.initial_state()
-      step = 0
-    else:
-      meta = self.ckpt.restore_meta(latest)
-      abstract, sh = ((rl_abstract, rl_sh) if meta["phase"] == "rl"
-                      else (sft_abstract, sft_sh))
-      state, meta = self.ckpt.restore(latest, abstract, sh)
-      self.engine.load_state_dict(meta.get("rollout_state"))
-      if hasattr(self.setup, "load_state_dict"):
-        self.setup.load_state_dict(meta.get("data_state"))
-      step = latest
-    primary = distributed.is_primary()
-    writer = metrics_lib.MetricWriter(self.workdir, resume_step=latest,
-                                      enabled=primary)
+  def run(self) -> dict[str, Any]:
+    try:
+      return _Loop(self).run()
+    finally:
+      self.close()
+
+
+class _Loop:
+  """The run loop of one `Experiment`: restore, SFT, the switch, RL."""
+
+  def __init__(self, exp: Experiment):
+    self.exp = exp
+    c = exp.config
+    self.t_start = time.time()
+    self.latest = exp.ckpt.latest_step()
+    config_utils.check_resume_config(exp.workdir, c,
+                                     resuming=self.latest is not None)
+    self.sft_abstract, self.sft_sh = state_lib.state_shardings(
+        exp.model_cfg, exp.sft_opt, exp.mesh, seed=c.seed)
+    self.rl_abstract, self.rl_sh = exp.rl_state_shardings()
+    self.meta: dict[str, Any] = {"phase": "sft"}
+    self.last_ckpt = self.latest
+    self.primary = distributed.is_primary()
+
+  def restore(self):
+    exp = self.exp
+    if self.latest is None:
+      state, self.sft_sh = exp.initial_state()
+      return state, 0
+    meta = exp.ckpt.restore_meta(self.latest)
+    abstract, sh = ((self.rl_abstract, self.rl_sh) if meta["phase"] == "rl"
+                    else (self.sft_abstract, self.sft_sh))
+    state, self.meta = exp.ckpt.restore(self.latest, abstract, sh)
+    exp.engine.load_state_dict(self.meta.get("rollout_state"))
+    if hasattr(exp.setup, "load_state_dict"):
+      exp.setup.load_state_dict(self.meta.get("data_state"))
+    return state, self.latest
+
+  def save(self, step, state):
+    exp = self.exp
+    self.writer.flush()
+    meta = dict(self.meta, rollout_state=exp.engine.state_dict())
+    if hasattr(exp.setup, "state_dict"):  # the train stream's position
+      meta["data_state"] = exp.setup.state_dict()
+    exp.ckpt.save(step, state, meta)
+    self.last_ckpt = step
+
+  def log_eval(self, step, state):
+    res = self.exp.evaluate(self.exp.policy_params(state), step)
+    self.writer.write(step, {f"eval/{k}": v for k, v in res.items()})
+    return res
+
+  def sft_phase(self, state, step):
+    exp, c = self.exp, self.exp.config
     sft_step = steps_lib.jit_step(
-        steps_lib.make_sft_step(self.graphdef, self.sft_opt,
-                                loss_fn=self.sft_loss), sft_sh, self.mesh)
+        steps_lib.make_sft_step(exp.graphdef, exp.sft_opt,
+                                loss_fn=exp.sft_loss), self.sft_sh, exp.mesh)
     # Optional cross-entropy warm-up before another supervised objective.
     ce_step = steps_lib.jit_step(
-        steps_lib.make_sft_step(self.graphdef, self.sft_opt), sft_sh,
-        self.mesh) if c.sft.ce_warmup_steps else None
-    rl_step = steps_lib.jit_step(self.make_rl_step(), rl_sh, self.mesh)
-    bar = _progress(c.progress and primary, self.total_steps, step)
-    last_ckpt = latest
+        steps_lib.make_sft_step(exp.graphdef, exp.sft_opt), self.sft_sh,
+        exp.mesh) if c.sft.ce_warmup_steps else None
+    while step < c.sft.steps:
+      t0 = time.time()
+      batch = exp.encode_sft(exp.setup.task.train_batch(step,
+                                                        c.sft.batch_size))
+      warm = ce_step is not None and step < c.sft.ce_warmup_steps
+      state, m = (ce_step if warm else sft_step)(state, batch)
+      m = jax.device_get(m)
+      step += 1
+      _check_finite(m, step, self.last_ckpt)
+      rec = {f"sft/{k}": v for k, v in m.items()}
+      rec.update(exp.data_metrics())
+      rec["time/step_s"] = time.time() - t0
+      self.writer.write(step, rec)
+      self.bar.update(1)
+      self.bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+      if step < c.sft.steps and step % c.checkpoint.every == 0:
+        self.save(step, state)
+    return state, step
 
-    def save(step, state, meta):
-      nonlocal last_ckpt
-      writer.flush()
-      meta = dict(meta, rollout_state=self.engine.state_dict())
-      if hasattr(self.setup, "state_dict"):  # the train stream's position
-        meta["data_state"] = self.setup.state_dict()
-      self.ckpt.save(step, state, meta)
-      last_ckpt = step
+  def switch(self, state, step):
+    """SFT -> RL, exactly once: evaluate, build the RL state, checkpoint."""
+    res = self.log_eval(step, state)
+    self.meta = {"phase": "rl", "sft_accuracy": res["accuracy"],
+                 "sft_eval": res, "last_eval": res, "last_eval_step": step}
+    state = self.exp.to_rl_state(state, self.rl_sh)
+    self.save(step, state)
+    self.bar.set_postfix(acc=f"{res['accuracy']:.3f}")
+    return state
 
-    def log_eval(step, params, prefix="eval"):
-      res = self.evaluate(params, step)
-      writer.write(step, {f"{prefix}/{k}": v for k, v in res.items()})
-      return res
+  def rl_phase(self, state, step):
+    exp, c = self.exp, self.exp.config
+    rl_step = steps_lib.jit_step(exp.make_rl_step(), self.rl_sh, exp.mesh)
+    every = int(c.rl.ref_reset_every)
+    while step < exp.total_steps:
+      t0 = time.time()
+      rl_done = step - c.sft.steps
+      if every and rl_done and rl_done % every == 0:
+        # ProRL's reference reset: the reference becomes the current policy.
+        state = state._replace(ref=exp.copy_policy(state.train,
+                                                    self.rl_sh.ref))
+      exp.take_reward_counts()
+      batch, stats = exp.rollout(state, step)
+      t1 = time.time()
+      counts = exp.take_reward_counts()
+      stats = dict(stats, **{f"reward/{k}": v for k, v in counts.items()})
+      stats.update(exp.data_metrics())
+      state, m = rl_step(state, batch)
+      m = jax.device_get(m)
+      step += 1
+      _check_finite(m, step, self.last_ckpt)
+      rec = dict(stats)
+      rec.update({f"rl/{k}": v for k, v in m.items()})
+      rec["time/rollout_s"] = t1 - t0
+      rec["time/step_s"] = time.time() - t0
+      self.writer.write(step, rec)
+      self.bar.update(1)
+      rl_done = step - c.sft.steps
+      if rl_done % c.eval.every == 0 or step == exp.total_steps:
+        res = self.log_eval(step, state)
+        self.meta = dict(self.meta, last_eval=res, last_eval_step=step)
+        self.bar.set_postfix(reward=f"{stats['reward/mean']:.3f}",
+                             acc=f"{res['accuracy']:.3f}")
+      else:
+        self.bar.set_postfix(reward=f"{stats['reward/mean']:.3f}")
+      if step % c.checkpoint.every == 0 or step == exp.total_steps:
+        self.save(step, state)
+    return state, step
 
+  def run(self) -> dict[str, Any]:
+    exp, c = self.exp, self.exp.config
+    state, step = self.restore()
+    self.writer = metrics_lib.MetricWriter(exp.workdir, resume_step=self.latest,
+                                           enabled=self.primary)
+    self.bar = _progress(c.progress and self.primary, exp.total_steps, step)
     try:
-      while step < c.sft.steps:
-        t0 = time.time()
-        batch = self.encode_sft(self.setup.task.train_batch(step, c.sft.batch_size))
-        warm = ce_step is not None and step < c.sft.ce_warmup_steps
-        state, m = (ce_step if warm else sft_step)(state, batch)
-        m = jax.device_get(m)
-        step += 1
-        _check_finite(m, step, last_ckpt)
-        rec = {f"sft/{k}": v for k, v in m.items()}
-        rec.update(self.data_metrics())
-        rec["time/step_s"] = time.time() - t0
-        writer.write(step, rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(m['loss']):.3f}")
-        if step < c.sft.steps and step % c.checkpoint.every == 0:
-          save(step, state, meta)
-
-      if meta["phase"] == "sft":  # SFT -> RL, exactly once
-        res = log_eval(step, self.policy_params(state))
-        meta = {"phase": "rl", "sft_accuracy": res["accuracy"],
-                "sft_eval": res, "last_eval": res, "last_eval_step": step}
-        state = self.to_rl_state(state, rl_sh)
-        save(step, state, meta)
-        bar.set_postfix(acc=f"{res['accuracy']:.3f}")
-
-      while step < self.total_steps:
-        t0 = time.time()
-        self.take_reward_counts()
-        batch, stats = self.rollout(self.policy_params(state), step)
-        t1 = time.time()
-        counts = self.take_reward_counts()
-        stats = dict(stats, **{f"reward/{k}": v for k, v in counts.items()})
-        stats.update(self.data_metrics())
-        state, m = rl_step(state, batch)
-        m = jax.device_get(m)
-        step += 1
-        _check_finite(m, step, last_ckpt)
-        rec = dict(stats)
-        rec.update({f"rl/{k}": v for k, v in m.items()})
-        rec["time/rollout_s"] = t1 - t0
-        rec["time/step_s"] = time.time() - t0
-        writer.write(step, rec)
-        bar.update(1)
-        rl_done = step - c.sft.steps
-        if rl_done % c.eval.every == 0 or step == self.total_steps:
-          res = log_eval(step, self.policy_params(state))
-          meta = dict(meta, last_eval=res, last_eval_step=step)
-          bar.set_postfix(reward=f"{stats['reward/mean']:.3f}",
-                          acc=f"{res['accuracy']:.3f}")
-        else:
-          bar.set_postfix(reward=f"{stats['reward/mean']:.3f}")
-        if step % c.checkpoint.every == 0 or step == self.total_steps:
-          save(step, state, meta)
+      state, step = self.sft_phase(state, step)
+      if self.meta["phase"] == "sft":
+        state = self.switch(state, step)
+      state, step = self.rl_phase(state, step)
     finally:
-      bar.close()
-      writer.close()
-
+      self.bar.close()
+      self.writer.close()
+    meta = self.meta
     summary = {
         "sft_accuracy": meta["sft_accuracy"],
         "final_accuracy": meta["last_eval"]["accuracy"],
         "sft_eval": meta["sft_eval"],
         "final_eval": meta["last_eval"],
-        "steps": self.total_steps,
+        "steps": exp.total_steps,
         "seed": c.seed,
-        "wall_time_s": time.time() - t_start,
+        "wall_time_s": time.time() - self.t_start,
     }
-    if primary:  # one writer in a multi-process run
-      tmp = os.path.join(self.workdir, "summary.json.tmp")
+    if self.primary:  # one writer in a multi-process run
+      tmp = os.path.join(exp.workdir, "summary.json.tmp")
       with open(tmp, "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
-      os.replace(tmp, os.path.join(self.workdir, "summary.json"))
-    self.state = state
+      os.replace(tmp, os.path.join(exp.workdir, "summary.json"))
+    exp.state = state
     return summary
+
+
+def _policy_of(state):
+  """The policy TrainState inside an RL state (RefState, PPOState)."""
+  if isinstance(state, state_lib.RefState):
+    state = state.train
+  if isinstance(state, ppo_lib.PPOState):
+    state = state.policy
+  return state
+
+
+def _check_batch_sizes(c, mult: int) -> None:
+  for name, size in (("sft.batch_size", c.sft.batch_size),
+                     ("rl.prompts_per_step * rl.num_samples",
+                      c.rl.prompts_per_step * c.rl.num_samples)):
+    if size % mult:
+      raise ValueError(f"{name}={size} must divide by the {mult} devices "
+                       "the batch is sharded over (mesh data x fsdp).")
+  n = c.rl.prompts_per_step * c.rl.num_samples
+  if n % (c.rl.num_minibatches * c.rl.num_microbatches):
+    raise ValueError(
+        f"rl.prompts_per_step * rl.num_samples = {n} rollouts do not split "
+        f"into rl.num_minibatches={c.rl.num_minibatches} x "
+        f"rl.num_microbatches={c.rl.num_microbatches}; pick sizes whose "
+        "product divides it.")
+
+
+def _supervised_loss(sft):
+  """The SFT phase's `SupervisedLoss` from the config's sft section."""
+  if sft.loss not in steps_lib.SUPERVISED_LOSSES:
+    raise ValueError(f"Unknown sft.loss {sft.loss!r}; choose one of "
+                     f"{sorted(steps_lib.SUPERVISED_LOSSES)}.")
+  loss = steps_lib.SUPERVISED_LOSSES[sft.loss]
+  aggregation = sft.get("aggregation", "token_mean")
+  if sft.loss == "otr":
+    return functools.partial(loss, num_candidates=sft.otr_num_candidates,
+                             kappa=sft.otr_kappa, beta=sft.otr_beta,
+                             aggregation=aggregation)
+  if sft.loss == "otr_exact":
+    return functools.partial(loss, kappa=sft.otr_kappa, beta=sft.otr_beta,
+                             aggregation=aggregation)
+  return functools.partial(loss, aggregation=aggregation)
 
 
 def _progress(enabled: bool, total: int, initial: int):
@@ -539,9 +710,12 @@ def _progress(enabled: bool, total: int, initial: int):
               desc="train", unit="step", dynamic_ncols=True)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the experiment `config` in `workdir`; returns the summary."""
-  return Experiment(config, workdir).run()
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        method: Method | None = None,
+        engine: type | None = None) -> dict[str, Any]:
+  """Runs (or resumes) the experiment `config` in `workdir`; returns the
+  summary. `method` / `engine` replace the config's (see `Experiment`)."""
+  return Experiment(config, workdir, method=method, engine=engine).run()
 
 
 def trained_experiment(config: ml_collections.ConfigDict,
