@@ -6,7 +6,7 @@
   python -m experiments.bench logprobs [--json] [--tokens=2048] \
       [--vocab=32768] [--width=256] [--chunk_size=1024] [--vocab_chunk=8192] \
       [--repeats=5] [--nofull_size]
-  python -m experiments.bench grpo_step [--json] [--prompts=8] \
+  python -m experiments.bench grpo_step [--json] [--step_prompts=8] \
       [--samples_per_prompt=8] [--new_tokens=64] [--prompt_len=16] \
       [--repeats=3] [--preset=...] [--notrl] [--noroofline] [--profile]
 
@@ -140,7 +140,7 @@ _NEW_TOKENS = flags.DEFINE_integer(
 _REPEATS = flags.DEFINE_integer(
     "repeats", None, "Timed calls per measurement (default: generate and "
     "logprobs 5, grpo_step 3 steps).", lower_bound=1)
-_PROMPTS = flags.DEFINE_integer("prompts", 8, "grpo_step: prompts B per step.",
+_PROMPTS = flags.DEFINE_integer("step_prompts", 8, "grpo_step: prompts B per step.",
                                 lower_bound=1)
 _PROMPT_LEN = flags.DEFINE_integer(
     "prompt_len", 16, "grpo_step: tokens P of each (random) prompt.",

@@ -230,7 +230,7 @@ def test_generate_compares_with_transformers_and_roofline():
 # The smoke shape: the tiny preset (2 layers, D 128, 4 query heads and 2
 # key/value heads of 32, MLP 384) over the 512-token vocabulary, 2 prompts of
 # 8 tokens x 2 samples x 4 new tokens.
-GRPO_SMOKE = ("--preset=tiny", "--prompts=2", "--samples_per_prompt=2",
+GRPO_SMOKE = ("--preset=tiny", "--step_prompts=2", "--samples_per_prompt=2",
               "--prompt_len=8", "--new_tokens=4")
 # Blocks' matmul weights per layer: q 128*128 + k, v 2*128*64 + o 128*128 +
 # MLP 3*128*384 = 196,608; two layers 393,216. N = 4 rows, S = 8 + 4 = 12.

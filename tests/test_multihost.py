@@ -60,7 +60,7 @@ _WORKER = textwrap.dedent("""
       assert plan.method == "none" and jax.process_count() == 1
       mesh = make_mesh((1, 1, 1))
     rows = distributed.process_batch_slice(n, mesh)
-    local = lambda b: type(b)(*(x[rows] for x in b))
+    local = lambda b: type(b)(*(None if x is None else x[rows] for x in b))
 
     opt = optax.adam(1e-2)
     state, sh = state_lib.create_train_state(cfg, opt, mesh, seed=0)
@@ -78,7 +78,7 @@ _WORKER = textwrap.dedent("""
     placed = distributed.host_local_to_global(local(rl_batch), mesh,
                                               global_batch_size=n)
     full = distributed.global_batch_to_devices(rl_batch, mesh)
-    for a, b, ref in zip(placed, full, rl_batch):
+    for a, b, ref in zip(placed[:6], full[:6], rl_batch[:6]):
       assert np.array_equal(multihost_utils.process_allgather(a, tiled=True),
                             ref)
       assert np.array_equal(multihost_utils.process_allgather(b, tiled=True),
