@@ -56,6 +56,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       otr_num_candidates=8,  # OTR: K candidate tokens per position
       otr_kappa=1.2,         # OTR: candidate sampling temperature
       otr_beta=-0.1,         # OTR: reward of a candidate that misses
+      lr_decay="constant",   # or "cosine" (to 0.1x the peak at the last step)
+      pad_multiple=0,        # >0: pad each batch to its longest prompt and
+                             # target, rounded up to this multiple (fewer
+                             # padded tokens for long-tailed targets; one
+                             # compile per width); 0: the full budget
   ))
 
   # RL phase.
@@ -100,6 +105,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       gae_lambda=0.95,
       xrpo_lambda=0.0,         # XRPO advantage sharpening scale; 0 disables
       xrpo_kappa_clip=0.5,     # XRPO: bonus capped at this fraction of A
+      xrpo_novelty="mean",     # XRPO novelty s(y): "mean" token log-prob
+                               # (length-normalised, the paper's) or "sum"
       d3s_sample_keep=0,       # D^3S: rollouts kept per group (max advantage
                                # variance); 0 keeps all
       d3s_token_fraction=1.0,  # D^3S: share of tokens kept by |A| x entropy
@@ -126,7 +133,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # How rollouts are produced: "sample" draws rl.num_samples independent
   # completions per prompt. Tree and partial-rollout engines (configs
   # latr_arith, branch_arith, april_arith) replace this section with their
-  # own fields.
+  # own fields. "xrpo" (configs/xrpo.py; off here) spreads a budget of
+  # prompts_per_step * num_samples rollouts over the prompts in phases by
+  # XRPO's priority and seeds all-wrong prompts with solved examples; its
+  # fields are listed in rlax_llm/methods/xrpo.py.
   c.rollout = ml_collections.ConfigDict(dict(name="sample"))
 
   c.eval = ml_collections.ConfigDict(dict(

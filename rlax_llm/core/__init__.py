@@ -13,6 +13,13 @@ from rlax_llm.core.advantages import reinforce_pp_token_advantages
 from rlax_llm.core.advantages import rloo_advantages
 from rlax_llm.core.advantages import token_level_returns
 from rlax_llm.core.advantages import token_level_rewards
+from rlax_llm.core.allocation import exploration_bonus
+from rlax_llm.core.allocation import group_reward_std
+from rlax_llm.core.allocation import interval_half_width
+from rlax_llm.core.allocation import t_critical
+from rlax_llm.core.allocation import uncertainty_reduction
+from rlax_llm.core.allocation import xrpo_allocate
+from rlax_llm.core.allocation import xrpo_priority
 from rlax_llm.core.aggregation import AGGREGATIONS
 from rlax_llm.core.aggregation import AggregationFn
 from rlax_llm.core.aggregation import aggregate
@@ -68,6 +75,13 @@ from rlax_llm.core.value import value_loss
 from rlax_llm.core.value import whiten
 
 __all__ = [
+    "xrpo_priority",
+    "xrpo_allocate",
+    "uncertainty_reduction",
+    "t_critical",
+    "interval_half_width",
+    "group_reward_std",
+    "exploration_bonus",
     "VALUE_WEIGHTINGS",
     "WIDTH_PRUNING_MODES",
     "active_pruned_depths",

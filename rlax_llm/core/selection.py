@@ -239,21 +239,30 @@ def linear_schedule(step: jax.typing.ArrayLike, *, start: float, end: float,
 
 
 def xrpo_novelty(logp_NT: jax.typing.ArrayLike, mask_NT: jax.typing.ArrayLike,
-                 group_size: int) -> jax.Array:
+                 group_size: int, *, length_normalise: bool = True
+                 ) -> jax.Array:
   """XRPO novelty of each rollout relative to its group.
 
-    s_i   = (1 / |y_i|) sum_t log pi(y_{i,t})        (length-normalised)
+    s_i   = (1 / |y_i|) sum_t log pi(y_{i,t})        (length_normalise=True)
+          =             sum_t log pi(y_{i,t})        (length_normalise=False)
     eta_i = exp(s_i - mean_{j in group(i), |y_j| > 0} s_j)
 
   eta_i < 1 marks a rollout the policy finds less likely than its siblings do
-  on average (per token, geometric mean). The group mean covers the group's
-  non-empty rollouts; an empty rollout gets eta = 1 (no bonus).
+  on average (with the default, per token: a geometric mean). The group mean
+  covers the group's non-empty rollouts; an empty rollout (or an empty slot
+  of a variable-size group) gets eta = 1 (no bonus). XRPO's s(y) is the
+  length-normalised sequence log-likelihood (the paper's novelty definition
+  next to its advantage-sharpening equation, as its readers implement it; see
+  docs/FIDELITY.md); the summed log-probability is the option, under which
+  longer rollouts read as more novel.
 
   Args:
     logp_NT: [N, T] f32 per-token log-probs of the sampled tokens (the
       behaviour log-probs returned by `generate`).
     mask_NT: [N, T] validity mask.
     group_size: G; rows b*G .. b*G+G-1 form group b (N = B * G).
+    length_normalise: s as the mean (True) or the sum (False) of the
+      rollout's token log-probs.
 
   Returns:
     [N] f32 novelty eta.
@@ -266,7 +275,9 @@ def xrpo_novelty(logp_NT: jax.typing.ArrayLike, mask_NT: jax.typing.ArrayLike,
     raise ValueError(f"N={n} rollouts do not split into groups of "
                      f"group_size={group_size}.")
   length = jnp.sum(valid, axis=-1)
-  s_N = jnp.sum(jnp.where(valid, logp_NT, 0.0), -1) / jnp.maximum(length, 1)
+  s_N = jnp.sum(jnp.where(valid, logp_NT, 0.0), -1)
+  if length_normalise:
+    s_N = s_N / jnp.maximum(length, 1)
   nonempty = (length > 0).reshape(-1, group_size)
   s_BG = s_N.reshape(-1, group_size)
   mean_B = (jnp.sum(jnp.where(nonempty, s_BG, 0.0), -1, keepdims=True)

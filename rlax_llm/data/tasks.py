@@ -24,12 +24,16 @@ Tasks:
               tokenizer (its alphabet adds "/"); SFT targets are solutions.
   gsm8k       grade-school math word problems from local JSONL, read through
               the TFDS builder and a grain loader; Hugging Face tokenizer.
+  reasoning   the chain-of-thought corpus of `rlax_llm.data.reasoning`
+              (chain sums, Countdown search, sorting), character tokenizer or
+              the base model's (`model.hf_path`).
   math500     MATH-500 from local JSONL (one split: "test", also the train
               stream unless `task.train_split` says otherwise).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -39,9 +43,11 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from rlax_llm import data as data_lib
+from rlax_llm.data import reasoning as reasoning_lib
 from rlax_llm.rewards import arithmetic as arith_rewards
 from rlax_llm.rewards import countdown as countdown_rewards
 from rlax_llm.rewards import math as math_rewards
+from rlax_llm.rewards import reasoning as reasoning_rewards
 
 # The shipped data: <repository>/../shared/data.
 DEFAULT_SOURCE_DIR = os.path.join(
@@ -163,6 +169,63 @@ class CountdownSetup:
   def eval_set(self, split: str, n: int):
     _check_split(split, ("test",), "countdown")
     return self.task.test_set(n)
+
+
+# -- the reasoning corpus ----------------------------------------------------------
+_REASONING_FIELDS = tuple(f.name for f in dataclasses.fields(
+    reasoning_lib.ReasoningConfig))
+
+
+class ReasoningSetup:
+  """The reasoning corpus (`rlax_llm.data.reasoning`): chain-of-thought
+  completions that end in "answer X".
+
+  Config fields (`config.task`): those of `ReasoningConfig` (families as
+  "chain=1,search=1,sort=1", operand counts, ...), max_prompt_len (0 = 28,
+  the longest prompt of the default settings), max_new_tokens (0 = 256).
+  The tokenizer is the checkpoint's (`config.model.hf_path`, e.g. a base
+  model written by `experiments.pretrain`) when one is set, else the
+  character tokenizer over `reasoning.ALPHABET`. Eval splits: "test", "ood"
+  (more chain operands than training uses), "chain", "search", "sort".
+  """
+
+  use_runner = False  # the verifier is fast and never executes model text
+
+  def __init__(self, config: Any, workdir: str):
+    del workdir
+    t = config.task
+    fields = {k: t[k] for k in _REASONING_FIELDS if k in t}
+    self.task = reasoning_lib.ReasoningTask(
+        reasoning_lib.ReasoningConfig(**fields), config.seed)
+    hf_path = config.model.get("hf_path", "")
+    if hf_path:
+      from rlax_llm.models.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+      self.tokenizer = HFTokenizer.from_pretrained(hf_path)
+      missing = [ch for ch in reasoning_lib.ALPHABET
+                 if len(self.tokenizer.encode(ch)) != 1]
+      if missing:
+        raise ValueError(
+            f"The tokenizer of config.model.hf_path={hf_path!r} does not map "
+            f"every character of the reasoning alphabet to one token (e.g. "
+            f"{missing[:5]}); use a checkpoint written by experiments.pretrain.")
+    else:
+      self.tokenizer = data_lib.CharTokenizer(reasoning_lib.ALPHABET)
+    self.prompt_len = int(t.get("max_prompt_len", 0) or 28)
+    self.max_new_tokens = int(t.get("max_new_tokens", 0) or 256)
+
+  def reward_fn(self, texts: Sequence[str], answers: Sequence[str]):
+    return reasoning_rewards.batch_verify(texts, answers)
+
+  @staticmethod
+  def reward_item_fn(completion, answer):
+    return reasoning_rewards.verify(completion, answer)
+
+  @staticmethod
+  def reward_kwargs(answer: str) -> dict[str, Any]:
+    return {"answer": answer}
+
+  def eval_set(self, split: str, n: int):
+    return self.task.eval_set(split, n)
 
 
 # -- JSONL datasets through TFDS + grain ------------------------------------------

@@ -132,6 +132,43 @@ class CharTokenizer:
       ids.append(EOS_ID)
     return ids
 
+  def save_pretrained(self, path: str) -> list[str]:
+    """Writes this vocabulary as a Hugging Face fast tokenizer.
+
+    `tokenizer.json` (a merge-free BPE over the characters, so each character
+    is one token with this tokenizer's id; special tokens `<pad>`, `<eos>`,
+    `<bos>` at ids 0-2), `tokenizer_config.json` and
+    `generation_config.json`. `rlax_llm.models.hf_tokenizer.HFTokenizer` and
+    transformers' `PreTrainedTokenizerFast` read them back with the same ids.
+    Needs the `tokenizers` package (the `hf` extra).
+
+    Returns:
+      The file names written.
+    """
+    import json  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+    from tokenizers import Tokenizer, decoders, models  # pylint: disable=g-import-not-at-top
+    from tokenizers import AddedToken  # pylint: disable=g-import-not-at-top
+    vocab = {t: i for i, t in enumerate(self._id_to_str)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in _SPECIAL_TOKENS])
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast",
+              "pad_token": "<pad>", "eos_token": "<eos>",
+              "bos_token": "<bos>", "model_max_length": 1 << 20,
+              "clean_up_tokenization_spaces": False,
+              "rlax_llm_alphabet": self.alphabet}
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+      json.dump(config, f, indent=2)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+      json.dump({"eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+                 "bos_token_id": BOS_ID}, f, indent=2)
+    return ["tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"]
+
   def decode(
       self,
       ids: Sequence[int] | np.ndarray,

@@ -63,16 +63,25 @@ from rlax_llm.training.scoring import score_completions
 
 
 def _optimizer(section) -> optax.GradientTransformation:
-  """Gradient clipping + AdamW with linear warm-up to a constant rate.
+  """Gradient clipping + AdamW with linear warm-up to a constant rate (or,
+  with `lr_decay="cosine"`, a cosine decay to a tenth of it by `steps`).
 
   The rate is always a schedule, so the optimiser state has the same structure
   whatever the warm-up (checkpoints restore across such changes).
   """
   warmup = max(int(section.warmup_steps), 0)
   peak = float(section.learning_rate)
+  decay = section.get("lr_decay", "constant")
+  if decay == "constant":
+    after = optax.constant_schedule(peak)
+  elif decay == "cosine":  # to a tenth of the peak at the section's last step
+    after = optax.cosine_decay_schedule(
+        peak, max(int(section.steps) - warmup, 1), alpha=0.1)
+  else:
+    raise ValueError(f"lr_decay={decay!r}; choose 'constant' or 'cosine'.")
   lr = optax.join_schedules(
       [optax.linear_schedule(0.0 if warmup else peak, peak, max(warmup, 1)),
-       optax.constant_schedule(peak)], [warmup])
+       after], [warmup])
   return optax.chain(
       optax.clip_by_global_norm(section.grad_clip if section.grad_clip > 0
                                 else float("inf")),
@@ -225,6 +234,10 @@ class Experiment:
         c.rollout,
         **({"scale_by_std": bool(c.rl.scale_by_std)}
            if engine_cls.name == "branch" else {}))
+    # An engine may widen the prompts (XRPO's in-context seeding).
+    width = int(getattr(self.engine, "prompt_len", self.prompt_len))
+    if width != self.prompt_len:
+      check_context(width, self.max_new_tokens, self.model_cfg.max_seq_len)
     self.per_draw = pipeline.per_draw(c, self.max_new_tokens)
     self.chain = pipeline.build_chain(c, self.method, engine_cls)
     self._ref_score = None
@@ -328,13 +341,20 @@ class Experiment:
   def encode_sft(self, problems) -> steps_lib.SFTBatch:
     """(prompt, target + EOS) pairs; targets past the budget are cut."""
     tok = self.setup.tokenizer
-    p, pm = tok.encode_batch([q.prompt for q in problems],
-                             max_length=self.prompt_len)
-    t = self.max_new_tokens
+    prompts = [q.prompt for q in problems]
+    targets = [tok.encode(tasks_lib.sft_target(q), add_eos=True)
+               [:self.max_new_tokens] for q in problems]
+    width, t = self.prompt_len, self.max_new_tokens
+    m = int(self.config.sft.get("pad_multiple", 0))
+    if m > 0:  # the batch's own widths, rounded up (cut at the budgets)
+      def up(n):
+        return -(-max(n, 1) // m) * m
+      width = min(width, up(max(len(tok.encode(x)) for x in prompts)))
+      t = min(t, up(max(len(ids) for ids in targets)))
+    p, pm = tok.encode_batch(prompts, max_length=width)
     a = np.full((len(problems), t), tok.pad_id, np.int32)
     am = np.zeros((len(problems), t), bool)
-    for i, q in enumerate(problems):
-      ids = tok.encode(tasks_lib.sft_target(q), add_eos=True)[:t]
+    for i, ids in enumerate(targets):
       a[i, :len(ids)] = ids
       am[i, :len(ids)] = True
     return steps_lib.SFTBatch(p, pm, a, am)
@@ -429,9 +449,9 @@ class Experiment:
 
     def score(groups: rollouts.Groups) -> np.ndarray:
       b, g, t = groups.tokens.shape
+      prompt_NP, prompt_mask_NP = rollouts.row_prompts(groups)
       out = self._ref_score(
-          ref_params, np.repeat(groups.prompt, g, 0),
-          np.repeat(groups.prompt_mask, g, 0),
+          ref_params, prompt_NP, prompt_mask_NP,
           groups.tokens.reshape(b * g, t), groups.mask.reshape(b * g, t))
       return np.asarray(jax.device_get(out.logp)).reshape(b, g, t)
 

@@ -87,6 +87,16 @@ def check_options(config, method, engine_cls) -> None:
             "XRPO sharpens sequence advantages of a group; use the 'sample' "
             "or 'latr' engine with a group-advantage method (grpo, rloo, "
             "...), or set rl.xrpo_lambda=0.")
+  if rl.get("xrpo_novelty", "mean") not in ("mean", "sum"):
+    raise ValueError(f"config.rl.xrpo_novelty={rl.xrpo_novelty!r}; choose "
+                     "'mean' (length-normalised log-likelihood, the paper's) "
+                     "or 'sum'.")
+  if getattr(engine_cls, "variable_groups", False):
+    if getattr(method, "token_advantage_fn", None) is not None:
+      _refuse("rl.token_level_advantages", name,
+              "its groups hold variable numbers of rollouts (empty slots), "
+              "and the token-level advantage's group baseline would count "
+              "the empty slots; set rl.token_level_advantages=False.")
   if rl.d3s_sample_keep > 0:
     if not seq_adv:
       _refuse("rl.d3s_sample_keep", why,
@@ -144,8 +154,9 @@ def build_chain(config, method, engine_cls=None) -> list:
   chain.append(tf.advantage(method, kl_coef=float(rl.kl_coef)
                             if rl.kl_in_reward else 0.0))
   if rl.xrpo_lambda > 0:
-    chain.append(tf.xrpo_sharpening(lam=float(rl.xrpo_lambda),
-                                    kappa_clip=float(rl.xrpo_kappa_clip)))
+    chain.append(tf.xrpo_sharpening(
+        lam=float(rl.xrpo_lambda), kappa_clip=float(rl.xrpo_kappa_clip),
+        length_normalise=rl.get("xrpo_novelty", "mean") == "mean"))
   if rl.d3s_sample_keep > 0:
     chain.append(tf.d3s_sample_selection(keep=int(rl.d3s_sample_keep)))
   return chain

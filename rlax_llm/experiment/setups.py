@@ -14,6 +14,7 @@ import ml_collections
 from rlax_llm.data.tasks import ArithmeticSetup
 from rlax_llm.data.tasks import CountdownSetup
 from rlax_llm.data.tasks import JsonlSetup
+from rlax_llm.data.tasks import ReasoningSetup
 
 
 # name -> factory(config, workdir) -> setup
@@ -24,6 +25,7 @@ TASKS: dict[str, Callable[..., Any]] = {
                                                         config.seed),
     "gsm8k": functools.partial(JsonlSetup, "gsm8k"),
     "math500": functools.partial(JsonlSetup, "math500"),
+    "reasoning": ReasoningSetup,
 }
 
 

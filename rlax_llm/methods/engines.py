@@ -14,9 +14,11 @@ from rlax_llm.methods.april import AprilRollout
 from rlax_llm.methods.branch import BranchRollout
 from rlax_llm.methods.latr import LatrRollout
 from rlax_llm.methods.rollouts import SampleRollout
+from rlax_llm.methods.xrpo import XrpoRollout
 
 ENGINES = {"sample": SampleRollout, "latr": LatrRollout,
-           "branch": BranchRollout, "april": AprilRollout}
+           "branch": BranchRollout, "april": AprilRollout,
+           "xrpo": XrpoRollout}
 
 
 def get_rollout(name: str):

@@ -19,6 +19,9 @@ cannot honour is refused at start-up rather than ignored:
   filters_groups: the engine applies dynamic sampling itself
     (`RolloutContext.filter_rounds`), as APRIL stops a round once enough
     groups have finished and passed the filter.
+  variable_groups: prompts get variable numbers of rollouts, padded to
+    the group width with empty slots (`Groups.valid`); only advantages that
+    take a validity mask over groups apply.
 
 Engines that carry host state across steps (partial rollouts continued at
 the next step) return it from `state_dict()` as JSON-able data; it is stored
@@ -98,6 +101,14 @@ class Groups(NamedTuple):
     version: [B, G, T] int32 global step whose policy sampled each token
       (partial rollouts), or None: every token is from this step.
     stats: the engine's own statistics ("rollout/..." keys).
+    valid: [B, G] bool slots that hold a rollout, or None: all of them.
+      Engines that give prompts variable numbers of rollouts (XRPO's
+      allocator) pad each group to G slots; an empty slot has an all-False
+      mask, weight 0 and takes no part in its group's advantage.
+    row_prompt, row_prompt_mask: [B, G, P] the prompt each rollout was
+      sampled from, or None: the group's `prompt`. They differ when a
+      rollout was sampled from an augmented prompt (XRPO's in-context
+      seeding); the update then conditions on the prompt actually used.
   """
   prompt: np.ndarray
   prompt_mask: np.ndarray
@@ -113,6 +124,27 @@ class Groups(NamedTuple):
   token_adv: Optional[np.ndarray] = None
   version: Optional[np.ndarray] = None
   stats: Optional[dict] = None
+  valid: Optional[np.ndarray] = None
+  row_prompt: Optional[np.ndarray] = None
+  row_prompt_mask: Optional[np.ndarray] = None
+
+
+def row_prompts(groups: Groups) -> tuple[np.ndarray, np.ndarray]:
+  """(prompt_NP, prompt_mask_NP): the prompt of each of the N = B * G rows."""
+  b, g = groups.tokens.shape[:2]
+  if groups.row_prompt is not None:
+    p = groups.row_prompt.shape[-1]
+    return (groups.row_prompt.reshape(b * g, p),
+            groups.row_prompt_mask.reshape(b * g, p))
+  return (np.repeat(groups.prompt, g, axis=0),
+          np.repeat(groups.prompt_mask, g, axis=0))
+
+
+def valid_slots(groups: Groups) -> np.ndarray:
+  """[B, G] bool: the slots that hold a rollout (`Groups.valid`)."""
+  if groups.valid is None:
+    return np.ones(groups.reward.shape, bool)
+  return np.asarray(groups.valid, bool)
 
 
 def rollout_key(base_key: jax.Array, step: int, draw: int = 0) -> jax.Array:
@@ -161,9 +193,17 @@ def scored_groups(ctx: RolloutContext, problems, prompt_BP, prompt_mask_BP,
       stats=dict(stats or {}), **fields)
 
 
-def distinct_completions(texts_BG) -> float:
-  """Mean number of distinct completions per group (diversity)."""
-  return float(np.mean([len(set(row)) for row in np.asarray(texts_BG)]))
+def distinct_completions(texts_BG, valid_BG=None) -> float:
+  """Mean number of distinct completions per group (diversity); with
+  `valid_BG`, over each group's valid slots (groups without any are
+  skipped)."""
+  texts_BG = np.asarray(texts_BG, dtype=object)
+  if valid_BG is None:
+    return float(np.mean([len(set(row)) for row in texts_BG]))
+  counts = [len(set(row[v])) for row, v in zip(texts_BG,
+                                               np.asarray(valid_BG, bool))
+            if v.any()]
+  return float(np.mean(counts)) if counts else 0.0
 
 
 def _levenshtein(a: str, b: str) -> int:
@@ -195,16 +235,32 @@ def pairwise_edit_distance(texts_BG) -> float:
 
 
 def reward_stats(groups: Groups) -> dict[str, Any]:
-  """Reward and length statistics of one draw of groups."""
+  """Reward and length statistics of one draw of groups (over the valid
+  slots of variable-size groups, `Groups.valid`)."""
   r = groups.reward
+  if groups.valid is None:
+    return {
+        "reward/mean": r.mean(),
+        "reward/std": r.std(),
+        "reward/solved_groups": np.mean(r.min(axis=1) >= 0.5),
+        "reward/failed_groups": np.mean(r.max(axis=1) < 0.5),
+        "rollout/length": groups.lengths.mean(),
+        "rollout/truncated": 1.0 - groups.finished.mean(),
+        "rollout/distinct_per_group": distinct_completions(groups.texts),
+    }
+  v = valid_slots(groups)
+  rv, has = r[v], v.any(axis=1)
+  lo = np.where(v, r, np.inf).min(axis=1)[has]
+  hi = np.where(v, r, -np.inf).max(axis=1)[has]
+  mean = lambda x: float(np.mean(x)) if np.size(x) else 0.0  # noqa: E731
   return {
-      "reward/mean": r.mean(),
-      "reward/std": r.std(),
-      "reward/solved_groups": np.mean(r.min(axis=1) >= 0.5),
-      "reward/failed_groups": np.mean(r.max(axis=1) < 0.5),
-      "rollout/length": groups.lengths.mean(),
-      "rollout/truncated": 1.0 - groups.finished.mean(),
-      "rollout/distinct_per_group": distinct_completions(groups.texts),
+      "reward/mean": mean(rv),
+      "reward/std": float(np.std(rv)) if rv.size else 0.0,
+      "reward/solved_groups": mean(lo >= 0.5),
+      "reward/failed_groups": mean(hi < 0.5),
+      "rollout/length": mean(groups.lengths[v]),
+      "rollout/truncated": 1.0 - mean(groups.finished[v]),
+      "rollout/distinct_per_group": distinct_completions(groups.texts, v),
   }
 
 
@@ -230,6 +286,7 @@ class Engine(abc.ABC):
   resamples = True
   sequence_advantages = True
   filters_groups = False
+  variable_groups = False
 
   def __init__(self, ctx: RolloutContext, settings: Any = None):
     self.ctx = ctx

@@ -32,6 +32,7 @@ import numpy as np
 from rlax_llm.core import regularizers
 from rlax_llm.core import selection
 from rlax_llm.methods.rollouts import Groups, reward_stats
+from rlax_llm.methods.rollouts import row_prompts, valid_slots
 from rlax_llm.training.steps import RLBatch
 
 
@@ -115,7 +116,7 @@ def _masked_filler(template: Groups, n: int) -> Groups:
   for k, v in template._asdict().items():
     if not isinstance(v, np.ndarray):
       out[k] = v
-    elif k in ("prompt", "prompt_mask"):
+    elif k in ("prompt", "prompt_mask", "row_prompt", "row_prompt_mask"):
       out[k] = np.repeat(v[:1], n, axis=0)
     elif k == "texts":
       out[k] = np.full((n,) + v.shape[1:], "", dtype=object)
@@ -132,7 +133,8 @@ def dynamic_sampling(*, max_rounds: int) -> Transform:
   further draws of the same step (other prompts) fill the batch, as DAPO's
   trainer keeps generating until the batch is full. `max_rounds` bounds the
   draws; slots still empty then hold fully masked groups (weight 0), so the
-  batch shape never changes. Stats: `rollout/sampling_rounds`,
+  batch shape never changes. In variable-size groups (`Groups.valid`) only
+  the valid slots' rewards count. Stats: `rollout/sampling_rounds`,
   `rollout/empty_groups`, `rollout/kept_groups_first_draw`.
   """
 
@@ -143,7 +145,8 @@ def dynamic_sampling(*, max_rounds: int) -> Transform:
     first_kept = None
     while True:
       keep = np.asarray(selection.dynamic_sampling_mask(
-          jnp.asarray(groups.reward)))
+          jnp.asarray(groups.reward),
+          mask_BG=None if groups.valid is None else valid_slots(groups)))
       idx = np.flatnonzero(keep)
       if first_kept is None:
         first_kept = len(idx)
@@ -205,7 +208,9 @@ def kl_in_reward(*, coef: float, estimator: str = "k3",
 
 def advantage(method, *, kl_coef: float = 0.0) -> Transform:
   """The advantage: the engine's own (trees), the method's token-level one,
-  or the method's sequence advantage over the (shaped) rewards."""
+  or the method's sequence advantage over the (shaped) rewards; in
+  variable-size groups (`Groups.valid`) over each group's valid rollouts
+  only (the estimators' `mask_BG`), 0 on empty slots."""
 
   def apply(work: Work, ctx: StepContext) -> Work:
     g = work.groups
@@ -220,6 +225,11 @@ def advantage(method, *, kl_coef: float = 0.0) -> Transform:
           jnp.asarray(g.reward.reshape(-1)), jnp.asarray(
               g.mask.reshape(-1, t)), kl_NT=kl, kl_coef=kl_coef,
           group_size=n_g)).reshape(b, n_g, t)
+    elif g.valid is not None and not method.critic:
+      valid = valid_slots(g)
+      adv = np.asarray(method.advantage_fn(jnp.asarray(g.reward),
+                                           mask_BG=jnp.asarray(valid)))
+      adv = np.where(valid, adv, 0.0)
     else:
       adv = np.asarray(method.advantage_fn(jnp.asarray(g.reward)))
     w = g.weights if g.weights is not None else g.mask.astype(np.float32)
@@ -234,15 +244,20 @@ def advantage(method, *, kl_coef: float = 0.0) -> Transform:
   return apply
 
 
-def xrpo_sharpening(*, lam: float, kappa_clip: float) -> Transform:
+def xrpo_sharpening(*, lam: float, kappa_clip: float,
+                    length_normalise: bool = True) -> Transform:
   """XRPO novelty-aware sharpening of sequence advantages
-  (`core.selection.xrpo_novelty`, `xrpo_sharpen`)."""
+  (`core.selection.xrpo_novelty`, `xrpo_sharpen`); `length_normalise`
+  picks s(y) as the mean (True) or the sum of the token log-probs. Empty
+  slots of variable-size groups have an all-False mask and advantage 0, so
+  they neither enter the group's mean s nor get a bonus."""
 
   def apply(work: Work, ctx: StepContext) -> Work:
     g = work.groups
     b, n_g, t = g.tokens.shape
     eta = selection.xrpo_novelty(g.logp.reshape(b * n_g, t),
-                                 g.mask.reshape(b * n_g, t), n_g)
+                                 g.mask.reshape(b * n_g, t), n_g,
+                                 length_normalise=length_normalise)
     adv = work.adv
     sharp = np.asarray(selection.xrpo_sharpen(
         adv.reshape(-1), g.reward.reshape(-1) >= 0.5, eta, lam=lam,
@@ -298,9 +313,9 @@ def to_batch(work: Work) -> RLBatch:
             np.broadcast_to(adv.reshape(n, 1), (n, t)))
   weights = (mask.astype(np.float32) if g.weights is None
              else g.weights.reshape(n, t).astype(np.float32))
+  prompt_NP, prompt_mask_NP = row_prompts(g)
   return RLBatch(
-      prompt=np.repeat(g.prompt, n_g, axis=0),
-      prompt_mask=np.repeat(g.prompt_mask, n_g, axis=0),
+      prompt=prompt_NP, prompt_mask=prompt_mask_NP,
       completion=g.tokens.reshape(n, t), completion_mask=mask,
       old_logp=g.logp.reshape(n, t),
       advantages=(adv_NT * mask).astype(np.float32),

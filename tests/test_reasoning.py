@@ -1,0 +1,368 @@
+"""The reasoning corpus, its verifier, the character tokenizer's HF export,
+SFT batch padding, and a base model written by `experiments.pretrain` that an
+RL config loads by `model.hf_path`."""
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rlax_llm.data import reasoning
+from rlax_llm.data.tokenizer import CharTokenizer
+from rlax_llm.rewards import reasoning as rr
+
+
+# -- verifier ---------------------------------------------------------------------
+@pytest.mark.parametrize("completion,reference,want", [
+    (" 1+2=3. answer 3", "chain|3", 1.0),
+    (" 1+2=4. answer 4", "chain|3", 0.0),
+    (" answer -30.", "chain|-30", 1.0),
+    (" answer 3 and more", "chain|3", 0.0),
+    ("no final answer here", "chain|3", 0.0),
+    (" answer 3. answer 5", "chain|3", 0.0),  # the last answer counts
+    (" answer 1 3 5 9", "sort|1 3 5 9", 1.0),
+    (" answer 1 3  5 9", "sort|1 3 5 9", 0.0),  # spacing is part of it
+    (" answer 1 3 9 5", "sort|1 3 5 9", 0.0),
+    (" 8-5=3, 3*8=24 yes. answer (8-5)*8", "search|5 8 8|24", 1.0),
+    (" answer 8*3", "search|5 8 8|24", 0.0),        # 3 is not given
+    (" answer (8-5)*8=24", "search|5 8 8|24", 0.0),  # no "=" in an answer
+    (" answer 8+8+8", "search|5 8 8|24", 0.0),       # 8 used three times
+    (" answer 3", "nofamily|3", 0.0),
+    (None, "chain|3", 0.0),
+    (b" answer 3", "chain|3", 0.0),
+])
+def test_verify_cases(completion, reference, want):
+  assert rr.verify(completion, reference) == want
+
+
+def test_batch_verify_checks_lengths():
+  np.testing.assert_array_equal(
+      rr.batch_verify([" answer 3", " answer 4"], ["chain|3", "chain|3"]),
+      [1.0, 0.0])
+  with pytest.raises(ValueError, match="one reference per completion"):
+    rr.batch_verify([" answer 3"], [])
+
+
+# -- the three families -----------------------------------------------------------
+def test_chain_steps_are_arithmetic():
+  rng = np.random.default_rng(0)
+  for n in range(2, 7):
+    for _ in range(50):
+      ex = reasoning.chain_problem(rng, n)
+      expr = ex.prompt[len("calc "):-1]
+      tokens = [int(t) for t in expr.replace("-", "+-").split("+")]
+      assert len(tokens) == n
+      assert ex.answer == f"chain|{sum(tokens)}"
+      steps = ex.target.split(". answer ")[0].strip().split(", ")
+      assert len(steps) == n - 1
+      acc = tokens[0]
+      for step, t in zip(steps, tokens[1:]):
+        lhs, rhs = step.split("=")
+        want_lhs = f"{acc}+{t}" if t >= 0 else f"{acc}-{-t}"
+        acc += t
+        assert (lhs, int(rhs)) == (want_lhs, acc)
+      assert rr.verify(ex.target, ex.answer) == 1.0
+
+
+def _brute_values(nums):
+  """Every value of (x op y) op z over the numbers (positive integers)."""
+  out = set()
+  for i, j in itertools.permutations(range(3), 2):
+    k = 3 - i - j
+    a, b, c = nums[i], nums[j], nums[k]
+    for r in {a + b, a * b, a - b, a // b if b and a % b == 0 else 0}:
+      if r <= 0:
+        continue
+      for s in (r + c, r * c, r - c, c - r,
+                r // c if r % c == 0 else 0, c // r if c % r == 0 else 0):
+        if s > 0:
+          out.add(s)
+  return out
+
+
+def test_search_trace_is_a_correct_written_search():
+  rng = np.random.default_rng(1)
+  made = 0
+  while made < 200:
+    ex = reasoning.search_problem(rng)
+    if ex is None:
+      continue
+    made += 1
+    target = int(ex.answer.split("|")[2])
+    nums = [int(v) for v in ex.answer.split("|")[1].split()]
+    assert target in _brute_values(nums)
+    body, answer = ex.target.split(" answer ")
+    lines = [l for l in body.strip().split(".") if l.strip()]
+    assert 1 <= len(lines) <= 12
+    for n, line in enumerate(lines):
+      first, second = line.strip().split(", ")
+      f_expr, f_val = first.split("=")
+      s_expr, verdict = second.split(" ")
+      s_lhs, s_val = s_expr.split("=")
+      # each written step is right (Python's arithmetic as the reference)
+      assert eval(f_expr.replace("/", "//")) == int(f_val)  # pylint: disable=eval-used
+      assert eval(s_lhs.replace("/", "//")) == int(s_val)  # pylint: disable=eval-used
+      assert verdict == ("yes" if int(s_val) == target else "no")
+      assert (verdict == "yes") == (n == len(lines) - 1)
+      # the second step is the closest to the target of r op c
+      r = int(f_val)
+      used = [int(v) for v in f_expr.replace("+", " ").replace("-", " ")
+              .replace("*", " ").replace("/", " ").split()]
+      rest = list(nums)
+      for u in used:
+        rest.remove(u)
+      c = rest[0]
+      cands = [r + c, r * c] + ([abs(r - c)] if r != c else [])
+      cands += [v for v in (r // c if r % c == 0 and c > 1 else 0,
+                            c // r if c % r == 0 and r > 1 and c != r else 0)
+                if v]
+      assert abs(int(s_val) - target) == min(abs(v - target) for v in cands)
+    assert rr.verify(ex.target, ex.answer) == 1.0
+
+
+def test_sort_and_mix():
+  rng = np.random.default_rng(2)
+  for _ in range(50):
+    ex = reasoning.sort_problem(rng)
+    digits = [int(v) for v in ex.prompt[len("sort "):-1].split()]
+    assert ex.target == " answer " + " ".join(map(str, sorted(digits)))
+    assert rr.verify(ex.target, ex.answer) == 1.0
+  assert reasoning.parse_mix("chain=3,sort") == {"chain": 0.75, "sort": 0.25}
+  with pytest.raises(ValueError, match="Unknown reasoning family 'chian'"):
+    reasoning.parse_mix("chian=1")
+  with pytest.raises(ValueError, match="not a number"):
+    reasoning.parse_mix("chain=x")
+  with pytest.raises(ValueError, match="positive weight"):
+    reasoning.parse_mix("chain=0")
+
+
+# -- the task: stream, splits, lengths --------------------------------------------
+def test_train_stream_is_pure_and_never_test():
+  cfg = reasoning.ReasoningConfig(test_fraction=0.2)
+  a = reasoning.ReasoningTask(cfg, seed=3)
+  b = reasoning.ReasoningTask(cfg, seed=3)
+  assert a.train_batch(5, 32) == b.train_batch(5, 32)
+  assert a.train_batch(5, 32) != a.train_batch(5, 32, draw=1)
+  assert a.train_batch(5, 32) != reasoning.ReasoningTask(cfg, 4).train_batch(
+      5, 32)
+  test = {e.prompt for e in a.eval_set("test", 200)}
+  for step in range(20):
+    for e in a.train_batch(step, 64):
+      assert not a.is_test(e.prompt) and e.prompt not in test
+  # the splits do not depend on the seed
+  assert (a.eval_set("chain", 50)
+          == reasoning.ReasoningTask(cfg, 99).eval_set("chain", 50))
+
+
+def test_splits_and_families():
+  cfg = reasoning.ReasoningConfig(families="chain=1,search=1",
+                                  chain_max_operands=3)
+  task = reasoning.ReasoningTask(cfg, 0)
+  fams = {e.family for e in task.train_batch(0, 200)}
+  assert fams == {"chain", "search"}
+  ood = task.eval_set("ood", 40)
+  for e in ood:
+    n_ops = e.prompt.count("+") + e.prompt.count("-") + 1
+    assert 5 <= n_ops <= 6
+  for e in task.eval_set("chain", 40):
+    n_ops = e.prompt.count("+") + e.prompt.count("-") + 1
+    assert 2 <= n_ops <= 3
+  assert [e.family for e in task.eval_set("sort", 5)] == ["sort"] * 5
+  assert len({e.prompt for e in task.eval_set("test", 100)}) == 100
+  with pytest.raises(ValueError, match="no split 'dev'"):
+    task.eval_set("dev", 3)
+  by_family = reasoning.ReasoningTask(
+      reasoning.ReasoningConfig(batch_by_family=True), 0)
+  for step in range(10):
+    assert len({e.family for e in by_family.train_batch(step, 16)}) == 1
+
+
+def test_search_lengths_are_long_tailed():
+  task = reasoning.ReasoningTask(reasoning.ReasoningConfig(), 0)
+  tok = CharTokenizer(reasoning.ALPHABET)
+  h = task.length_histogram(tok, n=1500)
+  s = h["search"]
+  assert sum(s["counts"]) == s["n"]
+  assert s["max"] >= 150 and s["p95"] >= 1.8 * s["median"]
+  assert s["mean"] > s["median"]  # right-skewed
+  assert h["chain"]["max"] < 60 and h["sort"]["max"] < 30
+
+
+# -- HF export of the character tokenizer ----------------------------------------
+def test_char_tokenizer_export_round_trips(tmp_path):
+  from rlax_llm.models.hf_tokenizer import HFTokenizer
+  tok = CharTokenizer(reasoning.ALPHABET)
+  tok.save_pretrained(str(tmp_path))
+  hf_tok = HFTokenizer.from_pretrained(str(tmp_path))
+  text = "reach 24 with 5 8 8: 8-5=3, 3*8=24 yes. answer (8-5)*8/1 ?,"
+  assert hf_tok.encode(text) == tok.encode(text)
+  assert (hf_tok.eos_id, hf_tok.pad_id, hf_tok.vocab_size) == (
+      tok.eos_id, tok.pad_id, tok.vocab_size)
+  assert hf_tok.decode(tok.encode(text, add_eos=True) + [5]) == text
+  transformers = pytest.importorskip("transformers")
+  auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  assert auto(text)["input_ids"] == tok.encode(text)
+  assert auto.decode(tok.encode(text)) == text
+
+
+# -- SFT batches padded to their own widths ---------------------------------------
+def _reasoning_config(**task):
+  from configs import pretrain_reasoning
+  from configs import smoke
+  c = smoke.shrink(pretrain_reasoning.get_config())
+  c.task = pretrain_reasoning.task_section(**task)
+  c.model.update(num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=1,
+                 head_dim=16, mlp_dim=64)
+  c.sft.update(steps=4, batch_size=8)
+  c.rl.steps = 0
+  c.eval.update(num_problems=8, num_samples=0, batch_size=8)
+  return c
+
+
+def test_pad_multiple_keeps_tokens(tmp_path):
+  from rlax_llm import experiment
+  c = _reasoning_config(batch_by_family=False)
+  c.sft.pad_multiple = 0
+  full = experiment.Experiment(c, str(tmp_path / "a"))
+  c2 = _reasoning_config(batch_by_family=False)
+  c2.sft.pad_multiple = 32
+  trimmed = experiment.Experiment(c2, str(tmp_path / "b"))
+  problems = full.setup.task.train_batch(0, 8)
+  a, b = full.encode_sft(problems), trimmed.encode_sft(problems)
+  assert a.completion.shape[1] == 256 and b.completion.shape[1] % 32 == 0
+  assert b.completion.shape[1] < 256
+  longest = int(a.completion_mask.sum(1).max())
+  assert b.completion.shape[1] == -(-longest // 32) * 32
+  w = b.prompt.shape[1]
+  assert w <= 28
+  np.testing.assert_array_equal(a.prompt[:, -w:], b.prompt)
+  assert not a.prompt_mask[:, :-w].any()
+  t = b.completion.shape[1]
+  np.testing.assert_array_equal(a.completion[:, :t], b.completion)
+  assert not a.completion_mask[:, t:].any()
+  full.close()
+  trimmed.close()
+
+
+def test_cosine_decay_schedule():
+  import ml_collections
+  import optax
+  from rlax_llm.experiment import loop
+  sec = ml_collections.ConfigDict(dict(
+      warmup_steps=10, learning_rate=1.0, grad_clip=0.0, weight_decay=0.0,
+      steps=110, lr_decay="cosine"))
+  opt = loop._optimizer(sec)  # pylint: disable=protected-access
+  # the update of a unit gradient under Adam is ~ -lr: read the schedule off it
+  params = {"w": np.zeros(())}
+  state = opt.init(params)
+  lrs = []
+  for _ in range(110):
+    upd, state = opt.update({"w": np.ones(())}, state, params)
+    lrs.append(-float(upd["w"]))
+  assert lrs[9] == pytest.approx(0.9, rel=1e-3)   # warm-up, step 9 of 10
+  assert lrs[10] == pytest.approx(1.0, rel=1e-3)  # the peak
+  want_mid = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 50 / 100))
+  assert lrs[60] == pytest.approx(want_mid, rel=1e-3)
+  assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(
+      np.pi * 99 / 100)), rel=1e-3)
+  sec.lr_decay = "linear"
+  with pytest.raises(ValueError, match="lr_decay='linear'"):
+    loop._optimizer(sec)  # pylint: disable=protected-access
+  del optax
+
+
+# -- pretrain -> HF checkpoint -> RL from model.hf_path ----------------------------
+def _base_config():
+  c = _reasoning_config(families="chain=1,sort=1", max_new_tokens=48)
+  c.model.max_seq_len = 80
+  return c
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+  """A toy base model written by experiments.pretrain: (dir, evals)."""
+  from experiments import pretrain
+  d = tmp_path_factory.mktemp("base")
+  return d, pretrain.pretrain(_base_config(), str(d))
+
+
+@pytest.mark.slow
+def test_pretrain_export_then_rl_from_hf_path(tmp_path, base_model):
+  from rlax_llm import experiment
+  base_dir, evals = base_model
+  c = _base_config()
+  hf_dir = base_dir / "hf"
+  for name in ("config.json", "model.safetensors", "tokenizer.json",
+               "generation_config.json"):
+    assert (hf_dir / name).is_file()
+  assert set(evals) >= {"test", "ood", "chain", "search", "sort", "step"}
+  assert evals["step"] == 4
+  corpus = json.loads((base_dir / "corpus.json").read_text())
+  assert set(corpus) == {"chain", "sort", "all"}
+  # RL (GRPO) from the exported model: the policy starts as the export
+  from configs import reasoning_grpo
+  from configs import smoke
+  rl = smoke.shrink(reasoning_grpo.get_config())
+  rl.task.max_new_tokens = 48
+  rl.model.update(hf_path=str(hf_dir), max_seq_len=80)
+  rl.sft.steps = 0
+  rl.rl.update(steps=2, prompts_per_step=2, num_samples=2)
+  rl.eval.update(num_problems=8, num_samples=2, batch_size=8)
+  exp = experiment.Experiment(rl, str(tmp_path / "rl"))
+  state, _ = exp.initial_state()
+  base = experiment.Experiment(c, str(base_dir))
+  _, base_params = experiment.restore_policy(base)
+  got = exp.policy_params(state)
+  import jax
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(base_params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=0)
+  exp.close()
+  base.close()
+  summary = experiment.run(rl, str(tmp_path / "rl2"))
+  rows = [json.loads(l) for l in open(os.path.join(tmp_path, "rl2",
+                                                   "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
+  assert 0.0 <= summary["final_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_repro_driver_runs_arms_and_tabulates(tmp_path, base_model):
+  """Two arms x two seeds at toy size: resumable, one row per (arm, seed),
+  the table's means and spreads those of the rows (NumPy as reference)."""
+  from experiments.repro import common
+  from experiments.repro import otr_sft
+  hf_dir = str(base_model[0] / "hf")
+
+  def small(loss):
+    make = otr_sft.arm(loss, steps=2)
+
+    def f(seed, base):
+      cfg = make(seed, base)
+      cfg.task.max_new_tokens = 48
+      cfg.model.max_seq_len = 80
+      cfg.sft.batch_size = 4
+      cfg.eval.update(num_problems=4, batch_size=4)
+      return cfg
+    return f
+  arms = {"sft": small("cross_entropy"), "otr": small("otr")}
+  out = str(tmp_path / "repro")
+  table = common.run_arms(arms, seeds=[0, 1], base=hf_dir,
+                          out=out, splits=("test", "sort"))
+  rows = json.loads(open(os.path.join(out, "table.json")).read())["rows"]
+  assert [(r["arm"], r["seed"]) for r in rows] == [
+      ("sft", 0), ("sft", 1), ("otr", 0), ("otr", 1)]
+  for arm in ("sft", "otr"):
+    vals = np.asarray([r["sort/accuracy"] for r in rows if r["arm"] == arm])
+    assert table[arm]["sort/accuracy"]["mean"] == pytest.approx(vals.mean())
+    assert table[arm]["sort/accuracy"]["std"] == pytest.approx(
+        vals.std(ddof=1))
+    assert table[arm]["sort/accuracy"]["n"] == 2
+  md = open(os.path.join(out, "table.md")).read()
+  assert md.startswith("| arm |") and "| otr |" in md
+  # a second call trains nothing again (every run has its summary)
+  logged = []
+  common.run_arms(arms, seeds=[0, 1], base=hf_dir,
+                  out=out, splits=("test", "sort"), log=logged.append)
+  assert not logged
