@@ -29,12 +29,6 @@ from configs import reasoning_finetune
 from experiments.repro import common
 # pylint: enable=g-import-not-at-top
 
-_BASE = flags.DEFINE_string("base", "runs/base_reasoning/hf",
-                            "The base model (experiments.pretrain's DIR/hf).")
-_OUT = flags.DEFINE_string("out", "runs/repro/otr_sft", "Output directory.")
-_SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
-_STEPS = flags.DEFINE_integer("steps", 300, "Fine-tuning steps per arm.")
-
 SPLITS = ("test", "ood", "sort", "search")
 LOSSES = {"sft": "cross_entropy", "dft": "dft", "otr": "otr",
           "otr_exact": "otr_exact"}
@@ -58,11 +52,18 @@ def arms(steps: int):
 
 def main(argv):
   del argv
-  seeds = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
-  table = common.run_arms(arms(_STEPS.value), seeds=seeds, base=_BASE.value,
-                          out=_OUT.value, splits=SPLITS)
+  f = flags.FLAGS
+  seeds = [int(s) for s in f.seeds.split(",") if s.strip()]
+  table = common.run_arms(arms(f.steps), seeds=seeds, base=f.base,
+                          out=f.out, splits=SPLITS)
   print(common.markdown(table))
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: other modules (experiments.plot) own --out.
+  flags.DEFINE_string("base", "runs/base_reasoning/hf",
+                      "The base model (experiments.pretrain's DIR/hf).")
+  flags.DEFINE_string("out", "runs/repro/otr_sft", "Output directory.")
+  flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
+  flags.DEFINE_integer("steps", 300, "Fine-tuning steps per arm.")
   app.run(main)
