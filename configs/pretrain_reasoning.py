@@ -25,7 +25,7 @@ def task_section(**overrides) -> ml_collections.ConfigDict:
   """The reasoning task's fields (`rlax_llm.data.reasoning.ReasoningConfig`)."""
   fields = dict(
       name="reasoning",
-      families="chain=2,search=3,sort=1",
+      families="chain=3,search=2,sort=1",
       chain_min_operands=2,
       chain_max_operands=3,
       ood_min_operands=5,
@@ -51,7 +51,7 @@ def get_config(arg=None):
   c.task = task_section()
   c.model.update(num_layers=4, embed_dim=256, num_heads=8, num_kv_heads=2,
                  head_dim=32, mlp_dim=768, max_seq_len=288)
-  c.sft.update(steps=1200, batch_size=64, learning_rate=2e-3,
+  c.sft.update(steps=2400, batch_size=64, learning_rate=2e-3,
                warmup_steps=100, lr_decay="cosine", weight_decay=0.01,
                pad_multiple=32)
   c.rl.steps = 0

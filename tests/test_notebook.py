@@ -1,4 +1,4 @@
-"""Executes colab/quickstart.ipynb end to end with SMOKE = True."""
+"""Executes the colab/ notebooks end to end with SMOKE = True."""
 
 import json
 import os
@@ -11,6 +11,7 @@ nbclient = pytest.importorskip("nbclient")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO_ROOT, "colab", "quickstart.ipynb")
 PROTOTYPE = os.path.join(REPO_ROOT, "colab", "prototype_a_loss.ipynb")
+REPRODUCE_OTR = os.path.join(REPO_ROOT, "colab", "reproduce_otr.ipynb")
 
 
 def _parameters_cell(nb):
@@ -19,7 +20,7 @@ def _parameters_cell(nb):
   return cells[0]
 
 
-@pytest.mark.parametrize("path", [NOTEBOOK, PROTOTYPE])
+@pytest.mark.parametrize("path", [NOTEBOOK, PROTOTYPE, REPRODUCE_OTR])
 def test_notebook_is_valid_and_cleared(path):
   nb = nbformat.read(path, as_version=4)
   nbformat.validate(nb)
@@ -78,3 +79,37 @@ def test_prototype_a_loss_smoke_run(tmp_path):
   gates = [r["rl/gate_mean"] for r in recs if "rl/gate_mean" in r]
   assert gates and all(0.0 < g <= 1.0 for g in gates)
   assert (tmp_path / "prototype.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_reproduce_otr_smoke_run(tmp_path):
+  nb = nbformat.read(REPRODUCE_OTR, as_version=4)
+  params = _parameters_cell(nb)
+  assert "BASE = None" in params.source
+  params.source = (f"SMOKE = True\nWORKDIR = {str(tmp_path)!r}\nBASE = None\n"
+                   "STEPS = 2\nSEEDS = (0,)\n")
+  client = nbclient.NotebookClient(
+      nb, timeout=600, kernel_name="python3",
+      resources={"metadata": {"path": os.path.dirname(REPRODUCE_OTR)}})
+  client.execute()
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  # It pretrained a base and wrote it as an HF checkpoint ...
+  assert (tmp_path / "base" / "hf" / "model.safetensors").is_file()
+  evals = json.loads((tmp_path / "base" / "base_eval.json").read_text())
+  assert evals["step"] == 4
+  # ... fine-tuned both arms from it, and tabulated the rows it scored.
+  out = tmp_path / "smoke_repro"
+  saved = json.loads((out / "table.json").read_text())
+  assert [(r["arm"], r["seed"]) for r in saved["rows"]] == [("sft", 0),
+                                                           ("otr", 0)]
+  for row in saved["rows"]:
+    for split in ("test", "sort"):
+      assert 0.0 <= row[f"{split}/accuracy"] <= 1.0
+      assert (saved["table"][row["arm"]][f"{split}/accuracy"]["mean"]
+              == row[f"{split}/accuracy"])
+  for arm in ("sft", "otr"):
+    summary = json.loads((out / arm / "seed0" / "summary.json").read_text())
+    assert summary["steps"] == 2
+  assert (out / "otr_vs_sft.png").stat().st_size > 0
+  assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
