@@ -2,7 +2,7 @@
 
   python -m experiments.bench_april [--steps=24] [--prompts=8] [--samples=4] \
       [--max_new_tokens=128] [--over_provision=2.0] [--median_length=12] \
-      [--sigma=1.2] [--repeats=3]
+      [--sigma=1.2] [--repeats=3] [--keep_surplus]
 
 Both modes decode with the same compiled kernel (`generate_partial` over the
 tiny Transformer of configs/default.py, with EOS forced at each row's drawn
@@ -11,7 +11,9 @@ does real work):
   sync   B fresh groups per step, decoded until every row has ended (the step
          waits for its longest row);
   april  ceil(over_provision * B) groups decoded per step, stopped once B have
-         finished; unfinished rows are continued first at the next step.
+         finished; unfinished rows are continued first at the next step;
+         groups that finished beyond B are dropped, as in the engine's
+         default (with --keep_surplus they are carried and used first).
 Row lengths are log-normal (median `median_length`, log-std `sigma`), rows
 longer than T are truncated at T. Carried rows are re-prefilled packed into
 lanes (`april.transformer_continuation(lanes=...)`). Each mode runs its
@@ -64,6 +66,9 @@ _OVER = flags.DEFINE_float("over_provision", 2.0,
 _MEDIAN = flags.DEFINE_float("median_length", 12.0, "Median row length.", flag_values=_FLAGS)
 _SIGMA = flags.DEFINE_float("sigma", 1.2, "Log-std of the row length.", flag_values=_FLAGS)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of parameters and lengths.", flag_values=_FLAGS)
+_KEEP = flags.DEFINE_bool("keep_surplus", False,
+                          "Carry finished groups beyond B (default: drop).",
+                          flag_values=_FLAGS)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes per mode (median).",
                                 lower_bound=1, flag_values=_FLAGS)
 
@@ -80,7 +85,7 @@ def run(args: dict[str, Any] | None = None) -> list[dict[str, Any]]:
   """Runs both modes; returns [sync record, april record, ratio record]."""
   a = dict(steps=24, prompts=8, samples=4, max_new_tokens=128,
            over_provision=2.0, median_length=12.0, sigma=1.2, seed=0,
-           repeats=3)
+           repeats=3, keep_surplus=False)
   a.update(args or {})
   b, g, t = a["prompts"], a["samples"], a["max_new_tokens"]
   if a["over_provision"] < 1:
@@ -132,7 +137,8 @@ def run(args: dict[str, Any] | None = None) -> list[dict[str, Any]]:
 
       t0 = time.perf_counter()
       used, info = buf.advance(num_groups=b, num_slots=slots,
-                               new_groups=fresh, generate=generate)
+                               new_groups=fresh, generate=generate,
+                               keep_surplus=a["keep_surplus"])
       dt = time.perf_counter() - t0
       if step == 0:
         continue
@@ -163,6 +169,7 @@ def run(args: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     records.append(dict(
         bench="april", mode=mode, prompts=b, samples=g, max_new_tokens=t,
         slots=slots[mode], steps=a["steps"],
+        keep_surplus=bool(a["keep_surplus"]),
         median_length=a["median_length"], sigma=a["sigma"],
         seconds=elapsed, seconds_all=seconds, finished_rollouts=rollouts,
         rollouts_per_s=rollouts / elapsed,
@@ -181,7 +188,8 @@ def main(argv):
                     samples=_SAMPLES.value, max_new_tokens=_T.value,
                     over_provision=_OVER.value,
                     median_length=_MEDIAN.value, sigma=_SIGMA.value,
-                    seed=_SEED.value, repeats=_REPEATS.value)):
+                    seed=_SEED.value, repeats=_REPEATS.value,
+                    keep_surplus=_KEEP.value)):
     print(json.dumps(r))
 
 

@@ -57,7 +57,10 @@ ENGINES = {
     "sample": ("configs/smoke.py", TINY + ("--config.rl.num_samples=4",)),
     "latr": ("configs/latr_arith.py", TINY + ("--config.rl.num_samples=4",)),
     "branch": ("configs/branch_arith.py", TINY),  # 16 leaves per tree
-    "april": ("configs/april_arith.py", TINY + ("--config.rl.num_samples=4",)),
+    # Arithmetic rows all finish within the budget: the buffer carries
+    # groups across saves only with the surplus kept.
+    "april": ("configs/april_arith.py", TINY + ("--config.rl.num_samples=4",
+                                                "--config.rollout.keep_surplus=True")),
     "ppo": ("configs/ppo.py", TINY + ("--config.rl.num_samples=4",)),
 }
 # The smoke config as it is (the programs test_experiment compiles too, so

@@ -386,6 +386,9 @@ def _small_config(**rollout):
 def test_engine_rejects_bad_config(tmp_path):
   with pytest.raises(ValueError, match="over_provision must be >= 1"):
     experiment.Experiment(_small_config(over_provision=0.5), str(tmp_path))
+  from rlax_llm.methods import april  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="keep_surplus must be True or False"):
+    april.parse_settings({"name": "april", "keep_surplus": "yes"})
   c = _small_config()
   c.rollout.overprovision = 2.0
   with pytest.raises(ValueError, match="does not know"):
@@ -406,7 +409,9 @@ def _strip_time(records):
 
 
 def test_end_to_end_run_and_resume_equal_uninterrupted(tmp_path):
-  c = _small_config(over_provision=3.0)
+  # Arithmetic rows all finish within the budget, so the buffer carries
+  # groups across steps only with the surplus kept.
+  c = _small_config(over_provision=3.0, keep_surplus=True)
   c.rl.rollout_correction = "tis"
   experiment.run(c, str(tmp_path / "full"))
   full = read_metrics(str(tmp_path / "full/metrics.jsonl"))
@@ -423,7 +428,7 @@ def test_end_to_end_run_and_resume_equal_uninterrupted(tmp_path):
   # Some step trains on rows carried from an earlier step.
   assert max(r["rollout/staleness_max"] for r in rl) >= 1
   # k RL steps, then the same config to the end on the same workdir.
-  short = _small_config(over_provision=3.0)
+  short = _small_config(over_provision=3.0, keep_surplus=True)
   short.rl.rollout_correction = "tis"
   short.rl.steps = 1
   experiment.run(short, str(tmp_path / "resumed"))
@@ -467,3 +472,44 @@ def test_buffer_filter_drops_constant_groups_and_decodes_more_rounds():
       num_groups=2, num_slots=2, new_groups=fresh, generate=generate,
       accept=lambda gs: [False] * len(gs), max_rounds=2)
   assert used == [] and info["filtered_groups"] == 4
+
+
+def test_buffer_surplus_finished_groups_dropped_or_carried():
+  """slime drops groups that finished beyond B (keep_surplus=False, the
+  engine's default) and carries only unfinished ones; keep_surplus=True
+  serves the surplus first at the next step, without decoding."""
+  made = []
+
+  def fresh(n):
+    out = [partial_lib.Group.fresh(f"{len(made)}/{i}", np.array([1, 2]),
+                                   np.array([True, True]), str(i),
+                                   num_samples=2, max_new_tokens=4)
+           for i in range(n)]
+    made.extend(out)
+    return out
+
+  def generate(state, target):
+    del target
+    # Rows of slot 3 run past the budget's first pass (unfinished); the
+    # other slots end at their first token.
+    length = np.ones_like(state.length)
+    done = np.ones_like(state.done)
+    done[3] = False
+    return state._replace(length=length, done=done,
+                          eos=np.asarray(done)), 1
+
+  for keep in (False, True):
+    made.clear()
+    buf = partial_lib.PartialBuffer(0)
+    used, info = buf.advance(num_groups=2, num_slots=4, new_groups=fresh,
+                             generate=generate, keep_surplus=keep)
+    assert [g.uid for g in used] == ["0/0", "0/1"]
+    assert info["dropped_groups"] == (0 if keep else 1)
+    assert [g.uid for g in buf.groups] == (["0/2", "0/3"] if keep
+                                           else ["0/3"])
+    assert info["buffer_finished"] == (1 if keep else 0)
+  # With the surplus kept, the next step trains it first: one more finished
+  # group is needed, so decoding runs (the carried unfinished one first).
+  used, info = buf.advance(num_groups=1, num_slots=4, new_groups=fresh,
+                           generate=generate, keep_surplus=True)
+  assert [g.uid for g in used] == ["0/2"] and info["decode_steps"] == 0

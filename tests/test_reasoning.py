@@ -366,3 +366,61 @@ def test_repro_driver_runs_arms_and_tabulates(tmp_path, base_model):
   common.run_arms(arms, seeds=[0, 1], base=hf_dir,
                   out=out, splits=("test", "sort"), log=logged.append)
   assert not logged
+
+
+def test_latr_grpo_curves_by_hand():
+  from experiments.repro import latr_grpo
+  recs = [
+      {"step": 0, "eval/accuracy": 0.40},
+      {"step": 1, "reward/mean": 0.5, "reward/solved_groups": 0.25,
+       "reward/failed_groups": 0.5, "rollout/distinct_per_group": 3.0},
+      {"step": 2, "reward/mean": 0.5, "reward/solved_groups": 0.0,
+       "reward/failed_groups": 0.25, "rollout/distinct_per_group": 5.0,
+       "rollout/sampling_rounds": 3},
+      {"step": 10, "eval/accuracy": 0.44},
+      {"step": 20, "eval/accuracy": 0.46},
+  ]
+  c = latr_grpo.CURVES
+  assert c["distinct_per_group"](recs) == pytest.approx(4.0)
+  assert c["zero_variance_groups"](recs) == pytest.approx((0.75 + 0.25) / 2)
+  assert c["sampling_rounds"](recs) == pytest.approx((1 + 3) / 2)
+  assert c["mean_eval_accuracy"](recs) == pytest.approx(1.30 / 3)
+  assert c["steps_to_plus5"](recs) == 20.0  # 0.46 >= 0.40 + 0.05
+  assert c["steps_to_plus5"](recs[:4]) == 20.0  # never: last eval + 10
+  with pytest.raises(ValueError, match="'grpo' or 'dapo'"):
+    latr_grpo.arm("ppo", "latr", 2)(0, "base")
+
+
+@pytest.mark.slow
+def test_latr_grpo_arm_runs_dapo_on_the_tree(tmp_path, base_model):
+  """The DAPO + LATR arm composes and trains from the exported base; the
+  driver fills every column, its table the rows' values (one seed)."""
+  from experiments.repro import common
+  from experiments.repro import latr_grpo
+  hf_dir = str(base_model[0] / "hf")
+  make = latr_grpo.arm("dapo", "latr", steps=2)
+
+  def small(seed, base):
+    cfg = make(seed, base)
+    assert cfg.rollout.name == "latr" and cfg.rl.dynamic_sampling
+    assert tuple(cfg.rollout.windows) == latr_grpo.CHAIN_WINDOWS
+    cfg.task.max_new_tokens = 48
+    cfg.model.max_seq_len = 80
+    cfg.rl.update(prompts_per_step=2, num_samples=4)
+    cfg.eval.update(every=1, num_problems=4, num_samples=2, batch_size=4)
+    return cfg
+  out = str(tmp_path / "latr")
+  table = common.run_arms({"dapo_latr": small}, seeds=[0], base=hf_dir,
+                          out=out, splits=("test",),
+                          metrics=("accuracy", "pass@1"),
+                          curves=latr_grpo.CURVES)
+  row = json.loads(open(os.path.join(out, "table.json")).read())["rows"][0]
+  summary = json.loads(open(os.path.join(out, "dapo_latr", "seed0",
+                                         "summary.json")).read())
+  assert row["test/accuracy"] == summary["final_eval"]["accuracy"]
+  for col in ("distinct_per_group", "zero_variance_groups",
+              "mean_eval_accuracy", "steps_to_plus5", "sampling_rounds"):
+    assert np.isfinite(row[col]), col
+    assert table["dapo_latr"][col]["mean"] == pytest.approx(row[col])
+  assert 1.0 <= row["distinct_per_group"] <= 4.0
+  assert row["sampling_rounds"] >= 1.0

@@ -4,10 +4,13 @@ A reproduction module (e.g. `experiments/repro/otr_sft.py`) names its arms
 (name -> function(seed, base) -> config), the splits to score and a title;
 `main` runs every (arm, seed) not yet finished under OUT/<arm>/seed<k>
 (each is an ordinary resumable run), scores the latest checkpoint on each
-split (`experiment.evaluate_checkpoint`, cached as eval_<split>_step<N>.json)
-and writes OUT/table.json and OUT/table.md: mean, standard deviation (ddof 1)
-and count over seeds per arm and split, plus wall time per run. Re-running
-the command after an interruption skips what is done.
+split (`experiment.evaluate_checkpoint`, cached as eval_<split>_step<N>.json;
+the run's own final evaluation for the config's eval split), summarises the
+run's training curve with the module's `curves` (name -> function of the
+metrics.jsonl records) and writes OUT/table.json and OUT/table.md: mean,
+standard deviation (ddof 1) and count over seeds per arm and column, plus
+wall time per run. Re-running the command after an interruption skips what
+is done.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 ConfigFn = Callable[[int, str], object]
+CurveFn = Callable[[list], float]
 
 
 def _summary(workdir: str) -> dict | None:
@@ -44,9 +48,11 @@ def _cached_eval(workdir: str, split: str, step: int) -> dict | None:
 def run_arms(arms: Mapping[str, ConfigFn], *, seeds: Sequence[int],
              base: str, out: str, splits: Sequence[str],
              metrics: Sequence[str] = ("accuracy",),
+             curves: Mapping[str, CurveFn] | None = None,
              log=print) -> dict:
   """Runs/evaluates every (arm, seed); returns the table (also written)."""
   from rlax_llm import experiment  # pylint: disable=g-import-not-at-top
+  from rlax_llm.training import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
   rows = []
   for arm, make in arms.items():
@@ -63,11 +69,18 @@ def run_arms(arms: Mapping[str, ConfigFn], *, seeds: Sequence[int],
       row = {"arm": arm, "seed": seed, "wall_time_s": summary["wall_time_s"]}
       for split in splits:
         res = _cached_eval(workdir, split, step)
+        if res is None and split == config.eval.split:
+          res = summary.get("final_eval")  # the run's last eval, same params
         if res is None:
           res = experiment.evaluate_checkpoint(config, workdir, split=split)
         for m in metrics:
           if m in res:
             row[f"{split}/{m}"] = float(res[m])
+      if curves:
+        records = metrics_lib.read_metrics(
+            os.path.join(workdir, "metrics.jsonl"))
+        for name, fn in curves.items():
+          row[name] = float(fn(records))
       rows.append(row)
   table = tabulate(rows)
   with open(os.path.join(out, "table.json"), "w") as f:

@@ -8,7 +8,8 @@ gradient generalises better out of distribution and forgets less than
 cross-entropy. Every arm fine-tunes the same base model
 (`configs/reasoning_finetune.py`: chain sums of 2-4 operands, the base saw
 2-3) for the same steps and batch, so each sees the same number of tokens;
-only `sft.loss` differs. Scored greedily on "test" (2-4 operands), "ood"
+only `sft.loss` differs; the "base" row scores the base model itself (zero
+steps). Scored greedily on "test" (2-4 operands), "ood"
 (5-6 operands) and "sort" (never fine-tuned on; forgetting) and "search".
 Writes OUT/table.json and OUT/table.md.
 """
@@ -47,7 +48,10 @@ def arm(loss: str, steps: int):
 
 
 def arms(steps: int):
-  return {name: arm(loss, steps) for name, loss in LOSSES.items()}
+  """The base model itself (no fine-tuning step) and the four losses."""
+  out = {"base": arm("cross_entropy", 0)}
+  out.update({name: arm(loss, steps) for name, loss in LOSSES.items()})
+  return out
 
 
 def main(argv):

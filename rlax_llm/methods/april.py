@@ -18,6 +18,11 @@ sampler's log-probs plus an importance correction (`rl.rollout_correction`
 Config section (`config.rollout`):
   name: "april".
   over_provision: groups decoded per step / groups trained on (>= 1).
+  keep_surplus: False (default, the official rollout): groups that finished
+    beyond the B a step trains on are dropped, only unfinished ones are
+    carried; True: they are carried too and trained first next step (no
+    finished rollout wasted, but on a task whose groups finish together
+    every other step then trains only on rows one update old).
   staleness_bins: bins of the `rollout/staleness_hist_k` histogram.
 """
 
@@ -243,7 +248,7 @@ def partial_generate(graphdef, params, state: partial_lib.PartialState, rng,
       **prefill_sizes(state, np.asarray(state.tokens).shape[-1]))
 
 
-_DEFAULTS = dict(over_provision=2.0, staleness_bins=4)
+_DEFAULTS = dict(over_provision=2.0, keep_surplus=False, staleness_bins=4)
 
 
 def parse_settings(section) -> dict:
@@ -261,6 +266,9 @@ def parse_settings(section) -> dict:
     raise ValueError("config.rollout.over_provision must be >= 1 (groups "
                      "decoded per group trained on), got "
                      f"{out['over_provision']}.")
+  if not isinstance(out["keep_surplus"], (bool, np.bool_)):
+    raise ValueError("config.rollout.keep_surplus must be True or False, got "
+                     f"{out['keep_surplus']!r}.")
   if int(out["staleness_bins"]) < 1:
     raise ValueError("config.rollout.staleness_bins must be >= 1, got "
                      f"{out['staleness_bins']}.")
@@ -294,6 +302,7 @@ class AprilRollout(rollouts.Engine):
     self.num_slots = math.ceil(settings["over_provision"] * self.num_groups
                                - 1e-9)
     self.bins = int(settings["staleness_bins"])
+    self.keep_surplus = bool(settings["keep_surplus"])
     self.buffer = partial_lib.PartialBuffer(ctx.tokenizer.pad_id)
     # (state, target, params, step) -> (state, steps); replaceable by a
     # synthetic model in tests.
@@ -352,13 +361,15 @@ class AprilRollout(rollouts.Engine):
           new_groups=lambda n, r: self._new_groups(step, n, r),
           generate=lambda s, target, r: self.generate_fn(s, target, params,
                                                           step, r),
-          accept=self._accept, max_rounds=ctx.filter_rounds)
+          accept=self._accept, max_rounds=ctx.filter_rounds,
+          keep_surplus=self.keep_surplus)
     else:
       used, info = self.buffer.advance(
           num_groups=self.num_groups, num_slots=self.num_slots,
           new_groups=functools.partial(self._new_groups, step),
           generate=lambda s, target: self.generate_fn(s, target, params,
-                                                      step))
+                                                      step),
+          keep_surplus=self.keep_surplus)
     missing = self.num_groups - len(used)
     if missing:  # fully masked fillers (nothing passed the filter)
       template = used[0] if used else self._filler_template()

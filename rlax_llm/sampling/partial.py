@@ -353,7 +353,8 @@ def unstack_into(groups: Sequence[Group], state: PartialState) -> None:
 
 
 class PartialBuffer:
-  """Groups carried to the next step: unfinished ones and surplus finished ones.
+  """Groups carried to the next step: unfinished ones (and, with
+  `keep_surplus`, surplus finished ones).
 
   `advance` schedules one step:
     1. finished groups already in the buffer are used first (oldest first);
@@ -361,10 +362,12 @@ class PartialBuffer:
        decoded: every unfinished carried group (continued first), then
        fresh ones from `new_groups`; decoding stops once enough have
        finished;
-    3. the first `num_groups` finished groups are returned; the other
-       finished groups and every unfinished one stay in the buffer.
-  A group is therefore returned exactly once and never dropped, and a
-  carried row's earlier tokens are never rewritten.
+    3. the first `num_groups` finished groups are returned; every
+       unfinished one stays in the buffer. The other finished groups stay
+       too with `keep_surplus=True` (then a group is returned exactly once
+       and never dropped); with `keep_surplus=False` they are dropped, as
+       APRIL's slime rollout does (`info["dropped_groups"]`).
+  A carried row's earlier tokens are never rewritten.
   """
 
   def __init__(self, pad_id: int = 0):
@@ -378,7 +381,7 @@ class PartialBuffer:
               new_groups: Callable[..., list[Group]],
               generate: Callable[..., tuple[PartialState, int]],
               accept: Optional[Callable[[list[Group]], Sequence[bool]]] = None,
-              max_rounds: int = 1
+              max_rounds: int = 1, keep_surplus: bool = True
               ) -> tuple[list[Group], dict[str, float]]:
     """One step's schedule (class docstring); returns (groups used, info).
 
@@ -396,6 +399,8 @@ class PartialBuffer:
         finished groups passed it, and may return fewer when the rounds run
         out; dropped groups are counted in `info["filtered_groups"]`.
       max_rounds: decode rounds allowed per step with `accept`.
+      keep_surplus: carry finished groups beyond `num_groups` to the next
+        step (True) or drop them (False, APRIL's official rollout).
     """
     if num_slots < num_groups:
       raise ValueError(f"num_slots={num_slots} must be >= num_groups="
@@ -441,6 +446,9 @@ class PartialBuffer:
       raise RuntimeError(f"generation finished {len(ready)} groups, fewer "
                          f"than the {num_groups} asked for.")
     used, surplus = ready[:num_groups], ready[num_groups:]
+    info["dropped_groups"] = 0 if keep_surplus else len(surplus)
+    if not keep_surplus:
+      surplus = []
     self.groups = surplus + waiting
     info.update(buffer_groups=len(self.groups), buffer_finished=len(surplus))
     return used, info
