@@ -36,12 +36,6 @@ if __name__ == "__main__":
   from rlax_llm.experiment import config_utils  # pylint: disable=g-import-not-at-top
   config_utils.exit_on_bad_overrides(sys.argv, _DEFAULT_CONFIG)
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Pretraining config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/base_reasoning",
-                               "Directory for the run and the HF export.")
-
-
 def pretrain(config, workdir: str) -> dict:
   """Trains (or resumes), exports to workdir/hf, evaluates every split."""
   from rlax_llm import experiment  # pylint: disable=g-import-not-at-top
@@ -78,9 +72,15 @@ def pretrain(config, workdir: str) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  evals = pretrain(_CONFIG.value, _WORKDIR.value)
+  evals = pretrain(flags.FLAGS.config, flags.FLAGS.workdir)
   print(json.dumps(evals, sort_keys=True))
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: experiments.train / rollout_diversity own
+  # --config when a process imports several launchers (the test suite).
+  config_flags.DEFINE_config_file(
+      "config", _DEFAULT_CONFIG, "Pretraining config file.", lock_config=True)
+  flags.DEFINE_string("workdir", "runs/base_reasoning",
+                      "Directory for the run and the HF export.")
   app.run(main)
