@@ -424,3 +424,24 @@ def test_latr_grpo_arm_runs_dapo_on_the_tree(tmp_path, base_model):
     assert table["dapo_latr"][col]["mean"] == pytest.approx(row[col])
   assert 1.0 <= row["distinct_per_group"] <= 4.0
   assert row["sampling_rounds"] >= 1.0
+
+
+def test_kl_grpo_arms_differ_only_in_the_penalty_and_curves_by_hand():
+  from experiments.repro import kl_grpo
+  plain = kl_grpo.arm(False, 40)(1, "base").to_dict()
+  kl = kl_grpo.arm(True, 40)(1, "base").to_dict()
+  assert plain["rl"]["kl_coef"] == 0.0
+  assert (kl["rl"]["kl_coef"], kl["rl"]["kl_estimator"]) == (0.04, "k3")
+  kl["rl"]["kl_coef"] = plain["rl"]["kl_coef"]
+  kl["rl"]["kl_estimator"] = plain["rl"]["kl_estimator"]
+  assert kl == plain
+  recs = [{"step": 0, "eval/accuracy": 0.5},
+          {"step": 1, "rl/kl": 0.0, "rl/entropy": 0.6},
+          {"step": 2, "rl/kl": 0.02, "rl/entropy": 0.4},
+          {"step": 10, "eval/accuracy": 0.3}]
+  c = kl_grpo.CURVES
+  assert c["kl_final"](recs) == pytest.approx(0.02)
+  assert c["kl_mean"](recs) == pytest.approx(0.01)
+  assert c["entropy_mean"](recs) == pytest.approx(0.5)
+  assert c["mean_eval_accuracy"](recs) == pytest.approx(0.4)
+  assert np.isnan(c["kl_final"](recs[:1]))
