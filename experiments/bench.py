@@ -982,7 +982,8 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
   graphdef = state_lib.model_graphdef(model_cfg)
   method = get_method("grpo", max_new_tokens=t)
   rl_step = steps_lib.jit_step(
-      steps_lib.make_rl_step(graphdef, optimizer, method.policy_loss),
+      steps_lib.make_rl_step(graphdef, optimizer, method.policy_loss,
+                             mesh=mesh),
       shardings, mesh)
   sampler = SamplerConfig(1.0, 0, 1.0, 0.0).validate()
   mask_BP = np.ones(prompt_BP.shape, bool)
