@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rlax_llm.models.config import ModelConfig, get_model_config
-from rlax_llm.models.transformer import Transformer
+from rlax_llm.models.transformer import Transformer, dense
 
 
 def _model(seed=0, **kw):
@@ -86,6 +86,30 @@ def test_forward_matches_numpy_reference(kw):
   want = _np_reference(model, tokens)
   got = np.asarray(model(jnp.asarray(tokens)[None]))[0]
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,in_dims,spec", [
+    ((5, 7, 6), (6, 3, 4), 1, "btd,dnh->btnh"),
+    ((2, 3, 5, 4, 2), (4, 2, 9), 2, "abcnh,nhd->abcd"),
+    ((6,), (6, 5), 1, "d,dv->v"),
+])
+def test_dense_is_the_einsum_and_its_gradient(x_shape, w_shape, in_dims, spec):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=x_shape).astype(np.float32)
+  w = rng.normal(size=w_shape).astype(np.float32)
+  got = dense(jnp.asarray(x), jnp.asarray(w), in_dims=in_dims)
+  want = np.einsum(spec, x.astype(np.float64), w.astype(np.float64))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  cot = rng.normal(size=want.shape)
+  # d<cot, x W>/dW = einsum over the leading axes of x and cot.
+  gx, gw = jax.grad(lambda a, b: jnp.sum(dense(a, b, in_dims=in_dims)
+                                         * cot), argnums=(0, 1))(x, w)
+  ins, out = spec.split("->")
+  xs, ws = ins.split(",")
+  np.testing.assert_allclose(np.asarray(gw), np.einsum(
+      f"{xs},{out}->{ws}", x.astype(np.float64), cot), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(gx), np.einsum(
+      f"{out},{ws}->{xs}", cot, w.astype(np.float64)), rtol=1e-4, atol=1e-4)
 
 
 def _padded(seqs, width, side):

@@ -92,18 +92,34 @@ def _lora_pair(rngs: nnx.Rngs, in_shape, in_axes, out_shape, out_axes,
                     logical_axes=(None, *out_axes)))
 
 
+def dense(x: jax.Array, w: jax.Array, *, in_dims: int = 1,
+          preferred_element_type=None) -> jax.Array:
+  """x [..., in...] times w [in..., out...] -> [..., out...] as one 2-D dot.
+
+  The leading axes of x and the `in_dims` trailing ones are flattened, so
+  XLA sees an [M, K] x [K, N] product whatever the rank of the activations.
+  On the CPU this matters in the backward pass: the weight gradient of a
+  [B, S, D] x [D, F] einsum contracts two axes, which XLA lowers with
+  transposes around a slower dot (a SwiGLU MLP's forward + backward at
+  B S = 5120, D = 256, F = 1024 took 1.7x as long as the flattened one). The
+  result is the same product, reshaped back.
+  """
+  lead = x.shape[:x.ndim - in_dims]
+  out = w.shape[in_dims:]
+  y = jnp.dot(x.reshape(math.prod(lead), -1),
+              w.reshape(math.prod(w.shape[:in_dims]), -1),
+              preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, *out)
+
+
 def _lora_down(x: jax.Array, a: jax.Array, dt) -> jax.Array:
   """x [..., in...] times A [in..., r] -> [..., r], in dtype `dt`."""
-  r = a.shape[-1]
-  n_in = a.ndim - 1
-  x = x.reshape(*x.shape[:x.ndim - n_in], -1)
-  return x.astype(dt) @ a.reshape(-1, r).astype(dt)
+  return dense(x.astype(dt), a.astype(dt), in_dims=a.ndim - 1)
 
 
 def _lora_up(xa: jax.Array, b: jax.Array, scale: float, dt) -> jax.Array:
   """(scale * xa) [..., r] times B [r, out...] -> [..., out...]."""
-  y = (xa * jnp.asarray(scale, dt)) @ b.reshape(b.shape[0], -1).astype(dt)
-  return y.reshape(*xa.shape[:-1], *b.shape[1:])
+  return dense(xa * jnp.asarray(scale, dt), b.astype(dt))
 
 
 def _ones(shape, axes, cfg: ModelConfig):
@@ -355,7 +371,7 @@ class Attention(nnx.Module):
       d = wq.shape[0]
       w = jnp.concatenate([wq.reshape(d, -1), wk.reshape(d, -1),
                            wv.reshape(d, -1)], axis=1).astype(dt)
-      y = x @ w
+      y = dense(x, w)
       split = (wq.shape[1] * wq.shape[2],
                (wq.shape[1] + wk.shape[1]) * wk.shape[2])
       q, k, v = jnp.split(y, split, axis=-1)
@@ -363,9 +379,9 @@ class Attention(nnx.Module):
       k = k.reshape(*k.shape[:-1], *wk.shape[1:])
       v = v.reshape(*v.shape[:-1], *wv.shape[1:])
     else:
-      q = jnp.einsum("...d,dnh->...nh", x, self.q_proj[...].astype(dt))
-      k = jnp.einsum("...d,dnh->...nh", x, self.k_proj[...].astype(dt))
-      v = jnp.einsum("...d,dnh->...nh", x, self.v_proj[...].astype(dt))
+      q = dense(x, self.q_proj[...].astype(dt))
+      k = dense(x, self.k_proj[...].astype(dt))
+      v = dense(x, self.v_proj[...].astype(dt))
     if self.cfg.lora_rank:
       q, k, v = self._add_qkv_lora(x, q, k, v, fused=fused)
     if self.cfg.qkv_bias:
@@ -402,10 +418,9 @@ class Attention(nnx.Module):
   def out(self, o: jax.Array) -> jax.Array:
     dt = self.cfg.dtype
     w = self.o_proj[...]
-    # One [..., Hq H] x [Hq H, D] matmul: contracting (heads, head_dim) as a
+    # One [M, Hq H] x [Hq H, D] matmul: contracting (heads, head_dim) as a
     # two-axis einsum makes XLA transpose o on the CPU.
-    y = (o.astype(dt).reshape(*o.shape[:-2], -1)
-         @ w.reshape(-1, w.shape[-1]).astype(dt))
+    y = dense(o.astype(dt), w.astype(dt), in_dims=2)
     if self.cfg.lora_on("o"):
       y = y + _lora_up(_lora_down(o, self.o_lora_a[...], dt),
                        self.o_lora_b[...], self.cfg.lora_scale, dt)
@@ -458,10 +473,10 @@ class MLP(nnx.Module):
     if fused:
       w = jnp.concatenate([self.gate_proj[...], self.up_proj[...]],
                           axis=1).astype(dt)
-      gate, up = jnp.split(x @ w, 2, axis=-1)
+      gate, up = jnp.split(dense(x, w), 2, axis=-1)
     else:
-      gate = x @ self.gate_proj[...].astype(dt)
-      up = x @ self.up_proj[...].astype(dt)
+      gate = dense(x, self.gate_proj[...].astype(dt))
+      up = dense(x, self.up_proj[...].astype(dt))
     cfg = self.cfg
     if fused and cfg.lora_on("gate") and cfg.lora_on("up"):
       a = jnp.concatenate([self.gate_lora_a[...], self.up_lora_a[...]], axis=1)
@@ -481,7 +496,7 @@ class MLP(nnx.Module):
     else:
       act = jax.nn.silu(gate)
     h = act * up
-    y = h @ self.down_proj[...].astype(dt)
+    y = dense(h, self.down_proj[...].astype(dt))
     if cfg.lora_on("down"):
       y = y + self._lora("down", h)
     if self.cfg.mlp_bias:
@@ -566,16 +581,27 @@ def full_attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, *,
   Scores are q.k * scale (default head_dim^-1/2), soft-capped to
   softcap * tanh(s / softcap) when `softcap` is given, then masked.
   """
+  b, t, n, h = q_BTNH.shape
   kh = k_BSKH.shape[-2]
-  q = _group(q_BTNH, kh)
-  scale = q.shape[-1] ** -0.5 if scale is None else scale
-  s = jnp.einsum("btkrh,bskh->bkrts", q, k_BSKH,
+  r = n // kh
+  scale = h ** -0.5 if scale is None else scale
+  # Both products as plain batched matmuls over (B, K): the R query heads
+  # of a KV head and the T queries form one [T R, H] operand, keys and
+  # values are [S, H] per head. (A [B, T, K, R, H] x [B, S, K, H] einsum
+  # makes XLA transpose inside each product; explicit transposes here cost
+  # one copy each and ran the block's attention about 1.4x faster on a CPU,
+  # forward and backward.)
+  q = _group(q_BTNH, kh).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * r, h)
+  k = k_BSKH.transpose(0, 2, 1, 3)
+  v = v_BSKH.transpose(0, 2, 1, 3)
+  s = jnp.einsum("bkqh,bksh->bkqs", q, k,
                  preferred_element_type=jnp.float32) * scale
-  s = _softcap(s, softcap)
-  s = jnp.where(allowed_BTS[:, None, None], s, _NEG_INF)
-  p = jax.nn.softmax(s, axis=-1)
-  o = jnp.einsum("bkrts,bskh->btkrh", p.astype(v_BSKH.dtype), v_BSKH)
-  return o.reshape(q_BTNH.shape)
+  s = _softcap(s, softcap).reshape(b, kh, t, r, -1)
+  s = jnp.where(allowed_BTS[:, None, :, None, :], s, _NEG_INF)
+  p = jax.nn.softmax(s, axis=-1).reshape(b, kh, t * r, -1)
+  o = jnp.einsum("bkqs,bksh->bkqh", p.astype(v.dtype), v)
+  return o.reshape(b, kh, t, r, h).transpose(0, 2, 1, 3, 4).reshape(
+      q_BTNH.shape)
 
 
 def grouped_decode_attention(q_BGNH, pk_BKHP, pv_BKPH, pmask_BP, k_BGKHT,
@@ -672,8 +698,8 @@ class Transformer(nnx.Module):
     With `cfg.final_logit_softcap` c the logits are c tanh((h W) / c).
     """
     w = self.output_kernel().astype(self.cfg.dtype)
-    logits = jnp.einsum("...d,dv->...v", h.astype(self.cfg.dtype), w,
-                        preferred_element_type=jnp.float32)
+    logits = dense(h.astype(self.cfg.dtype), w,
+                   preferred_element_type=jnp.float32)
     return _softcap(logits, self.cfg.final_logit_softcap)
 
   # -- full sequence ----------------------------------------------------------

@@ -273,15 +273,25 @@ def minibatch_scan(params, opt_states, optimizers, rows, key, loss_fn, *,
         f"The rollout batch of {n} sequences does not split into "
         f"{num_minibatches} minibatches x {num_microbatches} micro-batches; "
         "choose sizes whose product divides the number of sequences.")
-  perms = jax.vmap(lambda e: jax.random.permutation(
-      jax.random.fold_in(key, e), n))(jnp.arange(num_epochs))
-  idx = perms.reshape(num_epochs * num_minibatches, num_microbatches,
-                      n // per_update)
+  num_updates = num_epochs * num_minibatches
+  # One minibatch per epoch holds every row, so its gradient does not
+  # depend on the order: the rows are split into micro-batches in place
+  # (no permutation, no gather; the sums differ only in rounding order).
+  permute = num_minibatches > 1
+  if permute:
+    perms = jax.vmap(lambda e: jax.random.permutation(
+        jax.random.fold_in(key, e), n))(jnp.arange(num_epochs))
+    idx = perms.reshape(num_updates, num_microbatches, n // per_update)
+  else:
+    idx = jnp.zeros((num_updates,), jnp.int32)  # only counts the updates
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def update(carry, idx_UB):
     params, opt_states = carry
-    mb = jax.tree.map(lambda x: x[idx_UB], rows)  # leaves [U, ub, ...]
+    if permute:
+      mb = jax.tree.map(lambda x: x[idx_UB], rows)  # leaves [U, ub, ...]
+    else:
+      mb = _chunks(rows, num_microbatches)
     if constrain is not None:
       mb = jax.tree.map(constrain, mb)
     num_tokens, num_seqs = _row_counts(mb["weights"])
@@ -291,8 +301,9 @@ def minibatch_scan(params, opt_states, optimizers, rows, key, loss_fn, *,
       return jax.tree.map(jnp.add, acc, grads), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
+    # A loop of one is inlined (unroll), so XLA fuses across it.
     grads, (loss_U, (metrics_U, sums_U, maxes_U)) = jax.lax.scan(
-        micro_body, zeros, mb)
+        micro_body, zeros, mb, unroll=num_microbatches == 1)
     new_params, new_opt = [], []
     for opt, p, o, g in zip(optimizers, params, opt_states, grads):
       upd, o = opt.update(g, o, p)
@@ -311,7 +322,8 @@ def minibatch_scan(params, opt_states, optimizers, rows, key, loss_fn, *,
     return (tuple(new_params), tuple(new_opt)), out
 
   (params, opt_states), metrics = jax.lax.scan(
-      update, (tuple(params), tuple(opt_states)), idx)
+      update, (tuple(params), tuple(opt_states)), idx,
+      unroll=num_updates == 1)
   return params, opt_states, metrics
 
 
