@@ -29,6 +29,7 @@ The t critical value is computed in JAX by bisection on the Student-t CDF
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import chex
@@ -175,6 +176,17 @@ def xrpo_allocate(std_B: jax.typing.ArrayLike, count_B: jax.typing.ArrayLike,
     raise ValueError(f"budget must be >= 0, got {budget}.")
   t0 = (jnp.sum(count_B) if total is None
         else jnp.asarray(total, jnp.int32))
+  return _allocate_phase(std_B, count_B, jnp.asarray(budget, jnp.int32), t0,
+                         capacity=capacity, alpha=alpha, coef=coef)
+
+
+@functools.partial(jax.jit, static_argnames=("capacity", "alpha", "coef"))
+def _allocate_phase(std_B, count_B, budget, t0, *, capacity, alpha, coef):
+  """xrpo_allocate's greedy loop, compiled once per (shape, statics).
+
+  The budget is traced (the loop is a while loop), so a host that calls the
+  allocator with a different budget every phase compiles it once.
+  """
 
   def body(i, extra_B):
     n = count_B + extra_B
