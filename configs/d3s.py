@@ -12,9 +12,9 @@ GRPO with both levels of D^3S selection through the shared pipeline:
   with the dynamic schedule: the token share grows linearly from 0.5 to 1.0
   over the first 150 RL steps (aggressive selection early, relaxed later).
 The two shares and the schedule length are this config's choices for the
-default budget (300 RL steps), not the paper's values. In the learning check
-of tests/test_learning.py (20 RL steps, schedule over 10) a start of 0.5
-raised the expected reward 0.333 -> 0.386, a start of 0.2 only to 0.344:
+default budget (300 RL steps), not the paper's values. In a 20-step version
+of the learning check of tests/test_learning.py (schedule over 10) a start of
+0.5 raised the expected reward 0.333 -> 0.386, a start of 0.2 only to 0.344:
 keeping a fifth of the tokens starves this small model's early updates. Same budget as
 configs/default.py; the metrics add rollout/d3s_kept,
 rollout/d3s_token_fraction and rl/d3s_token_kept.

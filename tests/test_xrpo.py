@@ -510,8 +510,9 @@ def test_xrpo_raises_expected_reward_more_than_a_control(tmp_path):
 
   out = {}
   for name, lr in (("xrpo", 3e-4), ("control", 1e-12)):
-    c = _easy(rl_steps=20, learning_rate=lr)
+    c = _easy(rl_steps=40, learning_rate=lr)
     c.rl.prompts_per_step = 16
+    c.rl.num_samples = 8  # 4 (and 20 steps) gained +0.011 to +0.047 by seed
     c.checkpoint.every = 10_000
     exp = experiment.Experiment(c, str(tmp_path / name))
     try:
@@ -522,6 +523,7 @@ def test_xrpo_raises_expected_reward_more_than_a_control(tmp_path):
       exp.close()
   print("expected reward after RL:", out)
   # Same warm-up, prompts and sampling keys: only the update differs (the
-  # measure's standard error is about 0.012; the seen gain about 0.04).
+  # measure's standard error is about 0.012; seeds 0-2 gained +0.063,
+  # +0.053, +0.108).
   gain = out["xrpo"][1] - out["control"][1]
   assert gain >= 0.025, out
