@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 
 # Set at import, in the controller before it starts the xdist workers (they
@@ -25,3 +27,17 @@ def pytest_unconfigure(config):
   del config
   if os.environ.get("RLAX_TEST_OWNS_XLA_CACHE") == str(os.getpid()):
     shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)
+
+
+_SLOW_LIST = os.path.join(os.path.dirname(__file__), "slow_tests.txt")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Marks the tests listed in slow_tests.txt `slow` (by node id)."""
+  del config
+  with open(_SLOW_LIST, encoding="utf-8") as f:
+    listed = {line.strip() for line in f
+              if line.strip() and not line.startswith("#")}
+  for item in items:
+    if item.nodeid in listed:
+      item.add_marker(pytest.mark.slow)
