@@ -159,7 +159,8 @@ def xrpo_allocate(std_B: jax.typing.ArrayLike, count_B: jax.typing.ArrayLike,
   Args:
     std_B: [B] reward standard deviations s_q (e.g. `group_reward_std`).
     count_B: [B] rollouts each prompt already has (n_q).
-    budget: rollouts to give out in this phase (static, >= 0).
+    budget: rollouts to give out in this phase (a Python int >= 0; one
+      compiled program serves every value).
     capacity: most rollouts a prompt may hold (slots per group).
     total: T at the phase's start; default sum(count_B).
     alpha: the t-interval's two-sided level.
@@ -174,19 +175,20 @@ def xrpo_allocate(std_B: jax.typing.ArrayLike, count_B: jax.typing.ArrayLike,
   chex.assert_equal_shape([std_B, count_B])
   if budget < 0:
     raise ValueError(f"budget must be >= 0, got {budget}.")
-  t0 = (jnp.sum(count_B) if total is None
-        else jnp.asarray(total, jnp.int32))
-  return _allocate_phase(std_B, count_B, jnp.asarray(budget, jnp.int32), t0,
+  if total is not None:
+    total = jnp.asarray(total, jnp.int32)
+  return _allocate_phase(std_B, count_B, jnp.asarray(budget, jnp.int32), total,
                          capacity=capacity, alpha=alpha, coef=coef)
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "alpha", "coef"))
-def _allocate_phase(std_B, count_B, budget, t0, *, capacity, alpha, coef):
+def _allocate_phase(std_B, count_B, budget, total, *, capacity, alpha, coef):
   """xrpo_allocate's greedy loop, compiled once per (shape, statics).
 
   The budget is traced (the loop is a while loop), so a host that calls the
   allocator with a different budget every phase compiles it once.
   """
+  t0 = jnp.sum(count_B) if total is None else total
 
   def body(i, extra_B):
     n = count_B + extra_B

@@ -283,7 +283,7 @@ def minibatch_scan(params, opt_states, optimizers, rows, key, loss_fn, *,
         jax.random.fold_in(key, e), n))(jnp.arange(num_epochs))
     idx = perms.reshape(num_updates, num_microbatches, n // per_update)
   else:
-    idx = jnp.zeros((num_updates,), jnp.int32)  # only counts the updates
+    idx = None  # the scan below runs num_updates times over the same rows
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def update(carry, idx_UB):
@@ -322,7 +322,7 @@ def minibatch_scan(params, opt_states, optimizers, rows, key, loss_fn, *,
     return (tuple(new_params), tuple(new_opt)), out
 
   (params, opt_states), metrics = jax.lax.scan(
-      update, (tuple(params), tuple(opt_states)), idx,
+      update, (tuple(params), tuple(opt_states)), idx, length=num_updates,
       unroll=num_updates == 1)
   return params, opt_states, metrics
 
