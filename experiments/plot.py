@@ -11,6 +11,10 @@ Writes PNG files into OUT_DIR (default: DIR itself, next to metrics.jsonl):
   rl_stats.png   policy entropy, approx. KL, clip fraction and completion
                  length per RL step, those the run logged.
 
+Given a reproduction's output instead (`experiments/repro`: DIR/<arm>/
+seed<k>/metrics.jsonl), it writes arms_accuracy.png and arms_stats.png, one
+line per arm over its seeds (`plot_arms`).
+
 A figure whose metrics the run has not logged (yet) is skipped, so the command
 also works on a run that is still in progress. Notebooks call `plot_run`.
 """
@@ -258,6 +262,134 @@ def plot_run(workdir: str, out_dir: str | None = None, *,
   return [p for p in written if p is not None]
 
 
+# (metric key, panel title) of arms_stats.png, in panel order.
+ARM_STATS = (
+    (REWARD_KEY, "training reward"),
+    ("rl/entropy", "policy entropy (nats/token)"),
+    ("rollout/length_wrong", "length of wrong rollouts (tokens)"),
+    ("rollout/distinct_per_group", "distinct completions per group"),
+)
+TOKENS_KEY = "rollout/sampled_tokens"
+STEP_TIME_KEY = "time/step_s"
+
+
+def arm_runs(repro_dir: str) -> dict[str, list[list[dict[str, Any]]]]:
+  """{arm: [records of each seed]} of a reproduction's output directory
+  (`experiments/repro`: OUT/<arm>/seed<k>/metrics.jsonl), arms in name
+  order, seeds in number order; arms without a logged run are left out."""
+  arms = {}
+  if not os.path.isdir(repro_dir):
+    return arms
+  for arm in sorted(os.listdir(repro_dir)):
+    adir = os.path.join(repro_dir, arm)
+    if not os.path.isdir(adir):
+      continue
+    seeds = sorted((d for d in os.listdir(adir) if re.fullmatch(r"seed\d+", d)
+                    and os.path.isfile(os.path.join(adir, d, METRICS_FILE))),
+                   key=lambda d: int(d[4:]))
+    runs = [read_metrics(os.path.join(adir, d, METRICS_FILE)) for d in seeds]
+    runs = [r for r in runs if r]
+    if runs:
+      arms[arm] = runs
+  return arms
+
+
+def eval_curve(records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+  """A run's evaluations with the cost spent before each: {"step",
+  "accuracy", "tokens" (cumulative `rollout/sampled_tokens` of the steps
+  up to it), "wall_s" (cumulative training `time/step_s`, evaluations
+  excluded)}."""
+  steps, acc = series(records, ACCURACY_KEY)
+  t_steps, tokens = series(records, TOKENS_KEY)
+  w_steps, wall = series(records, STEP_TIME_KEY)
+
+  def upto(xs, vals):
+    return np.asarray([vals[xs <= s].sum() for s in steps], np.float64)
+  return {"step": steps, "accuracy": acc, "tokens": upto(t_steps, tokens),
+          "wall_s": upto(w_steps, wall)}
+
+
+def _mean_band(curves: Sequence[dict[str, np.ndarray]], x: str):
+  """Mean x, mean/min/max accuracy over seeds at the evaluations that every
+  seed has (the shortest run's)."""
+  n = min(c["step"].size for c in curves)
+  xs = np.mean([c[x][:n] for c in curves], axis=0)
+  ys = np.asarray([c["accuracy"][:n] for c in curves])
+  return xs, ys.mean(0), ys.min(0), ys.max(0)
+
+
+def plot_arms(repro_dir: str, out_dir: str | None = None, *,
+              window: int = 10) -> list[str]:
+  """Writes a reproduction's comparison curves (one line per arm):
+
+  arms_accuracy.png  greedy test accuracy (mean over seeds, band min-max)
+                     against the RL step, the rollout tokens sampled and
+                     the training wall time.
+  arms_stats.png     per-step training statistics (moving average of the
+                     mean over seeds) that the runs logged: reward,
+                     entropy, length of wrong rollouts, distinct
+                     completions per group.
+
+  Raises:
+    FileNotFoundError: no OUT/<arm>/seed<k>/metrics.jsonl under `repro_dir`.
+  """
+  arms = arm_runs(repro_dir)
+  if not arms:
+    raise FileNotFoundError(
+        f"No runs under {repro_dir}: a reproduction's output holds "
+        "<arm>/seed<k>/metrics.jsonl; run one first, e.g. "
+        f"`python -m experiments.repro.latr_grpo --out={repro_dir}`.")
+  out_dir = out_dir or repro_dir
+  os.makedirs(out_dir, exist_ok=True)
+  title = f"({os.path.basename(os.path.normpath(repro_dir))})"
+  written = []
+  curves = {a: [eval_curve(r) for r in runs] for a, runs in arms.items()}
+  curves = {a: c for a, c in curves.items()
+            if all(x["step"].size for x in c)}
+  if curves:
+    axes_x = [("step", "RL step"), ("tokens", "rollout tokens sampled"),
+              ("wall_s", "training wall time (s)")]
+    fig, axes = _new_figure(1, 3, size=(5.0, 3.8))
+    for ax, (x, label) in zip(axes, axes_x):
+      for arm, c in curves.items():
+        xs, mean, lo, hi = _mean_band(c, x)
+        (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=arm)
+        if len(c) > 1:
+          ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+      ax.set_xlabel(label)
+      ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test greedy accuracy")
+    axes[0].legend(loc="best", fontsize=8)
+    fig.suptitle(f"Accuracy by arm, mean and range over seeds {title}")
+    written.append(_save(fig, out_dir, "arms_accuracy.png"))
+  panels = [(k, label) for k, label in ARM_STATS
+            if any(series(r, k)[0].size for runs in arms.values()
+                   for r in runs)]
+  if panels:
+    ncols = 2 if len(panels) > 1 else 1
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = _new_figure(nrows, ncols, size=(5.5, 3.5))
+    for ax, (key, label) in zip(axes, panels):
+      for arm, runs in arms.items():
+        per_seed = [series(r, key) for r in runs]
+        per_seed = [p for p in per_seed if p[0].size]
+        if not per_seed:
+          continue
+        n = min(p[0].size for p in per_seed)
+        mean = np.mean([p[1][:n] for p in per_seed], axis=0)
+        ax.plot(per_seed[0][0][:n], moving_average(mean, window),
+                linewidth=1.5, label=arm)
+      ax.set_title(f"{label}\n[{key}]", fontsize=10)
+      ax.set_xlabel("RL step")
+      ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize=8)
+    for ax in axes[len(panels):]:
+      ax.set_visible(False)
+    fig.suptitle(f"Training statistics by arm {title}")
+    written.append(_save(fig, out_dir, "arms_stats.png"))
+  return written
+
+
 _OUT = flags.DEFINE_string("out", None,
                            "Directory for the PNGs (default: the run's DIR).")
 _WINDOW = flags.DEFINE_integer("window", 10,
@@ -269,8 +401,13 @@ def main(argv):
     raise app.UsageError(
         "Pass exactly one run directory: python -m experiments.plot DIR "
         f"[--out=OUT_DIR]; got {argv[1:] or 'none'}.")
+  path = argv[1]
+  plot = plot_run
+  if (not os.path.isfile(os.path.join(path, METRICS_FILE))
+      and os.path.isdir(path) and arm_runs(path)):
+    plot = plot_arms  # a reproduction's output: one folder per arm
   try:
-    paths = plot_run(argv[1], _OUT.value, window=_WINDOW.value)
+    paths = plot(path, _OUT.value, window=_WINDOW.value)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if not paths:

@@ -283,6 +283,10 @@ def test_end_to_end_smoke_run(tmp_path):
       assert np.isfinite(r[k]), (k, r)
     # Shared prefixes: fewer tokens sampled than the leaf paths hold.
     assert r["rollout/generated_tokens_per_completion"] < r["rollout/length"]
+    # The step's sampled-token count is the tree's, each prefix once.
+    assert r["rollout/sampled_tokens"] == pytest.approx(
+        r["rollout/generated_tokens_per_completion"]
+        * c.rl.prompts_per_step * c.rl.num_samples)
     assert r["rl/logp_mismatch_max"] < 1e-4
     assert r["rollout/pruned_tokens"] > 0  # depth 1 (after the slide) drops
     # The window (2,) slides to the last split's parent, depth 1, at step 1.

@@ -131,3 +131,58 @@ def test_empty_metrics_is_a_clear_error(tmp_path):
   _write(str(tmp_path), [], tail='{"step": 1, "sf')
   with pytest.raises(ValueError, match="no complete record"):
     plot.plot_run(str(tmp_path))
+
+
+def _rl_records(scale, tokens):
+  """RL steps 1..4 (`tokens[i]` sampled at step i + 1, 2 s per step) with
+  evaluations at steps 0, 2 and 4 (accuracy 0.1 * scale * k at the k-th)."""
+  recs = [{"step": 0, "eval/accuracy": 0.0}]
+  for i, tok in enumerate(tokens):
+    s = i + 1
+    recs.append({"step": s, "reward/mean": 0.2 * scale, "rl/entropy": 1.0,
+                 "rollout/length_wrong": 10.0 + s,
+                 "rollout/sampled_tokens": tok, "time/step_s": 2.0})
+    if s % 2 == 0:
+      recs.append({"step": s, "eval/accuracy": 0.1 * scale * s / 2})
+  return recs
+
+
+def test_eval_curve_costs_by_hand():
+  c = plot.eval_curve(_rl_records(1.0, [10, 20, 30, 40]))
+  np.testing.assert_array_equal(c["step"], [0, 2, 4])
+  np.testing.assert_allclose(c["accuracy"], [0.0, 0.1, 0.2])
+  np.testing.assert_array_equal(c["tokens"], [0, 30, 100])
+  np.testing.assert_array_equal(c["wall_s"], [0, 4, 8])
+
+
+def test_plot_arms_from_a_reproduction_dir(tmp_path, capsys):
+  out = tmp_path / "repro"
+  _write(str(out / "grpo" / "seed0"), _rl_records(1.0, [10] * 4))
+  _write(str(out / "grpo" / "seed1"), _rl_records(2.0, [20] * 4))
+  _write(str(out / "branch" / "seed0"), _rl_records(1.5, [5] * 4))
+  (out / "branch" / "seed1").mkdir()  # not started: no metrics
+  (out / "table.md").write_text("| arm |\n")
+  runs = plot.arm_runs(str(out))
+  assert list(runs) == ["branch", "grpo"] and len(runs["grpo"]) == 2
+  assert [len(r) for r in runs["branch"]] == [7]
+  xs, mean, lo, hi = plot._mean_band(  # pylint: disable=protected-access
+      [plot.eval_curve(r) for r in runs["grpo"]], "tokens")
+  np.testing.assert_allclose(xs, [0, 30, 60])  # mean of 20/40, 40/80
+  np.testing.assert_allclose(mean, [0, 0.15, 0.3])
+  np.testing.assert_allclose(lo, [0, 0.1, 0.2])
+  np.testing.assert_allclose(hi, [0, 0.2, 0.4])
+  paths = plot.plot_arms(str(out))
+  assert [os.path.basename(p) for p in paths] == ["arms_accuracy.png",
+                                                 "arms_stats.png"]
+  for p in paths:
+    _assert_png(p)
+  # The command line tells a reproduction's output from a run directory.
+  for p in paths:
+    os.remove(p)
+  argv = plot.flags.FLAGS(["plot", str(out)])  # parses --out, --window
+  plot.main(argv)
+  assert sorted(os.listdir(out)) == ["arms_accuracy.png", "arms_stats.png",
+                                     "branch", "grpo", "table.md"]
+  assert "arms_accuracy.png" in capsys.readouterr().out
+  with pytest.raises(FileNotFoundError, match="<arm>/seed<k>"):
+    plot.plot_arms(str(tmp_path / "empty_dir_that_is_missing"))

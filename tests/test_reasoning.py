@@ -445,3 +445,93 @@ def test_kl_grpo_arms_differ_only_in_the_penalty_and_curves_by_hand():
   assert c["entropy_mean"](recs) == pytest.approx(0.5)
   assert c["mean_eval_accuracy"](recs) == pytest.approx(0.4)
   assert np.isnan(c["kl_final"](recs[:1]))
+
+
+def _diff(a, b, prefix=""):
+  """The dotted keys at which two nested dicts differ."""
+  out = set()
+  for k in set(a) | set(b):
+    x, y = a.get(k), b.get(k)
+    if isinstance(x, dict) and isinstance(y, dict):
+      out |= _diff(x, y, f"{prefix}{k}.")
+    elif x != y:
+      out.add(f"{prefix}{k}")
+  return out
+
+
+def test_grpo_variants_arms_differ_only_in_their_method():
+  from experiments.repro import grpo_variants
+  from experiments.repro import latr_grpo
+  plain = latr_grpo.arm("grpo", "sampling", 40)(2, "base").to_dict()
+  a = {v: grpo_variants.arm(v, 40)(2, "base").to_dict()
+       for v in grpo_variants.VARIANTS}
+  assert _diff(a["grpo"], plain) == {"rl.num_minibatches", "rl.aggregation"}
+  assert (a["grpo"]["rl"]["num_minibatches"], a["grpo"]["rl"]["aggregation"],
+          a["grpo"]["rl"]["scale_by_std"]) == (4, "seq_mean_token_mean", True)
+  assert _diff(a["dr_grpo"], a["grpo"]) == {"rl.aggregation",
+                                            "rl.scale_by_std"}
+  assert (a["dr_grpo"]["rl"]["aggregation"],
+          a["dr_grpo"]["rl"]["scale_by_std"]) == (
+              "seq_mean_token_sum_norm", False)
+  assert _diff(a["clip_higher"], a["grpo"]) == {"rl.clip_high"}
+  assert (a["clip_higher"]["rl"]["clip_low"],
+          a["clip_higher"]["rl"]["clip_high"]) == (0.2, 0.28)
+  with pytest.raises(ValueError, match="dr_grpo"):
+    grpo_variants.arm("ppo", 40)
+  # Windows over the first and the last logged values, by hand.
+  recs = [{"step": s, "rollout/length_wrong": float(s), "rl/entropy": 1.0}
+          for s in range(1, 26)]
+  recs[3].pop("rollout/length_wrong")  # a step without a wrong rollout
+  c = grpo_variants.CURVES
+  assert c["length_wrong_first"](recs) == pytest.approx(
+      np.mean([1, 2, 3, 5, 6, 7, 8, 9, 10, 11]))
+  assert c["length_wrong_last"](recs) == pytest.approx(np.mean(range(16, 26)))
+  assert np.isnan(c["length_correct_last"](recs))
+  from experiments.repro import common
+  with pytest.raises(ValueError, match="exactly one"):
+    common.window_mean("x")
+
+
+def test_rollout_methods_arms_and_token_curve():
+  from experiments.repro import common
+  from experiments.repro import latr_grpo
+  from experiments.repro import rollout_methods
+  plain = latr_grpo.arm("grpo", "sampling", 40)(0, "base").to_dict()
+  a = {m: rollout_methods.arm(m, 40)(0, "base").to_dict()
+       for m in rollout_methods.METHODS}
+  assert a["grpo"] == plain
+  assert {k for k in _diff(a["branch"], plain)} == {
+      f"rollout.{k}" for k in a["branch"]["rollout"]} | {"rollout.name"}
+  assert a["branch"]["rollout"]["name"] == "branch"
+  assert (tuple(a["branch"]["rollout"]["split_points"]),
+          tuple(a["branch"]["rollout"]["branching"])) == ((0, 12), (4, 2))
+  assert a["xrpo"]["rollout"]["name"] == "xrpo"
+  from configs import xrpo
+  ref = xrpo.get_config().to_dict()
+  assert a["xrpo"]["rollout"] == ref["rollout"]
+  assert {k for k in _diff(a["xrpo"], plain) if not k.startswith("rollout.")
+          } <= {"rl.xrpo_lambda", "rl.xrpo_kappa_clip", "rl.xrpo_novelty"}
+  for k in ("xrpo_lambda", "xrpo_kappa_clip", "xrpo_novelty"):
+    assert a["xrpo"]["rl"][k] == ref["rl"][k]
+  assert _diff(a["d3s"], plain) == {
+      "rl.d3s_sample_keep", "rl.d3s_token_fraction", "rl.d3s_schedule_steps"}
+  assert (a["d3s"]["rl"]["d3s_sample_keep"],
+          a["d3s"]["rl"]["d3s_token_fraction"],
+          a["d3s"]["rl"]["d3s_token_fraction_end"],
+          a["d3s"]["rl"]["d3s_schedule_steps"]) == (4, 0.5, 1.0, 20)
+  recs = [{"step": 0, "eval/accuracy": 0.3},
+          {"step": 1, "rollout/sampled_tokens": 1000},
+          {"step": 2, "rollout/sampled_tokens": 1500},
+          {"step": 2, "eval/accuracy": 0.4}]
+  np.testing.assert_array_equal(common.rollout_tokens(recs), [1000, 2500])
+  assert rollout_methods.CURVES["rollout_ktokens"](recs) == 2.5
+  assert rollout_methods.CURVES["rollout_ktokens"](recs[:1]) == 0.0
+
+
+def test_repro_command_line_selects_arms():
+  from experiments.repro import common
+  arms = {"a": 1, "b": 2, "c": 3}
+  assert common.select_arms(arms, "") == arms
+  assert list(common.select_arms(arms, "c, a")) == ["c", "a"]
+  with pytest.raises(ValueError, match=r"\['d'\].*\['a', 'b', 'c'\]"):
+    common.select_arms(arms, "a,d")

@@ -221,6 +221,45 @@ def test_masked_reward_stats_and_dynamic_sampling():
   assert work.stats["rollout/kept_groups_first_draw"] == 1
 
 
+def test_sampled_tokens_over_draws_and_engines():
+  reward = np.array([[1., 1., 0., 0.], [0., 1., 0., 0.]], np.float32)
+  valid = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)
+  g = _groups(reward, valid, t=3)
+  assert rollouts.sampled_tokens(g) == 3 * 5  # valid slots' tokens
+  # An engine's own count (a tree's shared prefixes once) comes first.
+  assert rollouts.sampled_tokens(g._replace(
+      stats={"rollout/sampled_tokens": 7})) == 7
+  # Dynamic sampling adds each further draw's tokens to the first draw's.
+  draws = {1: _groups(np.ones((2, 4), np.float32), np.ones((2, 4), bool)),
+           2: _groups(reward, valid)}  # draw 1's groups all agree: dropped
+  work = tf.apply_chain([tf.dynamic_sampling(max_rounds=3)], g,
+                        tf.StepContext(_Eng(), draws.__getitem__, None, 0, 0))
+  assert work.stats["rollout/sampling_rounds"] == 3
+  assert work.stats["rollout/sampled_tokens"] == 15 + 3 * 8 + 15
+
+
+def test_length_of_correct_and_wrong_rollouts():
+  rng = np.random.default_rng(0)
+  reward = rng.integers(0, 2, (4, 5)).astype(np.float32)
+  reward[3] = 0.0  # a group with no correct row
+  lengths = rng.integers(1, 30, (4, 5))
+  for valid in (None, rng.random((4, 5)) < 0.7):
+    v = np.ones((4, 5), bool) if valid is None else valid
+    g = _groups(reward, v)._replace(lengths=lengths, valid=valid)
+    s = rollouts.reward_stats(g)
+    right = [lengths[i, j] for i in range(4) for j in range(5)
+             if v[i, j] and reward[i, j] >= 0.5]
+    wrong = [lengths[i, j] for i in range(4) for j in range(5)
+             if v[i, j] and reward[i, j] < 0.5]
+    assert s["rollout/length_correct"] == pytest.approx(np.mean(right))
+    assert s["rollout/length_wrong"] == pytest.approx(np.mean(wrong))
+  # No correct rollout at all: the key is absent, not a NaN or a 0.
+  s = rollouts.reward_stats(_groups(np.zeros((2, 3), np.float32),
+                                    np.ones((2, 3), bool)))
+  assert "rollout/length_correct" not in s
+  assert s["rollout/length_wrong"] == 3.0
+
+
 # -- the engine on synthetic rollouts -------------------------------------------
 
 

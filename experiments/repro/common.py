@@ -10,7 +10,9 @@ run's training curve with the module's `curves` (name -> function of the
 metrics.jsonl records) and writes OUT/table.json and OUT/table.md: mean,
 standard deviation (ddof 1) and count over seeds per arm and column, plus
 wall time per run. Re-running the command after an interruption skips what
-is done.
+is done. `main` is every reproduction's command line (--base, --out, --seeds,
+--steps, --arms); `mean_of`, `last_of`, `window_mean` and `rollout_tokens`
+are the curve summaries the modules share.
 """
 
 from __future__ import annotations
@@ -24,6 +26,39 @@ import numpy as np
 
 ConfigFn = Callable[[int, str], object]
 CurveFn = Callable[[list], float]
+ArmsFn = Callable[[int], Mapping[str, ConfigFn]]
+
+DEFAULT_BASE = "runs/base_reasoning/hf"
+
+
+def mean_of(key: str) -> CurveFn:
+  """The mean of `key` over the records that have it (NaN if none)."""
+  def f(records):
+    vals = [r[key] for r in records if key in r]
+    return float(np.mean(vals)) if vals else float("nan")
+  return f
+
+
+def last_of(key: str) -> CurveFn:
+  """The last logged value of `key` (NaN if never logged)."""
+  def f(records):
+    vals = [r[key] for r in records if key in r]
+    return float(vals[-1]) if vals else float("nan")
+  return f
+
+
+def window_mean(key: str, first: int | None = None,
+                last: int | None = None) -> CurveFn:
+  """The mean of `key` over its first `first` (or last `last`) logged
+  values: how a quantity moved between the start and the end of training."""
+  if (first is None) == (last is None):
+    raise ValueError("window_mean takes exactly one of first= or last=.")
+
+  def f(records):
+    vals = [r[key] for r in records if key in r]
+    vals = vals[:first] if first is not None else vals[-last:]
+    return float(np.mean(vals)) if vals else float("nan")
+  return f
 
 
 def _summary(workdir: str) -> dict | None:
@@ -121,3 +156,56 @@ def markdown(table: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
                    f"{v['mean']:.3f} ± {v['std']:.3f} ({v['n']})")
     lines.append(f"| {arm} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
+
+
+def rollout_tokens(records) -> np.ndarray:
+  """Cumulative `rollout/sampled_tokens` after each RL step of a run's
+  records (a tree's shared prefixes count once); [] before RL."""
+  vals = [r["rollout/sampled_tokens"] for r in records
+          if "rollout/sampled_tokens" in r]
+  return np.cumsum(np.asarray(vals, np.float64))
+
+
+def select_arms(all_arms: Mapping[str, ConfigFn], names: str
+                ) -> dict[str, ConfigFn]:
+  """The arms named in the comma-separated `names` ("" = all), in order."""
+  chosen = [n.strip() for n in names.split(",") if n.strip()]
+  if not chosen:
+    return dict(all_arms)
+  unknown = [n for n in chosen if n not in all_arms]
+  if unknown:
+    raise ValueError(f"--arms names {unknown}, which this reproduction does "
+                     f"not have; its arms are {list(all_arms)}.")
+  return {n: all_arms[n] for n in chosen}
+
+
+def main(name: str, arms: ArmsFn, *, splits: Sequence[str], steps: int,
+         metrics: Sequence[str] = ("accuracy",),
+         curves: Mapping[str, CurveFn] | None = None) -> None:
+  """A reproduction's command line: defines its flags, runs `run_arms`.
+
+  Flags: --base (the base model), --out (default runs/repro/NAME), --seeds,
+  --steps (default `steps`; `arms(steps)` builds the arms) and --arms (a
+  comma-separated subset, default all). Called from the module's
+  `__main__` block, so that importing a reproduction defines no flags (other
+  modules, e.g. experiments.plot, own --out).
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("base", DEFAULT_BASE,
+                      "The base model (experiments.pretrain's DIR/hf).")
+  flags.DEFINE_string("out", f"runs/repro/{name}", "Output directory.")
+  flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
+  flags.DEFINE_integer("steps", steps, "Training steps per arm.")
+  flags.DEFINE_string("arms", "", "Comma-separated arms to run (default all).")
+
+  def run(argv):
+    del argv
+    f = flags.FLAGS
+    seeds = [int(s) for s in f.seeds.split(",") if s.strip()]
+    table = run_arms(select_arms(arms(f.steps), f.arms), seeds=seeds,
+                     base=f.base, out=f.out, splits=splits, metrics=metrics,
+                     curves=curves)
+    print(markdown(table))
+
+  app.run(run)

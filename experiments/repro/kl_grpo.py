@@ -1,7 +1,7 @@
 """GRPO with and without the reference-policy KL, RL from the testbed's base.
 
   python -m experiments.repro.kl_grpo --base=runs/base_reasoning/hf \
-      --out=runs/repro/kl_grpo [--seeds=0,1,2] [--steps=40]
+      --out=runs/repro/kl_grpo [--seeds=0,1,2] [--steps=40] [--arms=grpo,grpo_kl]
 
 Question (the GRPO paper's objective keeps beta KL(pi || pi_ref), k3
 estimator, beta 0.04; Dr.GRPO and DAPO drop it): does the penalty change
@@ -19,10 +19,6 @@ grpo_sampling (same seeds, hence the same run).
 import os
 import sys
 
-from absl import app
-from absl import flags
-import numpy as np
-
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(os.path.dirname(_HERE))
 if _ROOT not in sys.path:
@@ -35,18 +31,11 @@ from experiments.repro import latr_grpo
 # pylint: enable=g-import-not-at-top
 
 
-def _last_of(key):
-  def f(records):
-    vals = [r[key] for r in records if key in r]
-    return float(vals[-1]) if vals else float("nan")
-  return f
-
-
 CURVES = {
     "mean_eval_accuracy": latr_grpo.CURVES["mean_eval_accuracy"],
-    "kl_mean": latr_grpo._mean_of("rl/kl"),  # pylint: disable=protected-access
-    "kl_final": _last_of("rl/kl"),
-    "entropy_mean": latr_grpo._mean_of("rl/entropy"),  # pylint: disable=protected-access
+    "kl_mean": common.mean_of("rl/kl"),
+    "kl_final": common.last_of("rl/kl"),
+    "entropy_mean": common.mean_of("rl/entropy"),
 }
 
 
@@ -67,23 +56,6 @@ def arms(steps: int):
   return {"grpo": arm(False, steps), "grpo_kl": arm(True, steps)}
 
 
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  seeds = [int(s) for s in f.seeds.split(",") if s.strip()]
-  chosen = {k: v for k, v in arms(f.steps).items()
-            if k in f.arms.split(",")}
-  table = common.run_arms(chosen, seeds=seeds, base=f.base,
-                          out=f.out, splits=latr_grpo.SPLITS,
-                          metrics=latr_grpo.METRICS, curves=CURVES)
-  print(common.markdown(table))
-
-
 if __name__ == "__main__":
-  flags.DEFINE_string("base", "runs/base_reasoning/hf",
-                      "The base model (experiments.pretrain's DIR/hf).")
-  flags.DEFINE_string("out", "runs/repro/kl_grpo", "Output directory.")
-  flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
-  flags.DEFINE_integer("steps", 40, "RL steps per arm.")
-  flags.DEFINE_string("arms", "grpo,grpo_kl", "Comma-separated arms to run.")
-  app.run(main)
+  common.main("kl_grpo", arms, splits=latr_grpo.SPLITS,
+              metrics=latr_grpo.METRICS, curves=CURVES, steps=40)

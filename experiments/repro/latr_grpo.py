@@ -2,7 +2,7 @@
 
   python -m experiments.repro.latr_grpo --base=runs/base_reasoning/hf \
       --out=runs/repro/latr_grpo [--seeds=0,1,2] [--steps=40] \
-      [--methods=grpo,dapo]
+      [--arms=grpo_sampling,grpo_latr,dapo_sampling,dapo_latr]
 
 Claim (LATR, arXiv:2510.24302): lookahead tree rollouts give more distinct
 completions per group than plain sampling, so fewer groups have zero reward
@@ -29,8 +29,6 @@ there counts as steps + 10). Writes OUT/table.json and OUT/table.md.
 import os
 import sys
 
-from absl import app
-from absl import flags
 import ml_collections
 import numpy as np
 
@@ -52,13 +50,6 @@ METRICS = ("accuracy", "pass@1", "pass@8")
 EVAL_EVERY = 10
 # Lookahead windows for chain traces: about one written step and a half.
 CHAIN_WINDOWS = (4, 8, 12)
-
-
-def _mean_of(key):
-  def f(records):
-    vals = [r[key] for r in records if key in r]
-    return float(np.mean(vals)) if vals else float("nan")
-  return f
 
 
 def _zero_variance(records):
@@ -92,7 +83,7 @@ def _sampling_rounds(records):
 
 
 CURVES = {
-    "distinct_per_group": _mean_of("rollout/distinct_per_group"),
+    "distinct_per_group": common.mean_of("rollout/distinct_per_group"),
     "zero_variance_groups": _zero_variance,
     "mean_eval_accuracy": _mean_eval_accuracy,
     "steps_to_plus5": _steps_to_plus5,
@@ -140,23 +131,6 @@ def arms(steps: int, methods=("grpo", "dapo")):
           for r in ("sampling", "latr")}
 
 
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  seeds = [int(s) for s in f.seeds.split(",") if s.strip()]
-  methods = [m for m in f.methods.split(",") if m.strip()]
-  table = common.run_arms(arms(f.steps, methods), seeds=seeds, base=f.base,
-                          out=f.out, splits=SPLITS, metrics=METRICS,
-                          curves=CURVES)
-  print(common.markdown(table))
-
-
 if __name__ == "__main__":
-  # Defined here, not at import: other modules (experiments.plot) own --out.
-  flags.DEFINE_string("base", "runs/base_reasoning/hf",
-                      "The base model (experiments.pretrain's DIR/hf).")
-  flags.DEFINE_string("out", "runs/repro/latr_grpo", "Output directory.")
-  flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
-  flags.DEFINE_integer("steps", 40, "RL steps per arm.")
-  flags.DEFINE_string("methods", "grpo,dapo", "Comma-separated: grpo, dapo.")
-  app.run(main)
+  common.main("latr_grpo", arms, splits=SPLITS, metrics=METRICS,
+              curves=CURVES, steps=40)

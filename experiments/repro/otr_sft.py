@@ -1,7 +1,7 @@
 """OTR vs SFT vs DFT vs exact OTR, fine-tuning the testbed's base model.
 
   python -m experiments.repro.otr_sft --base=runs/base_reasoning/hf \
-      --out=runs/repro/otr_sft [--seeds=0,1,2] [--steps=300]
+      --out=runs/repro/otr_sft [--seeds=0,1,2] [--steps=300] [--arms=...]
 
 Claim (One-Token Rollout): fine-tuning with OTR's token-level policy
 gradient generalises better out of distribution and forgets less than
@@ -16,9 +16,6 @@ Writes OUT/table.json and OUT/table.md.
 
 import os
 import sys
-
-from absl import app
-from absl import flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(os.path.dirname(_HERE))
@@ -54,20 +51,5 @@ def arms(steps: int):
   return out
 
 
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  seeds = [int(s) for s in f.seeds.split(",") if s.strip()]
-  table = common.run_arms(arms(f.steps), seeds=seeds, base=f.base,
-                          out=f.out, splits=SPLITS)
-  print(common.markdown(table))
-
-
 if __name__ == "__main__":
-  # Defined here, not at import: other modules (experiments.plot) own --out.
-  flags.DEFINE_string("base", "runs/base_reasoning/hf",
-                      "The base model (experiments.pretrain's DIR/hf).")
-  flags.DEFINE_string("out", "runs/repro/otr_sft", "Output directory.")
-  flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
-  flags.DEFINE_integer("steps", 300, "Fine-tuning steps per arm.")
-  app.run(main)
+  common.main("otr_sft", arms, splits=SPLITS, steps=300)

@@ -57,7 +57,8 @@ The pruning of an RL step depends on that step (the sliding window and the
 cutoff): `rollout(params, step)` records the step, and `readvantage` (the
 transforms' recomputation after reward shaping, same step) reuses it.
 
-Stats: `rollout/generated_tokens_per_completion` (tokens sampled / leaves;
+Stats: `rollout/sampled_tokens` (each shared prefix once),
+`rollout/generated_tokens_per_completion` (tokens sampled / leaves;
 independent sampling would sample `rollout/length`), `rollout/token_savings`
 (1 - sampled / leaf-path tokens), `rollout/decode_row_fraction` (rows
 decoded per step / G), `rollout/adv_abs_depth{d}` (per node),
@@ -267,6 +268,7 @@ class BranchRollout(rollouts.Engine):
     if ro is not None:
       completed = max(int(ro.lengths.sum()), 1)
       generated = int(ro.generated.sum())
+      stats["rollout/sampled_tokens"] = generated
       stats["rollout/generated_tokens_per_completion"] = generated / (b * g)
       stats["rollout/token_savings"] = 1.0 - generated / completed
       stats["rollout/decode_row_fraction"] = (

@@ -234,6 +234,30 @@ def pairwise_edit_distance(texts_BG) -> float:
   return float(np.mean(means))
 
 
+def sampled_tokens(groups: Groups) -> int:
+  """Tokens a sampler generated for these rollouts: the engine's own count
+  (`stats["rollout/sampled_tokens"]`, e.g. a tree that samples each shared
+  prefix once) or else the generated tokens of the valid slots (EOS
+  included). Carried partial rollouts count once, in the step that trains
+  on them."""
+  if groups.stats and "rollout/sampled_tokens" in groups.stats:
+    return int(groups.stats["rollout/sampled_tokens"])
+  return int(groups.mask[valid_slots(groups)].sum())
+
+
+def _length_by_outcome(groups: Groups, v: np.ndarray) -> dict[str, float]:
+  """Mean length of the correct (reward >= 0.5) and of the wrong rollouts
+  among the slots `v`; a key is left out when no rollout has that outcome
+  (Dr.GRPO's claim is about the length of wrong answers)."""
+  out = {}
+  right = groups.reward >= 0.5
+  for key, sel in (("rollout/length_correct", v & right),
+                   ("rollout/length_wrong", v & ~right)):
+    if sel.any():
+      out[key] = float(groups.lengths[sel].mean())
+  return out
+
+
 def reward_stats(groups: Groups) -> dict[str, Any]:
   """Reward and length statistics of one draw of groups (over the valid
   slots of variable-size groups, `Groups.valid`)."""
@@ -247,6 +271,7 @@ def reward_stats(groups: Groups) -> dict[str, Any]:
         "rollout/length": groups.lengths.mean(),
         "rollout/truncated": 1.0 - groups.finished.mean(),
         "rollout/distinct_per_group": distinct_completions(groups.texts),
+        **_length_by_outcome(groups, np.ones(r.shape, bool)),
     }
   v = valid_slots(groups)
   rv, has = r[v], v.any(axis=1)
@@ -261,6 +286,7 @@ def reward_stats(groups: Groups) -> dict[str, Any]:
       "rollout/length": mean(groups.lengths[v]),
       "rollout/truncated": 1.0 - mean(groups.finished[v]),
       "rollout/distinct_per_group": distinct_completions(groups.texts, v),
+      **_length_by_outcome(groups, v),
   }
 
 

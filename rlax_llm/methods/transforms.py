@@ -31,7 +31,7 @@ import numpy as np
 
 from rlax_llm.core import regularizers
 from rlax_llm.core import selection
-from rlax_llm.methods.rollouts import Groups, reward_stats
+from rlax_llm.methods.rollouts import Groups, reward_stats, sampled_tokens
 from rlax_llm.methods.rollouts import row_prompts, valid_slots
 from rlax_llm.training.steps import RLBatch
 
@@ -135,13 +135,15 @@ def dynamic_sampling(*, max_rounds: int) -> Transform:
   draws; slots still empty then hold fully masked groups (weight 0), so the
   batch shape never changes. In variable-size groups (`Groups.valid`) only
   the valid slots' rewards count. Stats: `rollout/sampling_rounds`,
-  `rollout/empty_groups`, `rollout/kept_groups_first_draw`.
+  `rollout/empty_groups`, `rollout/kept_groups_first_draw`, and the further
+  draws' tokens added to `rollout/sampled_tokens`.
   """
 
   def apply(work: Work, ctx: StepContext) -> Work:
     b = work.groups.reward.shape[0]
     pieces, count, rounds = [], 0, 0
     groups = work.groups
+    drawn_tokens = 0  # of the draws after the first (counted by the chain)
     first_kept = None
     while True:
       keep = np.asarray(selection.dynamic_sampling_mask(
@@ -156,6 +158,7 @@ def dynamic_sampling(*, max_rounds: int) -> Transform:
       if count >= b or rounds >= max_rounds:
         break
       groups = ctx.draw(rounds)
+      drawn_tokens += sampled_tokens(groups)
     kept = _take(_concat(pieces), np.arange(min(count, b)))
     missing = b - min(count, b)
     errors = sum(p.errors for p in pieces)
@@ -163,6 +166,8 @@ def dynamic_sampling(*, max_rounds: int) -> Transform:
       kept = _concat([kept, _masked_filler(work.groups, missing)])
     kept = kept._replace(errors=errors, stats=work.groups.stats)
     stats = dict(work.stats or {})
+    stats["rollout/sampled_tokens"] = (
+        stats.get("rollout/sampled_tokens", 0) + drawn_tokens)
     stats.update({"rollout/sampling_rounds": rounds,
                   "rollout/empty_groups": missing,
                   "rollout/kept_groups_first_draw": first_kept,
@@ -296,6 +301,7 @@ def apply_chain(transforms: Sequence[Transform], groups: Groups,
   stats = reward_stats(groups)
   stats["reward/errors"] = groups.errors
   stats.update(groups.stats or {})
+  stats["rollout/sampled_tokens"] = sampled_tokens(groups)
   work = Work(groups=groups, stats=stats)
   for t in transforms:
     work = t(work, ctx)
