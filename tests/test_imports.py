@@ -113,3 +113,25 @@ def test_every_public_name_resolves_lazily():
   assert out["same"]
   assert "no_such_subpackage" in out["missing_error"]
   assert "from rlax_llm import core" in out["missing_error"]
+
+
+def test_metric_writer_leaves_torch_unloaded_and_importable(tmp_path):
+  """Writing TensorBoard events does not load torch (2+ s per process), and
+  torch stays importable afterwards when it is installed."""
+  got = _run(f"""
+      import importlib.util, json, os, sys
+      from rlax_llm.training import metrics
+      w = metrics.MetricWriter({str(tmp_path)!r})
+      w.write(3, {{"rl/loss": 0.5}})
+      w.close()
+      loaded = "torch" in sys.modules
+      events = os.listdir(os.path.join({str(tmp_path)!r}, "tensorboard"))
+      has_torch = importlib.util.find_spec("torch") is not None
+      if has_torch:
+        import torch
+      print(json.dumps([loaded, len(events), has_torch,
+                        "torch" in sys.modules]))
+      """)
+  loaded, events, has_torch, after = got
+  assert not loaded and events == 1
+  assert after == has_torch

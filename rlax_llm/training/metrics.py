@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -47,6 +48,27 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
   return records
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX imports torch, when it is installed, only to accept torch
+  tensors (2+ s on a CPU host, in every process that writes metrics); the
+  writer here is given Python floats. Unless torch is already loaded, its
+  import is refused for the duration of tensorboardX's (tensorboardX then
+  takes NumPy arrays only) and allowed again after.
+  """
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Appends metrics to `workdir/metrics.jsonl` and TensorBoard event files.
 
@@ -79,9 +101,8 @@ class MetricWriter:
     self.records = kept
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                               purge_step=resume_step)
+      self._tb = _summary_writer()(os.path.join(workdir, "tensorboard"),
+                                   purge_step=resume_step)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     record = {"step": int(step)}
