@@ -28,6 +28,11 @@ FORBIDDEN = {
     "rlax_llm.sampling": NOT_IN_CORE,
     "rlax_llm.parallel": NOT_IN_CORE,
     "rlax_llm.models": HEAVY,
+    # Every run's process (experiments.train): no math parser, Hugging Face,
+    # plotting or TensorFlow stacks until a task or writer asks for them.
+    "rlax_llm.experiment": ("sympy", "torch", "transformers", "matplotlib",
+                            "tensorflow", "tensorflow_datasets",
+                            "tensorboardX"),
 }
 
 

@@ -46,7 +46,6 @@ from rlax_llm import data as data_lib
 from rlax_llm.data import reasoning as reasoning_lib
 from rlax_llm.rewards import arithmetic as arith_rewards
 from rlax_llm.rewards import countdown as countdown_rewards
-from rlax_llm.rewards import math as math_rewards
 from rlax_llm.rewards import reasoning as reasoning_rewards
 
 # The shipped data: <repository>/../shared/data.
@@ -353,6 +352,8 @@ class JsonlSetup:
                                      config=builder_cfg)
         for s in spec["splits"]}
     self.splits = spec["splits"]
+    # The math verifier loads sympy: imported by the tasks that score with it.
+    from rlax_llm.rewards import math as math_rewards  # pylint: disable=g-import-not-at-top
     self.style = t.reward_style or spec["style"]
     if self.style not in math_rewards.STYLES:
       raise ValueError(f"config.task.reward_style={self.style!r}; choose one "
@@ -377,6 +378,7 @@ class JsonlSetup:
                                             style=self.style)
 
   def reward_fn(self, texts: Sequence[str], answers: Sequence[str]):
+    from rlax_llm.rewards import math as math_rewards  # pylint: disable=g-import-not-at-top
     return math_rewards.batch_verify(texts, answers, style=self.style)
 
   @staticmethod

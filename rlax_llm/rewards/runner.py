@@ -52,7 +52,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from rlax_llm.rewards import math as math_rewards
 
 __all__ = [
     "ComposedReward",
@@ -69,6 +68,8 @@ __all__ = [
 
 def boxed_format(completion: Any, **unused_kwargs) -> float:
   """1.0 if the completion puts an answer in a (balanced) ``\\boxed{}``."""
+  # Imported here: the math verifier loads sympy, which only math rewards need.
+  from rlax_llm.rewards import math as math_rewards  # pylint: disable=g-import-not-at-top
   if (not isinstance(completion, str)
       or len(completion) > math_rewards.MAX_COMPLETION_CHARS):
     return 0.0
