@@ -16,9 +16,19 @@ sums of up to 4 operands (one more than pretraining saw) and test on 5-6
 forgetting.
 """
 
+import os
+
 import ml_collections
 
 from configs import base
+
+# The base model this config produced, committed with the repository (HF
+# format: config.json, model.safetensors, tokenizer.json; with its
+# base_eval.json and corpus.json), so that fine-tuning, RL and the
+# reproductions of experiments/repro start from the same weights on every
+# machine. `experiments.pretrain` rebuilds it (into --workdir/hf).
+BASE_MODEL = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "experiments", "repro", "base_reasoning")
 
 
 def task_section(**overrides) -> ml_collections.ConfigDict:

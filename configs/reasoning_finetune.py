@@ -1,6 +1,8 @@
 """Supervised fine-tuning of the testbed's base model on longer chain sums.
 
-Run (after `python -m experiments.pretrain`, which writes runs/base_reasoning/hf):
+Run (from the committed base, `pretrain_reasoning.BASE_MODEL`; or
+`--config.model.hf_path=DIR/hf` after `python -m experiments.pretrain
+--workdir=DIR`):
   python -m experiments.train --config=configs/reasoning_finetune.py \
       --workdir=runs/ft_sft [--config.sft.loss=otr|otr_exact|dft]
 
@@ -24,8 +26,8 @@ def get_config(arg=None):
       families="chain=1", chain_min_operands=2, chain_max_operands=4,
       batch_by_family=False, max_new_tokens=72)
   # The architecture and tokenizer come from the checkpoint.
-  c.model = ml_collections.ConfigDict(dict(hf_path="runs/base_reasoning/hf",
-                                           max_seq_len=128))
+  c.model = ml_collections.ConfigDict(dict(
+      hf_path=pretrain_reasoning.BASE_MODEL, max_seq_len=128))
   c.sft.update(steps=300, batch_size=32, learning_rate=3e-4, warmup_steps=20,
                lr_decay="cosine", pad_multiple=16)
   c.rl.steps = 0

@@ -1,10 +1,12 @@
 """GRPO from the testbed's base model on chain sums and Countdown search.
 
-Run (after `python -m experiments.pretrain`):
+Run (from the committed base, `pretrain_reasoning.BASE_MODEL`; or
+`--config.model.hf_path=DIR/hf` after `python -m experiments.pretrain
+--workdir=DIR`):
   python -m experiments.train --config=configs/reasoning_grpo.py \
       --workdir=runs/rl_grpo [--config.task.families=search=1]
 
-No supervised phase: the policy starts as runs/base_reasoning/hf. Rewards are
+No supervised phase: the policy starts as the base model. Rewards are
 `rlax_llm.rewards.reasoning.verify` (the final "answer X" only). Any method
 (`--config.rl.method`) and rollout engine (`--config.rollout.name`, with that
 engine's section) runs on it; the completion budget covers the longest
@@ -22,8 +24,8 @@ def get_config(arg=None):
   c.task = pretrain_reasoning.task_section(
       families="chain=1,search=1", chain_min_operands=2, chain_max_operands=4,
       batch_by_family=False, max_new_tokens=256)
-  c.model = ml_collections.ConfigDict(dict(hf_path="runs/base_reasoning/hf",
-                                           max_seq_len=288))
+  c.model = ml_collections.ConfigDict(dict(
+      hf_path=pretrain_reasoning.BASE_MODEL, max_seq_len=288))
   c.sft.steps = 0
   c.rl.update(steps=100, prompts_per_step=16, num_samples=8,
               learning_rate=1e-4, warmup_steps=10)

@@ -39,7 +39,6 @@ if __name__ == "__main__":
 def pretrain(config, workdir: str) -> dict:
   """Trains (or resumes), exports to workdir/hf, evaluates every split."""
   from rlax_llm import experiment  # pylint: disable=g-import-not-at-top
-  from rlax_llm.models import hf  # pylint: disable=g-import-not-at-top
   if config.rl.steps:
     raise ValueError(f"experiments.pretrain trains the supervised phase only; "
                      f"set --config.rl.steps=0 (now {config.rl.steps}).")
@@ -48,12 +47,11 @@ def pretrain(config, workdir: str) -> dict:
                      f"statistics; config.task.name={config.task.name!r} "
                      "should be 'reasoning'.")
   summary = experiment.run(config, workdir)
+  experiment.export_checkpoint(config, workdir,
+                               os.path.join(os.path.abspath(workdir), "hf"))
   exp = experiment.trained_experiment(config, workdir)
   try:
     step, params = experiment.restore_policy(exp)
-    out_dir = os.path.join(os.path.abspath(workdir), "hf")
-    hf.save_pretrained((exp.model_cfg, params), out_dir)
-    exp.setup.tokenizer.save_pretrained(out_dir)
     corpus = exp.setup.task.length_histogram(exp.setup.tokenizer)
     with open(os.path.join(workdir, "corpus.json"), "w") as f:
       json.dump(corpus, f, indent=1)

@@ -325,6 +325,23 @@ def test_pretrain_export_then_rl_from_hf_path(tmp_path, base_model):
                                                    "metrics.jsonl"))]
   assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
   assert 0.0 <= summary["final_accuracy"] <= 1.0
+  # The RL run's policy exported in turn (tokenizer copied from its base)
+  # loads by hf_path with the same weights.
+  out = str(tmp_path / "rl2_hf")
+  assert experiment.export_checkpoint(rl, str(tmp_path / "rl2"), out) == 2
+  for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    assert os.path.isfile(os.path.join(out, name)), name
+  trained = experiment.trained_experiment(rl, str(tmp_path / "rl2"))
+  _, want = experiment.restore_policy(trained)
+  trained.close()
+  again = rl.copy_and_resolve_references()
+  again.model.hf_path = out
+  exp = experiment.Experiment(again, str(tmp_path / "from_export"))
+  state, _ = exp.initial_state()
+  for x, y in zip(jax.tree.leaves(exp.policy_params(state)),
+                  jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  exp.close()
 
 
 @pytest.mark.slow
@@ -535,3 +552,130 @@ def test_repro_command_line_selects_arms():
   assert list(common.select_arms(arms, "c, a")) == ["c", "a"]
   with pytest.raises(ValueError, match=r"\['d'\].*\['a', 'b', 'c'\]"):
     common.select_arms(arms, "a,d")
+
+
+def test_april_sync_arms_and_throughput_curves_by_hand():
+  from configs import april_arith
+  from experiments.repro import april_sync
+  sync = april_sync.arm("sync", 30)(1, "base").to_dict()
+  april = april_sync.arm("april", 30)(1, "base").to_dict()
+  assert sync["task"]["families"] == "search=1"
+  assert sync["eval"]["split"] == "search"
+  assert sync["rollout"]["name"] == "sample"
+  assert april["rollout"] == april_arith.get_config().rollout.to_dict()
+  assert _diff(april, sync) <= ({f"rollout.{k}" for k in april["rollout"]}
+                                | {"rl.recompute_old_logp"})
+  assert april["rl"]["recompute_old_logp"]
+  with pytest.raises(ValueError, match="sync"):
+    april_sync.arm("async", 30)
+  recs = [{"step": 0, "eval/accuracy": 0.1},
+          {"step": 1, "rollout/rollouts": 128, "rollout/truncated": 0.25,
+           "time/rollout_s": 4.0, "time/step_s": 8.0,
+           "rollout/off_policy_tokens": 0.1},
+          {"step": 2, "rollout/rollouts": 128, "rollout/truncated": 0.0,
+           "time/rollout_s": 2.0, "time/step_s": 4.0,
+           "rollout/off_policy_tokens": 0.3}]
+  c = april_sync.CURVES
+  assert c["finished_rollouts_per_s"](recs) == pytest.approx(
+      (96 + 128) / 6.0)
+  assert c["rollout_time_share"](recs) == pytest.approx(0.5)
+  assert c["off_policy_tokens"](recs) == pytest.approx(0.2)
+  plain = [{k: v for k, v in r.items() if k != "rollout/off_policy_tokens"}
+           for r in recs]
+  assert c["off_policy_tokens"](plain) == 0.0
+
+
+def test_latr_search_arms_are_the_search_setting_with_the_tree():
+  from experiments.repro import latr_grpo
+  from experiments.repro import latr_search
+  a = {k: f(0, "base").to_dict() for k, f in latr_search.arms(30).items()}
+  assert a["sampling"] == latr_grpo.setting(0, "base", 30, "search").to_dict()
+  assert a["sampling"]["task"]["families"] == "search=1"
+  assert a["sampling"]["eval"]["split"] == "search"
+  assert a["sampling"]["task"]["max_new_tokens"] == 256
+  assert _diff(a["latr"], a["sampling"]) <= (
+      {f"rollout.{k}" for k in a["latr"]["rollout"]})
+  assert tuple(a["latr"]["rollout"]["windows"]) == latr_grpo.CHAIN_WINDOWS
+  # The chain setting is the one the LATR / KL tables were measured with.
+  chain = latr_grpo.setting(0, "base", 40).to_dict()
+  assert (chain["task"]["families"], chain["model"]["max_seq_len"],
+          chain["task"]["max_new_tokens"], chain["eval"]["num_samples"]) == (
+              "chain=1", 112, 64, 8)
+  with pytest.raises(ValueError, match="'chain' or 'search'"):
+    latr_grpo.setting(0, "base", 30, "sort")
+
+
+
+def test_brorl_continue_arms_and_curves_by_hand(tmp_path):
+  from configs import brorl_arith
+  from experiments.repro import brorl_continue
+  from experiments.repro import latr_grpo
+  a = brorl_continue.arms(20, str(tmp_path), 40)
+  assert list(a) == ["plateau", "n16", "n512"]
+  assert a["plateau"](1, "base").to_dict() == latr_grpo.setting(
+      1, "base", 40).to_dict()
+  c16, c512 = (a[k](1, "base").to_dict() for k in ("n16", "n512"))
+  export = str(tmp_path / "plateau" / "seed1" / "hf")
+  assert not os.path.exists(export)  # stage 1 not run: nothing exported
+  ref = brorl_arith.get_config().rl
+  for c, (prompts, n) in ((c16, (32, 16)), (c512, (1, 512))):
+    assert c["model"]["hf_path"] == export
+    assert (c["rl"]["prompts_per_step"], c["rl"]["num_samples"]) == (
+        prompts, n)
+    assert (c["rl"]["kl_coef"], c["rl"]["kl_estimator"],
+            c["rl"]["dynamic_sampling"], c["rl"]["max_sampling_rounds"],
+            c["rl"]["ref_reset_every"]) == (
+                ref.kl_coef, ref.kl_estimator, True,
+                ref.max_sampling_rounds, 10)
+    assert c["rl"]["steps"] == 20
+  assert _diff(c16, c512) == {"rl.prompts_per_step", "rl.num_samples"}
+  assert list(brorl_continue.arms(20, str(tmp_path), 40, "n512")) == [
+      "plateau", "n512"]
+  with pytest.raises(ValueError, match="do not divide"):
+    brorl_continue.continued_arm(24, 20, str(tmp_path), 40)
+  recs = [{"step": 1, "rollout/rollouts": 512, "time/rollout_s": 4.0,
+           "rollout/sampling_rounds": 2, "rollout/filtered_first_draw": 0.5},
+          {"step": 2, "rollout/rollouts": 512, "time/rollout_s": 4.0,
+           "rollout/filtered_first_draw": 0.0}]
+  c = brorl_continue.CURVES
+  assert c["rollouts_per_s"](recs) == pytest.approx(512 * 3 / 8.0)
+  assert c["filtered_first_draw"](recs) == pytest.approx(0.25)
+
+
+@pytest.mark.slow
+def test_brorl_continue_trains_the_plateau_exports_and_continues(
+    tmp_path, base_model):
+  """Both stages at toy size through one run_arms call: the plateau run,
+  its export on first use, a continued arm that starts from the export
+  with the ProRL ingredients on."""
+  from experiments.repro import brorl_continue
+  from experiments.repro import common
+  from rlax_llm.training.metrics import read_metrics
+  out = str(tmp_path / "brorl")
+
+  def small(make):
+    def f(seed, base):
+      cfg = make(seed, base)
+      cfg.task.max_new_tokens = 48
+      cfg.model.max_seq_len = 80
+      cfg.rl.update(steps=2, prompts_per_step=max(
+          1, cfg.rl.prompts_per_step // 16))
+      cfg.eval.update(every=1, num_problems=4, num_samples=2, batch_size=4)
+      return cfg
+    return f
+  arms = {k: small(v) for k, v in
+          brorl_continue.arms(2, out, 2, "n512").items()}
+  table = common.run_arms(arms, seeds=[0], base=str(base_model[0] / "hf"),
+                          out=out, splits=("test",),
+                          curves=brorl_continue.CURVES)
+  export = os.path.join(out, "plateau", "seed0", "hf")
+  assert os.path.isfile(os.path.join(export, "model.safetensors"))
+  cont = os.path.join(out, "n512", "seed0")
+  cfg = json.loads(open(os.path.join(cont, "config.json")).read())
+  assert cfg["model"]["hf_path"] == export
+  assert cfg["rl"]["num_samples"] == 512
+  recs = [r for r in read_metrics(os.path.join(cont, "metrics.jsonl"))
+          if "rl/kl" in r]
+  assert len(recs) == 2 and all(np.isfinite(r["rl/kl"]) for r in recs)
+  assert set(table) == {"plateau", "n512"}
+  assert np.isfinite(table["n512"]["rollouts_per_s"]["mean"])

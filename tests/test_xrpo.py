@@ -219,6 +219,7 @@ def test_masked_reward_stats_and_dynamic_sampling():
       tf.Work(groups=_groups(reward, valid), stats={}),
       tf.StepContext(_Eng(), None, None, 0, 0))
   assert work.stats["rollout/kept_groups_first_draw"] == 1
+  assert work.stats["rollout/filtered_first_draw"] == 0.5
 
 
 def test_sampled_tokens_over_draws_and_engines():
@@ -253,6 +254,7 @@ def test_length_of_correct_and_wrong_rollouts():
              if v[i, j] and reward[i, j] < 0.5]
     assert s["rollout/length_correct"] == pytest.approx(np.mean(right))
     assert s["rollout/length_wrong"] == pytest.approx(np.mean(wrong))
+    assert s["rollout/rollouts"] == v.sum()
   # No correct rollout at all: the key is absent, not a NaN or a 0.
   s = rollouts.reward_stats(_groups(np.zeros((2, 3), np.float32),
                                     np.ones((2, 3), bool)))

@@ -28,7 +28,10 @@ ConfigFn = Callable[[int, str], object]
 CurveFn = Callable[[list], float]
 ArmsFn = Callable[[int], Mapping[str, ConfigFn]]
 
-DEFAULT_BASE = "runs/base_reasoning/hf"
+# The committed base model (configs/pretrain_reasoning.py's BASE_MODEL).
+DEFAULT_BASE = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__)))), "experiments", "repro",
+                            "base_reasoning")
 
 
 def mean_of(key: str) -> CurveFn:
@@ -179,31 +182,40 @@ def select_arms(all_arms: Mapping[str, ConfigFn], names: str
   return {n: all_arms[n] for n in chosen}
 
 
-def main(name: str, arms: ArmsFn, *, splits: Sequence[str], steps: int,
-         metrics: Sequence[str] = ("accuracy",),
-         curves: Mapping[str, CurveFn] | None = None) -> None:
-  """A reproduction's command line: defines its flags, runs `run_arms`.
-
-  Flags: --base (the base model), --out (default runs/repro/NAME), --seeds,
-  --steps (default `steps`; `arms(steps)` builds the arms) and --arms (a
-  comma-separated subset, default all). Called from the module's
-  `__main__` block, so that importing a reproduction defines no flags (other
-  modules, e.g. experiments.plot, own --out).
-  """
-  from absl import app  # pylint: disable=g-import-not-at-top
+def define_flags(name: str, steps: int) -> None:
+  """A reproduction's flags: --base, --out (default runs/repro/NAME),
+  --seeds, --steps (default `steps`) and --arms (a comma-separated subset,
+  default all). Called from a module's `__main__` block, so that importing
+  a reproduction defines no flags (other modules, e.g. experiments.plot,
+  own --out)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("base", DEFAULT_BASE,
-                      "The base model (experiments.pretrain's DIR/hf).")
+                      "The base model (experiments.pretrain's DIR/hf); "
+                      "default the committed one.")
   flags.DEFINE_string("out", f"runs/repro/{name}", "Output directory.")
   flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
   flags.DEFINE_integer("steps", steps, "Training steps per arm.")
   flags.DEFINE_string("arms", "", "Comma-separated arms to run (default all).")
 
+
+def seeds_flag() -> list[int]:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return [int(s) for s in flags.FLAGS.seeds.split(",") if s.strip()]
+
+
+def main(name: str, arms: ArmsFn, *, splits: Sequence[str], steps: int,
+         metrics: Sequence[str] = ("accuracy",),
+         curves: Mapping[str, CurveFn] | None = None) -> None:
+  """A reproduction's command line (`define_flags`), then `run_arms` over
+  `arms(--steps)` and the table printed."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  define_flags(name, steps)
+
   def run(argv):
     del argv
     f = flags.FLAGS
-    seeds = [int(s) for s in f.seeds.split(",") if s.strip()]
-    table = run_arms(select_arms(arms(f.steps), f.arms), seeds=seeds,
+    table = run_arms(select_arms(arms(f.steps), f.arms), seeds=seeds_flag(),
                      base=f.base, out=f.out, splits=splits, metrics=metrics,
                      curves=curves)
     print(markdown(table))

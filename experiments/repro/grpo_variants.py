@@ -1,8 +1,7 @@
 """GRPO vs Dr.GRPO vs DAPO's clip-higher, RL from the testbed's base.
 
-  python -m experiments.repro.grpo_variants --base=runs/base_reasoning/hf \
-      --out=runs/repro/grpo_variants [--seeds=0,1,2] [--steps=40] \
-      [--arms=grpo,dr_grpo,clip_higher]
+  python -m experiments.repro.grpo_variants --out=runs/repro/grpo_variants \
+      [--seeds=0,1,2] [--steps=40] [--arms=grpo,dr_grpo,clip_higher]
 
 Claims:
 - Dr.GRPO (arXiv:2503.20783): GRPO's per-sequence length normalisation

@@ -1,7 +1,7 @@
 """GRPO with and without the reference-policy KL, RL from the testbed's base.
 
-  python -m experiments.repro.kl_grpo --base=runs/base_reasoning/hf \
-      --out=runs/repro/kl_grpo [--seeds=0,1,2] [--steps=40] [--arms=grpo,grpo_kl]
+  python -m experiments.repro.kl_grpo --out=runs/repro/kl_grpo \
+      [--seeds=0,1,2] [--steps=40] [--arms=grpo,grpo_kl]
 
 Question (the GRPO paper's objective keeps beta KL(pi || pi_ref), k3
 estimator, beta 0.04; Dr.GRPO and DAPO drop it): does the penalty change

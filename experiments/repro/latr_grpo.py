@@ -1,7 +1,7 @@
 """LATR vs stochastic sampling under GRPO and DAPO, RL from the testbed's base.
 
-  python -m experiments.repro.latr_grpo --base=runs/base_reasoning/hf \
-      --out=runs/repro/latr_grpo [--seeds=0,1,2] [--steps=40] \
+  python -m experiments.repro.latr_grpo --out=runs/repro/latr_grpo \
+      [--seeds=0,1,2] [--steps=40] \
       [--arms=grpo_sampling,grpo_latr,dapo_sampling,dapo_latr]
 
 Claim (LATR, arXiv:2510.24302): lookahead tree rollouts give more distinct
@@ -97,9 +97,41 @@ def latr_section() -> ml_collections.ConfigDict:
   return section
 
 
-def arm(method: str, rollout: str, steps: int):
+def setting(seed: int, base: str, steps: int, family: str = "chain"):
+  """GRPO from `base` with sampling: the reproductions' common setting.
+
+  family "chain": chain sums of 2-4 operands (64-token budget), evaluated on
+  "test" (256 problems, 8 samples); "search": the written Countdown search
+  (256-token budget, the corpus' long tail), evaluated on "search" (128
+  problems, 4 samples). Both: 16 prompts x 8 rows per step, AdamW 1e-4, an
+  evaluation every EVAL_EVERY steps and one checkpoint at the end.
+  """
+  c = reasoning_grpo.get_config()
+  c.seed = seed
+  c.model.hf_path = os.path.abspath(base)
+  if family == "chain":
+    c.model.max_seq_len = 112
+    c.task = pretrain_reasoning.task_section(
+        families="chain=1", chain_min_operands=2, chain_max_operands=4,
+        batch_by_family=False, max_new_tokens=64)
+    c.eval.update(every=EVAL_EVERY, num_problems=256, num_samples=8,
+                  batch_size=256)
+  elif family == "search":
+    c.task = pretrain_reasoning.task_section(
+        families="search=1", batch_by_family=False, max_new_tokens=256)
+    c.eval.update(split="search", every=EVAL_EVERY, num_problems=128,
+                  num_samples=4, batch_size=128)
+  else:
+    raise ValueError(f"family={family!r}: 'chain' or 'search'.")
+  c.rl.update(steps=steps, prompts_per_step=16, num_samples=8)
+  c.checkpoint.every = steps
+  c.progress = False
+  return c
+
+
+def arm(method: str, rollout: str, steps: int, family: str = "chain"):
   def make(seed: int, base: str):
-    c = reasoning_grpo.get_config()
+    c = setting(seed, base, steps, family)
     if method == "dapo":
       d = dapo.get_config()
       for k in ("clip_low", "clip_high", "aggregation", "dynamic_sampling"):
@@ -107,17 +139,6 @@ def arm(method: str, rollout: str, steps: int):
     elif method != "grpo":
       raise ValueError(f"method={method!r}: this reproduction runs 'grpo' "
                        "or 'dapo'.")
-    c.seed = seed
-    c.model.hf_path = os.path.abspath(base)
-    c.model.max_seq_len = 112
-    c.task = pretrain_reasoning.task_section(
-        families="chain=1", chain_min_operands=2, chain_max_operands=4,
-        batch_by_family=False, max_new_tokens=64)
-    c.rl.update(steps=steps, prompts_per_step=16, num_samples=8)
-    c.eval.update(every=EVAL_EVERY, num_problems=256, num_samples=8,
-                  batch_size=256)
-    c.checkpoint.every = steps
-    c.progress = False
     if rollout == "latr":
       c.rollout = latr_section()
     elif rollout != "sampling":

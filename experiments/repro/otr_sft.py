@@ -1,7 +1,7 @@
 """OTR vs SFT vs DFT vs exact OTR, fine-tuning the testbed's base model.
 
-  python -m experiments.repro.otr_sft --base=runs/base_reasoning/hf \
-      --out=runs/repro/otr_sft [--seeds=0,1,2] [--steps=300] [--arms=...]
+  python -m experiments.repro.otr_sft --out=runs/repro/otr_sft \
+      [--seeds=0,1,2] [--steps=300] [--arms=...]
 
 Claim (One-Token Rollout): fine-tuning with OTR's token-level policy
 gradient generalises better out of distribution and forgets less than

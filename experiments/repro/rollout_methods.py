@@ -1,8 +1,7 @@
 """BranchGRPO, XRPO and D^3S vs GRPO, RL from the testbed's base.
 
-  python -m experiments.repro.rollout_methods --base=runs/base_reasoning/hf \
-      --out=runs/repro/rollout_methods [--seeds=0,1,2] [--steps=40] \
-      [--arms=grpo,branch,xrpo,d3s]
+  python -m experiments.repro.rollout_methods --out=runs/repro/rollout_methods \
+      [--seeds=0,1,2] [--steps=40] [--arms=grpo,branch,xrpo,d3s]
 
 Claims: BranchGRPO (arXiv:2509.06040) reaches GRPO's accuracy with fewer
 sampled tokens (shared tree prefixes); XRPO (arXiv:2510.06672) spends the

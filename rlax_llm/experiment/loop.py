@@ -774,6 +774,41 @@ def restore_policy(exp: "Experiment") -> tuple[int, Any]:
   return latest, exp.policy_params(state)
 
 
+# Tokenizer files of a Hugging Face checkpoint, copied along on export.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "generation_config.json")
+
+
+def export_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                      out_dir: str) -> int:
+  """Writes the latest checkpoint's policy in `workdir` as a Hugging Face
+  checkpoint in `out_dir` (config.json, model.safetensors and the
+  tokenizer: the run's own character vocabulary, or the files of the
+  `model.hf_path` it started from), loadable with `model.hf_path=out_dir`.
+  Returns the checkpoint's step."""
+  exp = trained_experiment(config, workdir)
+  try:
+    step, params = restore_policy(exp)
+    hf_lib.save_pretrained((exp.model_cfg, params), out_dir)
+    tok = exp.setup.tokenizer
+    source = config.model.get("hf_path", "")
+    if hasattr(tok, "save_pretrained"):
+      tok.save_pretrained(out_dir)
+    elif source:
+      import shutil  # pylint: disable=g-import-not-at-top
+      for name in _TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+          shutil.copyfile(os.path.join(source, name),
+                          os.path.join(out_dir, name))
+    else:
+      raise ValueError(
+          f"The tokenizer of {workdir!r} ({type(tok).__name__}) cannot be "
+          "written and the run has no model.hf_path to copy it from.")
+  finally:
+    exp.close()
+  return int(step)
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                         split: str | None = None) -> dict[str, Any]:
   """Evaluates the latest checkpoint in `workdir` on a split.

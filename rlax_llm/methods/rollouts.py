@@ -260,7 +260,8 @@ def _length_by_outcome(groups: Groups, v: np.ndarray) -> dict[str, float]:
 
 def reward_stats(groups: Groups) -> dict[str, Any]:
   """Reward and length statistics of one draw of groups (over the valid
-  slots of variable-size groups, `Groups.valid`)."""
+  slots of variable-size groups, `Groups.valid`; `rollout/rollouts` counts
+  them)."""
   r = groups.reward
   if groups.valid is None:
     return {
@@ -271,6 +272,7 @@ def reward_stats(groups: Groups) -> dict[str, Any]:
         "rollout/length": groups.lengths.mean(),
         "rollout/truncated": 1.0 - groups.finished.mean(),
         "rollout/distinct_per_group": distinct_completions(groups.texts),
+        "rollout/rollouts": int(r.size),
         **_length_by_outcome(groups, np.ones(r.shape, bool)),
     }
   v = valid_slots(groups)
@@ -286,6 +288,7 @@ def reward_stats(groups: Groups) -> dict[str, Any]:
       "rollout/length": mean(groups.lengths[v]),
       "rollout/truncated": 1.0 - mean(groups.finished[v]),
       "rollout/distinct_per_group": distinct_completions(groups.texts, v),
+      "rollout/rollouts": int(v.sum()),
       **_length_by_outcome(groups, v),
   }
 

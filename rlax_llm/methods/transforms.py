@@ -135,8 +135,9 @@ def dynamic_sampling(*, max_rounds: int) -> Transform:
   draws; slots still empty then hold fully masked groups (weight 0), so the
   batch shape never changes. In variable-size groups (`Groups.valid`) only
   the valid slots' rewards count. Stats: `rollout/sampling_rounds`,
-  `rollout/empty_groups`, `rollout/kept_groups_first_draw`, and the further
-  draws' tokens added to `rollout/sampled_tokens`.
+  `rollout/empty_groups`, `rollout/kept_groups_first_draw` (and
+  `rollout/filtered_first_draw`, the share of the first draw's groups
+  dropped), and the further draws' tokens added to `rollout/sampled_tokens`.
   """
 
   def apply(work: Work, ctx: StepContext) -> Work:
@@ -171,6 +172,7 @@ def dynamic_sampling(*, max_rounds: int) -> Transform:
     stats.update({"rollout/sampling_rounds": rounds,
                   "rollout/empty_groups": missing,
                   "rollout/kept_groups_first_draw": first_kept,
+                  "rollout/filtered_first_draw": 1.0 - first_kept / b,
                   "reward/errors": errors})
     return work._replace(groups=kept, stats=stats)
 
