@@ -108,7 +108,8 @@ print("CHECKED", checked)
 
 def test_core_functions_sharded_equal_one_device():
   env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                        + " --xla_force_host_platform_device_count=8"),
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=600)

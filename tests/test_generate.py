@@ -254,7 +254,8 @@ def test_decode_step_with_per_row_slots_matches_full_sequences():
 
 _MESH_SCRIPT = textwrap.dedent("""
     import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=4")
     import flax.nnx as nnx, jax, numpy as np
     from rlax_llm.models.config import ModelConfig
     from rlax_llm.models.transformer import Transformer

@@ -325,7 +325,8 @@ def test_sharded_loading_on_a_mesh(saved):
   path = saved["qwen3"][1]
   code = textwrap.dedent(f"""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=4")
     import jax, jax.numpy as jnp, numpy as np
     from rlax_llm.models import hf
     from rlax_llm.parallel.mesh import make_mesh

@@ -222,7 +222,8 @@ def test_sharded_lora_train_state_on_a_mesh():
   """Adapters and their Adam moments are sharded like their base weights."""
   code = textwrap.dedent(f"""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8")
     import jax, optax
     from jax.sharding import PartitionSpec as P
     from rlax_llm.models.config import ModelConfig

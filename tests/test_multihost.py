@@ -27,7 +27,8 @@ _WORKER = textwrap.dedent("""
     import json, os, sys
     mode, out = sys.argv[1], sys.argv[2]
     ndev = 2 if mode == "multi" else 1
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={ndev}")
     from rlax_llm.parallel import distributed
     plan = distributed.initialize()  # from the RLAX_* environment
     import jax, numpy as np, optax
@@ -274,7 +275,10 @@ def test_plan_errors_name_the_fix(section, env, needle):
 
 _HOST_DEVICES = textwrap.dedent("""
     import json, os, sys
-    os.environ.pop("XLA_FLAGS", None)
+    # No forced device count (other XLA flags of the suite stay).
+    os.environ["XLA_FLAGS"] = " ".join(
+        f for f in os.environ.get("XLA_FLAGS", "").split()
+        if "device_count" not in f)
     from rlax_llm.parallel import distributed
     import jax
     n = distributed.use_host_devices(3)

@@ -85,9 +85,10 @@ def test_prototype_a_loss_smoke_run(tmp_path):
 def test_reproduce_otr_smoke_run(tmp_path):
   nb = nbformat.read(REPRODUCE_OTR, as_version=4)
   params = _parameters_cell(nb)
-  assert "BASE = None" in params.source
-  params.source = (f"SMOKE = True\nWORKDIR = {str(tmp_path)!r}\nBASE = None\n"
-                   "STEPS = 2\nSEEDS = (0,)\n")
+  assert 'BASE = "committed"' in params.source
+  # The smoke run pretrains its own toy base (the notebook's other path).
+  params.source = (f"SMOKE = True\nWORKDIR = {str(tmp_path)!r}\n"
+                   "BASE = 'pretrain'\nSTEPS = 2\nSEEDS = (0,)\n")
   client = nbclient.NotebookClient(
       nb, timeout=600, kernel_name="python3",
       resources={"metadata": {"path": os.path.dirname(REPRODUCE_OTR)}})

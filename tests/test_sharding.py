@@ -24,7 +24,8 @@ MIN_SIZE = 512  # every weight matrix of the test model has >= 512 entries
 
 _SCRIPT = textwrap.dedent("""
     import os, sys, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8")
     import jax, jax.numpy as jnp, numpy as np, optax
     from rlax_llm.methods import grpo
     from rlax_llm.models.config import ModelConfig

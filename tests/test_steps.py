@@ -115,7 +115,8 @@ def test_sft_step_lowers_the_loss_on_a_fixed_batch():
 
 _SHARDED = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8")
     import json, jax, numpy as np, optax
     from tests.test_steps import CFG, _rl_batch
     from rlax_llm.methods import grpo
