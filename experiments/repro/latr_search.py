@@ -1,22 +1,23 @@
 """LATR vs stochastic sampling under GRPO on the written Countdown search.
 
   python -m experiments.repro.latr_search --out=runs/repro/latr_search \
-      [--seeds=0,1,2] [--steps=30] [--arms=sampling,latr]
+      [--seeds=0,1,2] [--steps=20] [--arms=sampling,latr]
 
 The LATR claim (arXiv:2510.24302; see `latr_grpo.py`) on the task its
 official thresholds were set for: Countdown. The base model's written
-search is long (median 70, p95 177 tokens) and uncertain (greedy 0.14),
-where on chain sums it is confident and LATR's tree barely branches
-(RESULTS.md). Both arms run GRPO from the base on the search family
-(`latr_grpo.setting(..., family="search")`: 16 prompts x 8 rows, 256-token
-budget, AdamW 1e-4), so each draws the same rollouts; "latr" replaces the
-sampler by the LATR engine (official Countdown thresholds tau_abs 0.25,
-tau_rel 0.15, tau_ed 0.4, eta schedule from 1.0, lookahead windows (4, 8,
-12) tokens: about one written try, `3+5=8 no, `). Columns: final greedy
-accuracy and pass@1 on "search" (128 problems, 4 samples), the mean
-distinct completions per group and share of zero-variance groups over the
-run, the mean test accuracy over the evaluations, the first evaluated step
-at step-0 accuracy + 0.05, the branches opened per prompt and wall time.
+search is long (median 70, p95 177 tokens) and uncertain (greedy accuracy
+0.1-0.2), where on chain sums it is confident and LATR's tree barely
+branches (RESULTS.md). Both arms run GRPO from the base on the search
+family (`latr_grpo.setting(..., family="search")`: 16 prompts x 8 rows,
+256-token budget, AdamW 1e-4, 20 steps), so each draws the same rollouts;
+"latr" replaces the sampler by the LATR engine (official Countdown
+thresholds tau_abs 0.25, tau_rel 0.15, tau_ed 0.4, eta schedule from 1.0,
+lookahead windows (4, 8, 12) tokens: about one written try, `3+5=8 no, `).
+Columns: final greedy accuracy and pass@1 on "search" (128 problems, 4
+samples), the mean distinct completions per group and share of
+zero-variance groups over the run, the mean test accuracy over the
+evaluations, the first evaluated step at step-0 accuracy + 0.05, the
+branches opened per prompt and wall time.
 """
 
 import os
@@ -53,4 +54,4 @@ def arms(steps: int):
 
 if __name__ == "__main__":
   common.main("latr_search", arms, splits=SPLITS, metrics=METRICS,
-              curves=CURVES, steps=30)
+              curves=CURVES, steps=20)
