@@ -679,3 +679,33 @@ def test_brorl_continue_trains_the_plateau_exports_and_continues(
   assert len(recs) == 2 and all(np.isfinite(r["rl/kl"]) for r in recs)
   assert set(table) == {"plateau", "n512"}
   assert np.isfinite(table["n512"]["rollouts_per_s"]["mean"])
+
+
+@pytest.mark.slow
+def test_committed_base_model_scores_as_recorded(tmp_path):
+  """The committed base (configs/pretrain_reasoning.BASE_MODEL) loads through
+  model.hf_path and scores its recorded greedy accuracy on the sorting split
+  (256 problems; a CPU's rounding may flip a near-tie or two)."""
+  from configs import pretrain_reasoning
+  from configs import reasoning_finetune
+  from rlax_llm import experiment
+  base = pretrain_reasoning.BASE_MODEL
+  for name in ("config.json", "model.safetensors", "tokenizer.json",
+               "base_eval.json", "corpus.json"):
+    assert os.path.isfile(os.path.join(base, name)), name
+  recorded = json.loads(open(os.path.join(base, "base_eval.json")).read())
+  c = reasoning_finetune.get_config()
+  assert c.model.hf_path == base
+  c.task = pretrain_reasoning.task_section(max_new_tokens=32)  # sort <= 24
+  c.model.max_seq_len = 64
+  c.sft.steps = 0
+  c.eval.update(split="sort", num_problems=256, num_samples=0,
+                batch_size=256)
+  exp = experiment.Experiment(c, str(tmp_path))
+  try:
+    state, _ = exp.initial_state()
+    res = exp.evaluate(exp.policy_params(state), 0)
+  finally:
+    exp.close()
+  assert res["accuracy"] == pytest.approx(recorded["sort"], abs=0.02)
+  assert recorded["sort"] > 0.5  # a base with a prior, not a blank model
