@@ -509,6 +509,29 @@ def test_grpo_variants_arms_differ_only_in_their_method():
     common.window_mean("x")
 
 
+def test_lr_check_arms_differ_only_in_the_learning_rate_and_curves_by_hand():
+  from experiments.repro import latr_grpo
+  from experiments.repro import lr_check
+  plain = latr_grpo.arm("grpo", "sampling", 40)(0, "base").to_dict()
+  a = {k: make(0, "base").to_dict() for k, make in lr_check.arms(40).items()}
+  assert set(a) == {"lr1e-04", "lr3e-05", "lr1e-05"}
+  assert _diff(a["lr1e-04"], plain) == set()  # the reproductions' setting
+  for k in ("lr3e-05", "lr1e-05"):
+    assert _diff(a[k], plain) == {"rl.learning_rate"}
+    assert a[k]["rl"]["learning_rate"] == float(k[2:])
+  # 9 train steps: quarters of 2 (the ninth left out), by hand.
+  recs = [{"step": 0, "eval/accuracy": 0.5}]
+  recs += [{"step": s, "reward/mean": s / 10, "reward/solved_groups": 0.25,
+            "reward/failed_groups": 0.5 if s % 2 else 0.25,
+            "rl/entropy": 0.1 * s} for s in range(1, 10)]
+  c = lr_check.CURVES
+  assert c["train_reward_q1"](recs) == pytest.approx(0.15)
+  assert c["train_reward_q4"](recs) == pytest.approx(0.75)
+  assert c["groups_with_signal"](recs) == pytest.approx(
+      1 - 0.25 - (5 * 0.5 + 4 * 0.25) / 9)
+  assert c["entropy"](recs) == pytest.approx(0.5)
+  assert np.isnan(c["train_reward_q1"](recs[:3]))
+
 def test_rollout_methods_arms_and_token_curve():
   from experiments.repro import common
   from experiments.repro import latr_grpo
