@@ -43,9 +43,8 @@ def _reward_quarter(q: int):
 
 
 def _signal_groups(records):
-  vals = [1.0 - r["reward/solved_groups"] - r["reward/failed_groups"]
-          for r in records if "reward/solved_groups" in r]
-  return float(np.mean(vals)) if vals else float("nan")
+  """The share of groups whose rows disagree: 1 - the zero-variance share."""
+  return 1.0 - latr_grpo.CURVES["zero_variance_groups"](records)
 
 
 CURVES = {
