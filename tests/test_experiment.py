@@ -14,6 +14,10 @@ from configs import smoke
 from rlax_llm import experiment
 from rlax_llm.training.metrics import read_metrics
 
+# One pytest-xdist worker runs the whole module (`--dist=loadgroup`, in
+# pyproject.toml), so the smoke run behind the module's fixture is made once.
+pytestmark = pytest.mark.xdist_group("experiment")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -38,6 +38,10 @@ import pytest
 
 from rlax_llm.training.metrics import read_metrics
 
+# One pytest-xdist worker runs the whole module (`--dist=loadgroup`, in
+# pyproject.toml), so each uninterrupted reference run is made once.
+pytestmark = pytest.mark.xdist_group("kill_anywhere")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Smoke-sized overrides shared by every engine. SFT ends at an odd step so

@@ -29,6 +29,10 @@ from rlax_llm import experiment
 from rlax_llm.training import state as state_lib
 from rlax_llm.training import steps as steps_lib
 
+# One pytest-xdist worker runs the whole module (`--dist=loadgroup`, in
+# pyproject.toml), so the supervised warm-up behind `sft_dir` is made once.
+pytestmark = pytest.mark.xdist_group("learning")
+
 RL_STEPS = 40
 METHODS = ["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo",
            "reinforce_pp", "ppo", "xrpo", "grpo_kl", "reinforce_pp_kl", "d3s",

@@ -479,7 +479,9 @@ def _diff(a, b, prefix=""):
 def test_grpo_variants_arms_differ_only_in_their_method():
   from experiments.repro import grpo_variants
   from experiments.repro import latr_grpo
-  plain = latr_grpo.arm("grpo", "sampling", 40)(2, "base").to_dict()
+  plain = latr_grpo.arm("grpo", "sampling", 40, family="search")(
+      2, "base").to_dict()
+  assert plain["task"]["families"] == "search=1"
   a = {v: grpo_variants.arm(v, 40)(2, "base").to_dict()
        for v in grpo_variants.VARIANTS}
   assert _diff(a["grpo"], plain) == {"rl.num_minibatches", "rl.aggregation"}
@@ -512,13 +514,21 @@ def test_grpo_variants_arms_differ_only_in_their_method():
 def test_lr_check_arms_differ_only_in_the_learning_rate_and_curves_by_hand():
   from experiments.repro import latr_grpo
   from experiments.repro import lr_check
-  plain = latr_grpo.arm("grpo", "sampling", 40)(0, "base").to_dict()
-  a = {k: make(0, "base").to_dict() for k, make in lr_check.arms(40).items()}
-  assert set(a) == {"lr1e-04", "lr3e-05", "lr1e-05"}
-  assert _diff(a["lr1e-04"], plain) == set()  # the reproductions' setting
-  for k in ("lr3e-05", "lr1e-05"):
-    assert _diff(a[k], plain) == {"rl.learning_rate"}
-    assert a[k]["rl"]["learning_rate"] == float(k[2:])
+  for family in ("chain", "search"):
+    plain = latr_grpo.arm("grpo", "sampling", 40, family=family)(
+        0, "base").to_dict()
+    a = {k: make(0, "base").to_dict()
+         for k, make in lr_check.arms(40, family).items()}
+    assert set(a) == {"lr1e-04", "lr3e-05", "lr1e-05", "control"}
+    assert _diff(a["lr1e-04"], plain) == set()  # the reproductions' setting
+    for k in ("lr3e-05", "lr1e-05", "control"):
+      assert _diff(a[k], plain) == {"rl.learning_rate"}
+    for k in ("lr3e-05", "lr1e-05"):
+      assert a[k]["rl"]["learning_rate"] == float(k[2:])
+    assert a["control"]["rl"]["learning_rate"] == 1e-9
+  assert lr_check.splits_metrics("search")[0] == ("search",)
+  with pytest.raises(ValueError, match="family"):
+    lr_check.arms(40, "sort")
   # 9 train steps: quarters of 2 (the ninth left out), by hand.
   recs = [{"step": 0, "eval/accuracy": 0.5}]
   recs += [{"step": s, "reward/mean": s / 10, "reward/solved_groups": 0.25,
@@ -536,7 +546,8 @@ def test_rollout_methods_arms_and_token_curve():
   from experiments.repro import common
   from experiments.repro import latr_grpo
   from experiments.repro import rollout_methods
-  plain = latr_grpo.arm("grpo", "sampling", 40)(0, "base").to_dict()
+  plain = latr_grpo.arm("grpo", "sampling", 40, family="search")(
+      0, "base").to_dict()
   a = {m: rollout_methods.arm(m, 40)(0, "base").to_dict()
        for m in rollout_methods.METHODS}
   assert a["grpo"] == plain
@@ -548,7 +559,7 @@ def test_rollout_methods_arms_and_token_curve():
   assert a["xrpo"]["rollout"]["name"] == "xrpo"
   from configs import xrpo
   ref = xrpo.get_config().to_dict()
-  assert a["xrpo"]["rollout"] == ref["rollout"]
+  assert a["xrpo"]["rollout"] == dict(ref["rollout"], seeding=False)
   assert {k for k in _diff(a["xrpo"], plain) if not k.startswith("rollout.")
           } <= {"rl.xrpo_lambda", "rl.xrpo_kappa_clip", "rl.xrpo_novelty"}
   for k in ("xrpo_lambda", "xrpo_kappa_clip", "xrpo_novelty"):
@@ -732,3 +743,20 @@ def test_committed_base_model_scores_as_recorded(tmp_path):
     exp.close()
   assert res["accuracy"] == pytest.approx(recorded["sort"], abs=0.02)
   assert recorded["sort"] > 0.5  # a base with a prior, not a blank model
+
+
+def test_chain_operands_arms_score_the_base_on_k_operands():
+  from experiments.repro import chain_operands
+  from experiments.repro import latr_grpo
+  plain = latr_grpo.arm("grpo", "sampling", 1)(0, "base").to_dict()
+  a = {k: make(0, "base").to_dict()
+       for k, make in chain_operands.arms(40).items()}
+  assert set(a) == {"operands2", "operands3", "operands4"}
+  for k, c in a.items():
+    n = int(k[-1])
+    assert (c["task"]["chain_min_operands"], c["task"]["chain_max_operands"],
+            c["rl"]["steps"], c["sft"]["steps"], c["eval"]["split"]) == (
+                n, n, 0, 0, "chain")
+    assert _diff(c, plain) <= {"task.chain_min_operands",
+                               "task.chain_max_operands", "rl.steps",
+                               "eval.split"}

@@ -17,6 +17,10 @@ import pytest
 
 from rlax_llm.parallel import mesh as mesh_lib
 
+# One pytest-xdist worker runs the whole module (`--dist=loadgroup`, in
+# pyproject.toml), so the 8-device run behind `sharded` is made once.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {"d8": (8, 1, 1), "d2f2t2": (2, 2, 2), "f4t2": (1, 4, 2),
           "f8": (1, 8, 1)}

@@ -47,6 +47,10 @@ from experiments.repro import common
 
 SPLITS = ("test",)
 METRICS = ("accuracy", "pass@1", "pass@8")
+# The written-search setting (`setting(..., family="search")`): its split and
+# metrics (4 samples per problem).
+SEARCH_SPLITS = ("search",)
+SEARCH_METRICS = ("accuracy", "pass@1", "pass@4")
 EVAL_EVERY = 10
 # Lookahead windows for chain traces: about one written step and a half.
 CHAIN_WINDOWS = (4, 8, 12)

@@ -1,15 +1,21 @@
-"""GRPO's learning rate on chain sums, judged by the train reward only.
+"""Does GRPO learn in the reproductions' setting? The train reward decides.
 
   python -m experiments.repro.lr_check --out=runs/repro/lr_check \
-      [--seeds=0] [--steps=40] [--arms=lr1e-04,lr3e-05,lr1e-05]
+      [--family=chain] [--seeds=0] [--steps=40] \
+      [--arms=lr1e-04,lr3e-05,lr1e-05,control]
 
-The chain-sum reproductions (`latr_grpo.setting(..., family="chain")`) run
-GRPO at AdamW 1e-4 for 40 steps. This check runs that setting at three peak
-learning rates and reports the train reward (`reward/mean`, the rollouts'
-own accuracy) over each quarter of the run, the share of groups whose rows
-disagree (the only groups with a gradient) and the entropy: what a learning
-rate is chosen by here, since no configuration is tuned on the test split.
-The held-out accuracy is reported beside it, not used.
+The RL reproductions run GRPO at AdamW 1e-4 for 40 steps of 16 prompts x 8
+rows (`latr_grpo.setting`), on chain sums (`--family=chain`) or on the
+written Countdown search (`--family=search`). This check runs that setting
+at three peak learning rates and a control whose rate vanishes (1e-9: the
+base policy, the same prompts and sampling keys), and reports the train
+reward (`reward/mean`, the rollouts' own accuracy) over each quarter of the
+run, the share of groups whose rows disagree (the only groups with a
+gradient) and the entropy. Every arm sees the same prompts in the same
+order, so a quarter's reward minus the control's is what the updates
+gained. This is what a setting and a learning rate are chosen by here,
+since no configuration is tuned on the test split; the held-out accuracy is
+reported beside it, not used.
 """
 
 import os
@@ -27,9 +33,9 @@ from experiments.repro import common
 from experiments.repro import latr_grpo
 # pylint: enable=g-import-not-at-top
 
-SPLITS = ("test",)
-METRICS = ("accuracy", "pass@1")
 LEARNING_RATES = (1e-4, 3e-5, 1e-5)
+CONTROL_RATE = 1e-9  # Adam moves each weight by ~1e-9 per step: the base
+FAMILIES = ("chain", "search")
 
 
 def _reward_quarter(q: int):
@@ -57,18 +63,37 @@ CURVES = {
 }
 
 
-def arm(learning_rate: float, steps: int):
+def splits_metrics(family: str):
+  """The held-out split and metrics reported for `family`."""
+  if family == "chain":
+    return ("test",), ("accuracy", "pass@1")
+  if family == "search":
+    return latr_grpo.SEARCH_SPLITS, ("accuracy", "pass@1")
+  raise ValueError(f"--family={family!r}: one of {list(FAMILIES)}.")
+
+
+def arm(learning_rate: float, steps: int, family: str = "chain"):
   def make(seed: int, base: str):
-    c = latr_grpo.setting(seed, base, steps, family="chain")
+    c = latr_grpo.setting(seed, base, steps, family=family)
     c.rl.learning_rate = learning_rate
     return c
   return make
 
 
-def arms(steps: int):
-  return {f"lr{lr:.0e}": arm(lr, steps) for lr in LEARNING_RATES}
+def arms(steps: int, family: str = "chain"):
+  splits_metrics(family)  # refuses an unknown family
+  out = {f"lr{lr:.0e}": arm(lr, steps, family) for lr in LEARNING_RATES}
+  out["control"] = arm(CONTROL_RATE, steps, family)
+  return out
 
 
 if __name__ == "__main__":
-  common.main("lr_check", arms, splits=SPLITS, metrics=METRICS,
-              curves=CURVES, steps=40)
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_enum("family", "chain", FAMILIES,
+                    "The task family GRPO trains on.")
+  flags.FLAGS(sys.argv, known_only=True)
+  _family = flags.FLAGS.family
+  _splits, _metrics = splits_metrics(_family)
+  common.main(f"lr_check_{_family}" if _family != "chain" else "lr_check",
+              lambda steps: arms(steps, _family), splits=_splits,
+              metrics=_metrics, curves=CURVES, steps=40)

@@ -10,20 +10,25 @@ prompts no rollout solves); D^3S (arXiv:2509.22115, dynamic dual-level
 down-sampling) learns faster per step by training on the most informative
 rollouts and tokens. Every arm runs `experiments/repro/latr_grpo.py`'s
 GRPO-with-sampling setting (chain sums of 2-4 operands, 16 prompts x 8
-rollouts per step, 40 steps, AdamW 1e-4); only the method's own section
-differs:
+rollouts per step, 40 steps, AdamW 1e-4) on the written Countdown search
+(`family="search"`, 256-token budget), where GRPO raises the held-out pass@1
+within 40 steps (on chain sums it does not: RESULTS.md); only the method's
+own section differs:
 
 - "branch": `configs/branch_arith.py`'s engine with a 4 x 2 tree split at
-  the prompt and after 12 tokens (about one written step, `a+b=c, `), so
+  the prompt and after 12 tokens (about one written try, `3+5=8 no, `), so
   each pair of leaves shares its first 12 tokens; edges train once.
 - "xrpo": `configs/xrpo.py`'s allocator (3 phases, half the rollouts
-  first, at most 16 per prompt, in-context seeding) and its novelty
-  sharpening, inside the same 128 rollouts per step.
+  first, at most 16 per prompt) and its novelty sharpening, inside the same
+  128 rollouts per step. In-context seeding is off: a seeded prompt holds
+  two solved searches of up to 256 tokens each, which with the 256-token
+  budget exceeds the base model's 288-token context (the engine refuses
+  it at start-up).
 - "d3s": `configs/d3s.py`'s selection (4 of 8 rollouts per group by
   advantage variance, |A| x entropy token selection from 50% to 100% of
   tokens over the first half of the run).
 
-Columns: final greedy accuracy, pass@1 and pass@8 on "test"; the rollout
+Columns: final greedy accuracy, pass@1 and pass@4 on "search" (128 problems); the rollout
 tokens sampled over the run (thousands; a tree samples each shared prefix
 once); the mean test accuracy over the evaluations; the share of
 zero-variance groups; wall time per run. `python -m experiments.plot OUT`
@@ -69,6 +74,7 @@ CURVES = {
 }
 
 METHODS = ("grpo", "branch", "xrpo", "d3s")
+FAMILY = "search"
 
 
 def arm(method: str, steps: int):
@@ -76,7 +82,7 @@ def arm(method: str, steps: int):
   if method not in METHODS:
     raise ValueError(f"method={method!r}: this reproduction runs "
                      f"{list(METHODS)}.")
-  plain = latr_grpo.arm("grpo", "sampling", steps)
+  plain = latr_grpo.arm("grpo", "sampling", steps, family=FAMILY)
 
   def make(seed: int, base: str):
     c = plain(seed, base)
@@ -88,6 +94,7 @@ def arm(method: str, steps: int):
     elif method == "xrpo":
       ref = xrpo.get_config()
       c.rollout = ref.rollout
+      c.rollout.seeding = False  # see the module docstring
       for k in ("xrpo_lambda", "xrpo_kappa_clip", "xrpo_novelty"):
         c.rl[k] = ref.rl[k]
     elif method == "d3s":
@@ -106,5 +113,5 @@ def arms(steps: int):
 
 
 if __name__ == "__main__":
-  common.main("rollout_methods", arms, splits=latr_grpo.SPLITS,
-              metrics=latr_grpo.METRICS, curves=CURVES, steps=40)
+  common.main("rollout_methods", arms, splits=latr_grpo.SEARCH_SPLITS,
+              metrics=latr_grpo.SEARCH_METRICS, curves=CURVES, steps=40)
