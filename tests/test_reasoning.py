@@ -452,6 +452,13 @@ def test_kl_grpo_arms_differ_only_in_the_penalty_and_curves_by_hand():
   kl["rl"]["kl_coef"] = plain["rl"]["kl_coef"]
   kl["rl"]["kl_estimator"] = plain["rl"]["kl_estimator"]
   assert kl == plain
+  # On the written search the "grpo" arm is lr_check's lr1e-04 arm.
+  from experiments.repro import lr_check
+  search = {k: make(1, "base").to_dict()
+            for k, make in kl_grpo.arms(40, "search").items()}
+  assert search["grpo"] == lr_check.arms(40, "search")["lr1e-04"](
+      1, "base").to_dict()
+  assert _diff(search["grpo_kl"], search["grpo"]) == {"rl.kl_coef"}
   recs = [{"step": 0, "eval/accuracy": 0.5},
           {"step": 1, "rl/kl": 0.0, "rl/entropy": 0.6},
           {"step": 2, "rl/kl": 0.02, "rl/entropy": 0.4},
@@ -526,7 +533,8 @@ def test_lr_check_arms_differ_only_in_the_learning_rate_and_curves_by_hand():
     for k in ("lr3e-05", "lr1e-05"):
       assert a[k]["rl"]["learning_rate"] == float(k[2:])
     assert a["control"]["rl"]["learning_rate"] == 1e-9
-  assert lr_check.splits_metrics("search")[0] == ("search",)
+  assert latr_grpo.family_splits("search") == (("search",), (
+      "accuracy", "pass@1", "pass@4"))
   with pytest.raises(ValueError, match="family"):
     lr_check.arms(40, "sort")
   # 9 train steps: quarters of 2 (the ninth left out), by hand.

@@ -198,6 +198,18 @@ def define_flags(name: str, steps: int) -> None:
   flags.DEFINE_string("arms", "", "Comma-separated arms to run (default all).")
 
 
+def family_flag(default: str = "chain") -> str:
+  """Defines --family (the task family of `latr_grpo.setting`: chain or
+  search) and returns its value from the command line, before `main`
+  defines and parses the other flags (so `arms` can depend on it)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_enum("family", default, ("chain", "search"),
+                    "The task family RL trains and is tested on.")
+  flags.FLAGS(sys.argv, known_only=True)
+  return flags.FLAGS.family
+
+
 def seeds_flag() -> list[int]:
   from absl import flags  # pylint: disable=g-import-not-at-top
   return [int(s) for s in flags.FLAGS.seeds.split(",") if s.strip()]

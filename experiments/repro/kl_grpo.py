@@ -1,19 +1,22 @@
 """GRPO with and without the reference-policy KL, RL from the testbed's base.
 
   python -m experiments.repro.kl_grpo --out=runs/repro/kl_grpo \
-      [--seeds=0,1,2] [--steps=40] [--arms=grpo,grpo_kl]
+      [--family=chain] [--seeds=0,1,2] [--steps=40] [--arms=grpo,grpo_kl]
 
 Question (the GRPO paper's objective keeps beta KL(pi || pi_ref), k3
 estimator, beta 0.04; Dr.GRPO and DAPO drop it): does the penalty change
 accuracy or keep the policy nearer the base at this scale? Both arms are
 `experiments/repro/latr_grpo.py`'s GRPO-with-sampling arm (chain sums of 2-4
-operands, 40 steps of 16 prompts x 8 rows, same prompts and keys); "kl" adds
+operands, or with `--family=search` the written Countdown search; 40 steps
+of 16 prompts x 8 rows, same prompts and keys); "kl" adds
 `rl.kl_coef=0.04`, `rl.kl_estimator="k3"` (configs/grpo_kl.py). Columns:
-final greedy accuracy, pass@1 and pass@8 on "test", the mean test accuracy
+final greedy accuracy, pass@1 and pass@8 on "test" (search: pass@4 on
+"search"), the mean test accuracy
 over the evaluations, the mean and final KL to the base (`rl/kl`, logged
 only where a reference exists, the "kl" arm) and the mean policy entropy
 (`rl/entropy`). The "grpo" arm is the same config as latr_grpo.py's
-grpo_sampling (same seeds, hence the same run).
+grpo_sampling (chain) and lr_check.py's lr1e-04 arm (search): same seeds,
+hence the same runs.
 """
 
 import os
@@ -39,8 +42,8 @@ CURVES = {
 }
 
 
-def arm(kl: bool, steps: int):
-  plain = latr_grpo.arm("grpo", "sampling", steps)
+def arm(kl: bool, steps: int, family: str = "chain"):
+  plain = latr_grpo.arm("grpo", "sampling", steps, family=family)
 
   def make(seed: int, base: str):
     c = plain(seed, base)
@@ -52,10 +55,14 @@ def arm(kl: bool, steps: int):
   return make
 
 
-def arms(steps: int):
-  return {"grpo": arm(False, steps), "grpo_kl": arm(True, steps)}
+def arms(steps: int, family: str = "chain"):
+  return {"grpo": arm(False, steps, family),
+          "grpo_kl": arm(True, steps, family)}
 
 
 if __name__ == "__main__":
-  common.main("kl_grpo", arms, splits=latr_grpo.SPLITS,
-              metrics=latr_grpo.METRICS, curves=CURVES, steps=40)
+  _family = common.family_flag()
+  _splits, _metrics = latr_grpo.family_splits(_family)
+  common.main("kl_grpo" if _family == "chain" else f"kl_grpo_{_family}",
+              lambda steps: arms(steps, _family), splits=_splits,
+              metrics=_metrics, curves=CURVES, steps=40)

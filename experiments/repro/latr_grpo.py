@@ -51,6 +51,16 @@ METRICS = ("accuracy", "pass@1", "pass@8")
 # metrics (4 samples per problem).
 SEARCH_SPLITS = ("search",)
 SEARCH_METRICS = ("accuracy", "pass@1", "pass@4")
+FAMILIES = ("chain", "search")
+
+
+def family_splits(family: str):
+  """(splits, metrics) a reproduction reports for `setting(..., family)`."""
+  if family == "chain":
+    return SPLITS, METRICS
+  if family == "search":
+    return SEARCH_SPLITS, SEARCH_METRICS
+  raise ValueError(f"family={family!r}: one of {list(FAMILIES)}.")
 EVAL_EVERY = 10
 # Lookahead windows for chain traces: about one written step and a half.
 CHAIN_WINDOWS = (4, 8, 12)

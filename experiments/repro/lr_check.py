@@ -35,7 +35,6 @@ from experiments.repro import latr_grpo
 
 LEARNING_RATES = (1e-4, 3e-5, 1e-5)
 CONTROL_RATE = 1e-9  # Adam moves each weight by ~1e-9 per step: the base
-FAMILIES = ("chain", "search")
 
 
 def _reward_quarter(q: int):
@@ -63,15 +62,6 @@ CURVES = {
 }
 
 
-def splits_metrics(family: str):
-  """The held-out split and metrics reported for `family`."""
-  if family == "chain":
-    return ("test",), ("accuracy", "pass@1")
-  if family == "search":
-    return latr_grpo.SEARCH_SPLITS, ("accuracy", "pass@1")
-  raise ValueError(f"--family={family!r}: one of {list(FAMILIES)}.")
-
-
 def arm(learning_rate: float, steps: int, family: str = "chain"):
   def make(seed: int, base: str):
     c = latr_grpo.setting(seed, base, steps, family=family)
@@ -81,19 +71,15 @@ def arm(learning_rate: float, steps: int, family: str = "chain"):
 
 
 def arms(steps: int, family: str = "chain"):
-  splits_metrics(family)  # refuses an unknown family
+  latr_grpo.family_splits(family)  # refuses an unknown family
   out = {f"lr{lr:.0e}": arm(lr, steps, family) for lr in LEARNING_RATES}
   out["control"] = arm(CONTROL_RATE, steps, family)
   return out
 
 
 if __name__ == "__main__":
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_enum("family", "chain", FAMILIES,
-                    "The task family GRPO trains on.")
-  flags.FLAGS(sys.argv, known_only=True)
-  _family = flags.FLAGS.family
-  _splits, _metrics = splits_metrics(_family)
-  common.main(f"lr_check_{_family}" if _family != "chain" else "lr_check",
+  _family = common.family_flag()
+  _splits, _metrics = latr_grpo.family_splits(_family)
+  common.main("lr_check" if _family == "chain" else f"lr_check_{_family}",
               lambda steps: arms(steps, _family), splits=_splits,
               metrics=_metrics, curves=CURVES, steps=40)
