@@ -20,6 +20,9 @@ summary.json without its wall time), shared per module:
     metrics of a run given that budget from the start; a smaller one is
     refused.
 
+The "sample" engine's kill test is the plain SIGKILL-then-resume check of
+the default config (smoke-sized), in the RL phase as well as the SFT one.
+
 Subprocesses share the suite's XLA compilation cache (tests/conftest.py).
 """
 
