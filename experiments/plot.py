@@ -13,7 +13,8 @@ Writes PNG files into OUT_DIR (default: DIR itself, next to metrics.jsonl):
 
 Given a reproduction's output instead (`experiments/repro`: DIR/<arm>/
 seed<k>/metrics.jsonl), it writes arms_accuracy.png and arms_stats.png, one
-line per arm over its seeds (`plot_arms`).
+line per arm over its seeds (`plot_arms`; `--prefix=NAME_` prepends NAME_ to
+both file names).
 
 A figure whose metrics the run has not logged (yet) is skipped, so the command
 also works on a run that is still in progress. Notebooks call `plot_run`.
@@ -319,7 +320,7 @@ def _mean_band(curves: Sequence[dict[str, np.ndarray]], x: str):
 
 
 def plot_arms(repro_dir: str, out_dir: str | None = None, *,
-              window: int = 10) -> list[str]:
+              window: int = 10, prefix: str = "") -> list[str]:
   """Writes a reproduction's comparison curves (one line per arm):
 
   arms_accuracy.png  greedy test accuracy (mean over seeds, band min-max)
@@ -358,10 +359,11 @@ def plot_arms(repro_dir: str, out_dir: str | None = None, *,
           ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
       ax.set_xlabel(label)
       ax.grid(alpha=0.3)
+      ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
     axes[0].set_ylabel("test greedy accuracy")
     axes[0].legend(loc="best", fontsize=8)
     fig.suptitle(f"Accuracy by arm, mean and range over seeds {title}")
-    written.append(_save(fig, out_dir, "arms_accuracy.png"))
+    written.append(_save(fig, out_dir, prefix + "arms_accuracy.png"))
   panels = [(k, label) for k, label in ARM_STATS
             if any(series(r, k)[0].size for runs in arms.values()
                    for r in runs)]
@@ -386,7 +388,7 @@ def plot_arms(repro_dir: str, out_dir: str | None = None, *,
     for ax in axes[len(panels):]:
       ax.set_visible(False)
     fig.suptitle(f"Training statistics by arm {title}")
-    written.append(_save(fig, out_dir, "arms_stats.png"))
+    written.append(_save(fig, out_dir, prefix + "arms_stats.png"))
   return written
 
 
@@ -394,6 +396,10 @@ _OUT = flags.DEFINE_string("out", None,
                            "Directory for the PNGs (default: the run's DIR).")
 _WINDOW = flags.DEFINE_integer("window", 10,
                                "Steps in the moving averages.", lower_bound=1)
+_PREFIX = flags.DEFINE_string(
+    "prefix", "", "A reproduction's PNG names start with this (e.g. "
+    "--prefix=grpo_variants_ writes grpo_variants_arms_accuracy.png), so "
+    "several reproductions can share one --out directory.")
 
 
 def main(argv):
@@ -402,12 +408,19 @@ def main(argv):
         "Pass exactly one run directory: python -m experiments.plot DIR "
         f"[--out=OUT_DIR]; got {argv[1:] or 'none'}.")
   path = argv[1]
-  plot = plot_run
-  if (not os.path.isfile(os.path.join(path, METRICS_FILE))
-      and os.path.isdir(path) and arm_runs(path)):
-    plot = plot_arms  # a reproduction's output: one folder per arm
+  is_repro = (not os.path.isfile(os.path.join(path, METRICS_FILE))
+              and os.path.isdir(path) and bool(arm_runs(path)))
+  if _PREFIX.value and not is_repro:
+    raise app.UsageError(
+        f"--prefix names a reproduction's PNGs; {path} is a single run "
+        "(its PNGs are reward.png, accuracy.png, ...): drop --prefix or pass "
+        "a reproduction's output directory.")
   try:
-    paths = plot(path, _OUT.value, window=_WINDOW.value)
+    if is_repro:  # a reproduction's output: one folder per arm
+      paths = plot_arms(path, _OUT.value, window=_WINDOW.value,
+                        prefix=_PREFIX.value)
+    else:
+      paths = plot_run(path, _OUT.value, window=_WINDOW.value)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if not paths:

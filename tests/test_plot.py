@@ -184,5 +184,16 @@ def test_plot_arms_from_a_reproduction_dir(tmp_path, capsys):
   assert sorted(os.listdir(out)) == ["arms_accuracy.png", "arms_stats.png",
                                      "branch", "grpo", "table.md"]
   assert "arms_accuracy.png" in capsys.readouterr().out
+  # --prefix names the PNGs of a reproduction; a single run refuses it.
+  figs = tmp_path / "figs"
+  plot.main(plot.flags.FLAGS(["plot", str(out), f"--out={figs}",
+                              "--prefix=demo_"]))
+  assert sorted(os.listdir(figs)) == ["demo_arms_accuracy.png",
+                                      "demo_arms_stats.png"]
+  with pytest.raises(plot.app.UsageError, match="--prefix"):
+    plot.main(plot.flags.FLAGS(["plot", str(out / "grpo" / "seed0"),
+                                "--prefix=demo_"]))
+  plot.flags.FLAGS["prefix"].value = ""  # back to the defaults
+  plot.flags.FLAGS["out"].value = None
   with pytest.raises(FileNotFoundError, match="<arm>/seed<k>"):
     plot.plot_arms(str(tmp_path / "empty_dir_that_is_missing"))
