@@ -638,6 +638,12 @@ def test_latr_search_arms_are_the_search_setting_with_the_tree():
   assert _diff(a["latr"], a["sampling"]) <= (
       {f"rollout.{k}" for k in a["latr"]["rollout"]})
   assert tuple(a["latr"]["rollout"]["windows"]) == latr_grpo.CHAIN_WINDOWS
+  for r in ("sampling", "latr"):  # DAPO arms: the same rollouts, DAPO's loss
+    assert a[f"dapo_{r}"] == latr_grpo.arm("dapo", r, 30, family="search")(
+        0, "base").to_dict()
+    assert _diff(a[f"dapo_{r}"], a[r]) == {"rl.clip_high",
+                                           "rl.dynamic_sampling"}
+    assert a[f"dapo_{r}"]["rl"]["aggregation"] == "token_mean"
   # The chain setting is the one the LATR / KL tables were measured with.
   chain = latr_grpo.setting(0, "base", 40).to_dict()
   assert (chain["task"]["families"], chain["model"]["max_seq_len"],
