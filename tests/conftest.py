@@ -5,6 +5,9 @@ Many tests compile the same programs (the smoke experiment's update steps,
 the pytest-xdist workers and by the subprocesses some tests start compiles
 each of them once per run. It lives in a fresh temporary directory, removed
 at the end, so no run reuses another run's programs.
+
+`RLAX_TEST_TIMELINE=FILE` logs when each test starts and ends on which
+xdist worker (to see where a run's time goes and whether a worker idles).
 """
 
 import os
@@ -54,3 +57,27 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if item.nodeid in listed:
       item.add_marker(pytest.mark.slow)
+
+
+_TIMELINE_ENV = "RLAX_TEST_TIMELINE"
+
+
+def pytest_runtest_logstart(nodeid, location):
+  """With RLAX_TEST_TIMELINE=FILE, appends "worker start|end time nodeid"
+  lines to FILE: how the xdist workers spent the run (who idled, when)."""
+  del location
+  _timeline("start", nodeid)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+  del location
+  _timeline("end", nodeid)
+
+
+def _timeline(event, nodeid):
+  path = os.environ.get(_TIMELINE_ENV)
+  if path:
+    import time  # pylint: disable=g-import-not-at-top
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(f"{worker} {event} {time.time():.3f} {nodeid}\n")
