@@ -80,6 +80,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       num_epochs=1,          # passes over each rollout batch
       num_minibatches=1,     # optimiser updates per pass (1: on-policy)
       num_microbatches=1,    # gradient accumulation per update
+      length_buckets=0,      # >0: rows ordered by completion length, each
+                             # micro-batch run at the smallest of this many
+                             # widths holding its rows (same update, fewer
+                             # padded tokens; most with num_microbatches > 1)
       clip_low=0.2,
       clip_high=0.2,
       dual_clip=0.0,         # 0 disables

@@ -187,3 +187,28 @@ def test_evaluate_scores_the_latest_checkpoint_like_training(smoke_run,
        "--config=configs/smoke.py", f"--workdir={tmp_path / 'none'}"],
       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert missing.returncode == 2 and "train first" in missing.stderr
+
+
+def test_negative_length_buckets_is_refused_with_its_name():
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from rlax_llm.experiment import config_utils  # pylint: disable=g-import-not-at-top
+  c = base.get_config()
+  c.rl.length_buckets = 3
+  config_utils.validate(c)  # a positive int is accepted
+  c.rl.length_buckets = -1
+  with pytest.raises(ValueError, match=r"rl\.length_buckets must be an int"):
+    config_utils.validate(c)
+
+
+def test_run_stored_before_length_buckets_resumes_only_without_them(tmp_path):
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from rlax_llm.experiment import config_utils  # pylint: disable=g-import-not-at-top
+  c = base.get_config()
+  saved = json.loads(c.to_json_best_effort(sort_keys=True))
+  del saved["rl"]["length_buckets"]  # a run stored before the field existed
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config_utils.check_resume_config(str(tmp_path), c, resuming=True)
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  c.rl.length_buckets = 4  # would change how the rest of the run computes
+  with pytest.raises(ValueError, match=r"rl\.length_buckets: None -> 4"):
+    config_utils.check_resume_config(str(tmp_path), c, resuming=True)

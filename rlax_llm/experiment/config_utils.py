@@ -85,6 +85,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     section, field = name.split(".")
     value = c[section][field]
     _require(value >= 1, f"{name} must be >= 1, got {value}.")
+  buckets = c.rl.get("length_buckets", 0)
+  _require(isinstance(buckets, int) and buckets >= 0,
+           f"rl.length_buckets must be an int >= 0 (0 disables), got "
+           f"{buckets!r}.")
   _require(c.eval.num_samples >= 0,
            f"eval.num_samples must be >= 0, got {c.eval.num_samples}.")
   if "reward" in c:
@@ -144,6 +148,11 @@ def exit_on_bad_overrides(argv: list[str], default: str,
 # run is observed or stored, or extend it, but not what was already computed.
 RESUMABLE_CHANGES = ("progress", "eval.", "checkpoint.", "mesh.", "rl.steps",
                      "distributed.")
+
+# Fields added to configs/base.py after runs were stored, with the value that
+# reproduces what those runs computed: a stored config without the field
+# resumes when the new config holds that value.
+ADDED_FIELDS = {"rl.length_buckets": 0}
 
 
 def _flat_values(config: ml_collections.ConfigDict, prefix: str = ""):
@@ -208,6 +217,9 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict, *,
       saved = json.load(f)
     a = _flat_values(ml_collections.ConfigDict(saved))
     b = _flat_values(ml_collections.ConfigDict(current))
+    for k, v in ADDED_FIELDS.items():
+      if k not in a and b.get(k) == v:
+        a[k] = v
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                   and not k.startswith(RESUMABLE_CHANGES))
     if diff:

@@ -416,6 +416,7 @@ class Experiment:
     common = dict(temperature=c.rl.temperature, num_epochs=c.rl.num_epochs,
                   num_minibatches=c.rl.num_minibatches,
                   num_microbatches=c.rl.num_microbatches,
+                  length_buckets=c.rl.get("length_buckets", 0),
                   logprob_chunk=c.rl.get("logprob_chunk", 0),
                   vocab_chunk=c.rl.get("vocab_chunk", 0) or None,
                   entropy_coef=c.rl.entropy_coef, mesh=self.mesh,

@@ -142,7 +142,8 @@ def make_ppo_step(graphdef: nnx.GraphDef, policy_opt, critic_opt,
                   kl_in_reward: bool = False, use_ref: bool = False,
                   kl_norm_constant: float | None = None,
                   recompute_old_logp: bool = False,
-                  rollout_correction=None, mesh=None):
+                  rollout_correction=None, mesh=None,
+                  length_buckets: int = 0):
   """Returns `ppo_step(PPOState, RLBatch) -> (PPOState, metrics)`.
 
   The batch's `reward` field holds each sequence's reward; the step turns it
@@ -164,7 +165,8 @@ def make_ppo_step(graphdef: nnx.GraphDef, policy_opt, critic_opt,
     whiten_advantages: normalise GAE advantages over the batch's tokens.
     aggregation: aggregation of the value and KL losses.
     logprob_chunk, vocab_chunk, entropy_coef, kl_*, use_ref,
-      recompute_old_logp, rollout_correction: as in `steps.make_rl_step`.
+      recompute_old_logp, rollout_correction, length_buckets: as in
+      `steps.make_rl_step`.
   """
   critic = steps_lib.Critic(
       values=lambda c_params, b: critic_values(
@@ -184,7 +186,8 @@ def make_ppo_step(graphdef: nnx.GraphDef, policy_opt, critic_opt,
       kl_aggregation=aggregation, kl_norm_constant=kl_norm_constant,
       kl_in_reward=kl_in_reward, use_ref=use_ref,
       recompute_old_logp=recompute_old_logp,
-      rollout_correction=rollout_correction, mesh=mesh)
+      rollout_correction=rollout_correction, mesh=mesh,
+      length_buckets=length_buckets)
 
   def ppo_step(state, batch):
     inner, ref = (state.train, state.ref) if use_ref else (state, None)

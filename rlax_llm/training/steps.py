@@ -217,6 +217,30 @@ def _is_loss_metric(name: str) -> bool:
   return name.endswith("loss")
 
 
+def bucket_lengths(num_tokens: int, num_buckets: int) -> tuple[int, ...]:
+  """The completion widths of `num_buckets` length buckets over T tokens.
+
+  Bucket i holds ceil(T (i + 1) / K) tokens rounded up to a multiple of 8
+  (at most T); the last is T. Equal widths after rounding are merged.
+  """
+  if num_buckets < 1:
+    raise ValueError(f"num_buckets must be >= 1, got {num_buckets}.")
+  t, k = int(num_tokens), int(num_buckets)
+  widths = set()
+  for i in range(k):
+    w = -(-t * (i + 1) // k)  # ceil(T (i + 1) / K)
+    widths.add(min(t, -(-w // 8) * 8))
+  return tuple(sorted(widths | {t}))
+
+
+def row_lengths(mask_NT: jax.Array) -> jax.Array:
+  """[N] int32: one past the last valid column of each row (0 if none)."""
+  mask = mask_NT.astype(bool)
+  t = mask.shape[1]
+  last = t - jnp.argmax(mask[:, ::-1], axis=1)
+  return jnp.where(jnp.any(mask, axis=1), last, 0).astype(jnp.int32)
+
+
 def weighted_kl(logp_NT, ref_logp_NT, weights_NT, mask_NT, *, kind: str = "k3",
                 aggregation: str = "token_mean", num_tokens=None,
                 num_seqs=None, norm_constant=None):
@@ -238,7 +262,8 @@ def weighted_kl(logp_NT, ref_logp_NT, weights_NT, mask_NT, *, kind: str = "k3",
 
 def minibatch_scan(params, opt_states, optimizers, rows, key, loss_fn, *,
                    num_epochs: int, num_minibatches: int,
-                   num_microbatches: int, constrain=None):
+                   num_microbatches: int, constrain=None, lengths=None,
+                   buckets=None, trim=None):
   """Epochs x minibatches x micro-batches of optimiser updates over `rows`.
 
   The one update loop of every RL step (policy-only and actor-critic). Each
@@ -261,6 +286,17 @@ def minibatch_scan(params, opt_states, optimizers, rows, key, loss_fn, *,
     constrain: optional map of each gathered [U, ub, ...] leaf (e.g. a
       sharding constraint that keeps micro-batch rows split over the batch
       axes after the permutation's gather).
+    lengths, buckets, trim: length-bucketed micro-batches (all three or
+      none). `lengths` [N] int: each row's used width (`row_lengths`);
+      `buckets`: ascending widths, the last the rows' full width
+      (`bucket_lengths`); `trim(micro_rows, width)`: the micro-batch cut to
+      its first `width` token columns. The rows of each minibatch are then
+      ordered by length before the split into micro-batches, and each
+      micro-batch's loss and gradient are computed at the smallest bucket
+      width that holds its longest row (`lax.switch` over one compiled
+      branch per bucket). Padding beyond a row's length never changes its
+      loss (causal attention, masked tokens), so the update is the same up
+      to float rounding, at the cost of the tokens actually used.
 
   Returns:
     (params, opt_states, metrics): metrics stacked over the
@@ -274,21 +310,35 @@ def minibatch_scan(params, opt_states, optimizers, rows, key, loss_fn, *,
         f"{num_minibatches} minibatches x {num_microbatches} micro-batches; "
         "choose sizes whose product divides the number of sequences.")
   num_updates = num_epochs * num_minibatches
+  bucketed = buckets is not None
+  if bucketed != (lengths is not None) or bucketed != (trim is not None):
+    raise ValueError("Length buckets need lengths, buckets and trim "
+                     "together.")
   # One minibatch per epoch holds every row, so its gradient does not
   # depend on the order: the rows are split into micro-batches in place
   # (no permutation, no gather; the sums differ only in rounding order).
   permute = num_minibatches > 1
+  gather = permute or bucketed
+  ub = n // per_update
   if permute:
     perms = jax.vmap(lambda e: jax.random.permutation(
         jax.random.fold_in(key, e), n))(jnp.arange(num_epochs))
-    idx = perms.reshape(num_updates, num_microbatches, n // per_update)
+    idx = perms.reshape(num_updates, num_microbatches * ub)
+  elif bucketed:
+    idx = jnp.broadcast_to(jnp.arange(n), (num_updates, n))
   else:
     idx = None  # the scan below runs num_updates times over the same rows
+  if bucketed:  # each minibatch's rows by length, then the micro-batches
+    order = jnp.argsort(lengths[idx], axis=1, stable=True)
+    idx = jnp.take_along_axis(idx, order, axis=1)
+    widths = jnp.asarray(buckets, jnp.int32)
+  if gather:
+    idx = idx.reshape(num_updates, num_microbatches, ub)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def update(carry, idx_UB):
     params, opt_states = carry
-    if permute:
+    if gather:
       mb = jax.tree.map(lambda x: x[idx_UB], rows)  # leaves [U, ub, ...]
     else:
       mb = _chunks(rows, num_microbatches)
@@ -296,14 +346,27 @@ def minibatch_scan(params, opt_states, optimizers, rows, key, loss_fn, *,
       mb = jax.tree.map(constrain, mb)
     num_tokens, num_seqs = _row_counts(mb["weights"])
 
-    def micro_body(acc, micro):
-      (loss, aux), grads = grad_fn(params, micro, num_tokens, num_seqs)
+    def micro_grads(micro):
+      return grad_fn(params, micro, num_tokens, num_seqs)
+
+    def micro_body(acc, xs):
+      micro, micro_len = xs
+      if bucketed:
+        which = jnp.minimum(jnp.searchsorted(widths, jnp.max(micro_len)),
+                            len(buckets) - 1)
+        branches = [functools.partial(
+            lambda m, w: micro_grads(trim(m, w)), w=w) for w in buckets]
+        (loss, aux), grads = jax.lax.switch(which, branches, micro)
+      else:
+        (loss, aux), grads = micro_grads(micro)
       return jax.tree.map(jnp.add, acc, grads), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
+    micro_lens = lengths[idx_UB] if bucketed else jnp.zeros(
+        (num_microbatches,), jnp.int32)
     # A loop of one is inlined (unroll), so XLA fuses across it.
     grads, (loss_U, (metrics_U, sums_U, maxes_U)) = jax.lax.scan(
-        micro_body, zeros, mb, unroll=num_microbatches == 1)
+        micro_body, zeros, (mb, micro_lens), unroll=num_microbatches == 1)
     new_params, new_opt = [], []
     for opt, p, o, g in zip(optimizers, params, opt_states, grads):
       upd, o = opt.update(g, o, p)
@@ -322,8 +385,8 @@ def minibatch_scan(params, opt_states, optimizers, rows, key, loss_fn, *,
     return (tuple(new_params), tuple(new_opt)), out
 
   (params, opt_states), metrics = jax.lax.scan(
-      update, (tuple(params), tuple(opt_states)), idx, length=num_updates,
-      unroll=num_updates == 1)
+      update, (tuple(params), tuple(opt_states)), idx if gather else None,
+      length=num_updates, unroll=num_updates == 1)
   return params, opt_states, metrics
 
 
@@ -346,7 +409,8 @@ def make_policy_step(graphdef: nnx.GraphDef, optimizers, policy_loss, *,
                      kl_in_reward: bool = False, use_ref: bool = False,
                      recompute_old_logp: bool = False,
                      rollout_correction: RolloutCorrection | None = None,
-                     mesh=None, rules=mesh_lib.DEFAULT_RULES, ref_fn=None):
+                     mesh=None, rules=mesh_lib.DEFAULT_RULES, ref_fn=None,
+                     length_buckets: int = 0):
   """The shared RL update: `step((policy[, critic]), ref, batch)`.
 
   Returns `step(states, ref_params, batch) -> (states, metrics)`, `states` a
@@ -369,7 +433,13 @@ def make_policy_step(graphdef: nnx.GraphDef, optimizers, policy_loss, *,
   The reference is `ref_params`, or with `ref_fn` the function of the
   policy's parameters at the step's start (LoRA: adapters off, no copy).
   with w = `batch.weights` (default the mask) and the token normaliser
-  sum(w), over `minibatch_scan`'s schedule. With `mesh`, the rows each
+  sum(w), over `minibatch_scan`'s schedule. With `length_buckets` K > 0 the
+  rows of each minibatch are ordered by completion length before the split
+  into micro-batches and each micro-batch is computed at the smallest of K
+  bucket widths (`bucket_lengths`) that holds its rows: the same update up
+  to float rounding, at the cost of the tokens used rather than the
+  budget (the scoring pass before the update stays at the full width).
+  With `mesh`, the rows each
   micro-batch gathers stay split over the mesh's batch axes (data parallel
   forward and backward) when the micro-batch divides by them.
 
@@ -523,11 +593,24 @@ def make_policy_step(graphdef: nnx.GraphDef, optimizers, policy_loss, *,
                                           *([None] * (x.ndim - 2)))
         return jax.lax.with_sharding_constraint(
             x, jax.sharding.NamedSharding(mesh, spec))
+    bucket_kw = {}
+    if length_buckets:
+      def trim(micro, width):
+        cut = lambda x: x[:, :width]
+        out = {k: (v if k == "batch" else cut(v)) for k, v in micro.items()}
+        b = micro["batch"]
+        out["batch"] = b._replace(
+            completion=cut(b.completion),
+            completion_mask=cut(b.completion_mask),
+            old_logp=cut(b.old_logp), advantages=cut(b.advantages))
+        return out
+      bucket_kw = dict(lengths=row_lengths(mask),
+                       buckets=bucket_lengths(t, length_buckets), trim=trim)
     params, opts, m = minibatch_scan(
         tuple(s.params for s in states), tuple(s.opt_state for s in states),
         optimizers, rows, key, loss_fn, num_epochs=num_epochs,
         num_minibatches=num_minibatches, num_microbatches=num_microbatches,
-        constrain=constrain)
+        constrain=constrain, **bucket_kw)
     metrics = {k: jnp.mean(v) for k, v in m.items()}
     metrics["logp_mismatch_mean"] = m["logp_mismatch_mean"][0]
     metrics["logp_mismatch_max"] = m["logp_mismatch_max"][0]
@@ -552,7 +635,8 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
                  kl_norm_constant: float | None = None,
                  use_ref: bool = False, recompute_old_logp: bool = False,
                  rollout_correction: RolloutCorrection | None = None,
-                 mesh=None, rules=mesh_lib.DEFAULT_RULES, ref_fn=None):
+                 mesh=None, rules=mesh_lib.DEFAULT_RULES, ref_fn=None,
+                 length_buckets: int = 0):
   """Returns `rl_step(state, RLBatch) -> (state, metrics)`.
 
   `state` is a `TrainState`, or with `use_ref` a `RefState(train, ref)`
@@ -585,6 +669,9 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
     ref_fn: with `use_ref`, the reference as a function of the policy's
       parameters (`models.lora.zero_adapters`); the state is then a plain
       `TrainState`.
+    length_buckets: K > 0 computes each micro-batch at the smallest of K
+      completion widths that holds its rows, the rows ordered by length
+      (see `make_policy_step`); 0 computes every row at the full width.
 
   The metric `logp_mismatch_*` compares the rollout's log-probs with the
   trainer's recomputation before any update (first minibatch of epoch one).
@@ -598,7 +685,7 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
       kl_norm_constant=kl_norm_constant, use_ref=use_ref,
       recompute_old_logp=recompute_old_logp,
       rollout_correction=rollout_correction, mesh=mesh, rules=rules,
-      ref_fn=ref_fn)
+      ref_fn=ref_fn, length_buckets=length_buckets)
 
   def rl_step(state, batch: RLBatch):
     if use_ref and ref_fn is None:
