@@ -349,24 +349,27 @@ def minibatch_scan(params, opt_states, optimizers, rows, key, loss_fn, *,
     def micro_grads(micro):
       return grad_fn(params, micro, num_tokens, num_seqs)
 
-    def micro_body(acc, xs):
-      micro, micro_len = xs
-      if bucketed:
+    if bucketed:  # one branch per width; xs = (micro-batch, row lengths)
+      branches = [functools.partial(
+          lambda m, w: micro_grads(trim(m, w)), w=w) for w in buckets]
+
+      def micro_step(xs):
+        micro, micro_len = xs
         which = jnp.minimum(jnp.searchsorted(widths, jnp.max(micro_len)),
                             len(buckets) - 1)
-        branches = [functools.partial(
-            lambda m, w: micro_grads(trim(m, w)), w=w) for w in buckets]
-        (loss, aux), grads = jax.lax.switch(which, branches, micro)
-      else:
-        (loss, aux), grads = micro_grads(micro)
+        return jax.lax.switch(which, branches, micro)
+      xs = (mb, lengths[idx_UB])
+    else:
+      micro_step, xs = micro_grads, mb
+
+    def micro_body(acc, x):
+      (loss, aux), grads = micro_step(x)
       return jax.tree.map(jnp.add, acc, grads), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    micro_lens = lengths[idx_UB] if bucketed else jnp.zeros(
-        (num_microbatches,), jnp.int32)
     # A loop of one is inlined (unroll), so XLA fuses across it.
     grads, (loss_U, (metrics_U, sums_U, maxes_U)) = jax.lax.scan(
-        micro_body, zeros, (mb, micro_lens), unroll=num_microbatches == 1)
+        micro_body, zeros, xs, unroll=num_microbatches == 1)
     new_params, new_opt = [], []
     for opt, p, o, g in zip(optimizers, params, opt_states, grads):
       upd, o = opt.update(g, o, p)
