@@ -133,6 +133,13 @@ def test_length_buckets_do_not_change_the_update():
              # rounding (at 100 the rounding grows to 0.5%).
              dict(num_minibatches=2, num_microbatches=2, epochs=2, lr=1.0),
              dict(recompute_old_logp=True, entropy_coef=0.01),
+             # The scoring pass before the update (old and reference
+             # log-probs) is bucketed too.
+             dict(recompute_old_logp=True,
+                  rollout_correction=steps_lib.RolloutCorrection(
+                      "truncate", "sequence", 1.5)),
+             dict(use_ref=True, kl_coef=0.5, ref_fn=lambda p: jax.tree.map(
+                 lambda x: 0.9 * x, p)),
              dict(logprob_chunk=20)):  # chunks straddle the bucket widths
     old, plain, m0 = _run_bucketed(0, **kw)
     _, bucketed, m3 = _run_bucketed(3, **kw)
@@ -144,8 +151,42 @@ def test_length_buckets_do_not_change_the_update():
     for a, b in zip(jax.tree.leaves(d0), jax.tree.leaves(d3)):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max()
                                  + 2.5e-7)
-    for k in ("loss", "grad_norm", "logp_mismatch_max"):
-      np.testing.assert_allclose(m0[k], m3[k], rtol=1e-5, atol=1e-7)
+    for k in ("loss", "grad_norm", "logp_mismatch_max", "kl",
+              "rc_is_weight_mean", "rc_rollout_kl"):
+      if k in m0:
+        np.testing.assert_allclose(m0[k], m3[k], rtol=1e-5, atol=1e-7)
+    if "kl_coef" in kw:  # the reference differs from the policy
+      assert float(m0["kl"]) > 1e-4
+
+
+def test_bucketed_map_scores_each_chunk_at_its_smallest_bucket():
+  """bucketed_map equals the function on the whole batch where rows have
+  tokens, 0 beyond, in the rows' order; each chunk at its smallest width."""
+  n, t = 12, 16
+  rng = np.random.default_rng(3)
+  lengths = np.array([16, 3, 0, 9, 5, 12, 1, 16, 7, 2, 8, 4])
+  mask = (np.arange(t)[None] < lengths[:, None]).astype(np.float32)
+  x = rng.normal(size=(n, t)).astype(np.float32) * mask
+  widths_seen = []
+
+  def fn(rows):  # causal: a running sum per row, and a [N, T, 2] leaf
+    widths_seen.append(rows["x"].shape[1])
+    c = jnp.cumsum(rows["x"], axis=1) * rows["m"]
+    return {"c": c, "pair": jnp.stack([c, 2 * c], axis=-1)}
+
+  trim = lambda r, w: {k: v[:, :w] for k, v in r.items()}
+  buckets = steps_lib.bucket_lengths(t, 2)  # (8, 16)
+  out = jax.jit(lambda r, l: steps_lib.bucketed_map(fn, r, l, buckets, 3, trim))(
+      {"x": jnp.asarray(x), "m": jnp.asarray(mask)}, jnp.asarray(lengths))
+  want = np.cumsum(x, axis=1) * mask  # by hand, whole width
+  np.testing.assert_allclose(np.asarray(out["c"]), want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out["pair"][..., 1]), 2 * want,
+                             rtol=1e-6, atol=1e-6)
+  # Sorted lengths [0 1 2 3 | 4 5 7 8 | 9 12 16 16]: two chunks fit in 8.
+  assert sorted(set(widths_seen)) == [8, 16]
+  with pytest.raises(ValueError, match="do not split into 5 chunks"):
+    steps_lib.bucketed_map(fn, {"x": x, "m": mask}, jnp.asarray(lengths),
+                           buckets, 5, trim)
 
 
 def test_first_minibatch_ratio_is_one_when_old_logp_is_current():

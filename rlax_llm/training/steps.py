@@ -213,6 +213,57 @@ def _unchunk(tree):
   return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
 
 
+def _trim_batch(b: RLBatch, width: int) -> RLBatch:
+  """The plain RLBatch fields with [N, T] token columns cut to `width`."""
+  cut = lambda x: x[:, :width]
+  return b._replace(completion=cut(b.completion),
+                    completion_mask=cut(b.completion_mask),
+                    old_logp=cut(b.old_logp), advantages=cut(b.advantages))
+
+
+def bucketed_map(fn, rows, lengths, buckets, num_chunks: int, trim):
+  """`fn` over `num_chunks` chunks of `rows`, each at its bucket width.
+
+  The rows are ordered by `lengths` (`row_lengths`), split into
+  `num_chunks` equal chunks, and each chunk is passed to `fn` cut to the
+  smallest width of `buckets` (ascending, the last the full width T) that
+  holds its longest row (`trim(chunk, width)`, one `lax.switch` branch per
+  width). `fn` returns a pytree of [rows, width, ...] leaves (per-token
+  values, 0 beyond a row's length); they are padded with zeros to T and
+  returned in the rows' original order, [N, T, ...]. For a causal scorer
+  this equals `fn` on the whole batch wherever a row has tokens.
+  """
+  n = lengths.shape[0]
+  if n % num_chunks:
+    raise ValueError(f"{n} rows do not split into {num_chunks} chunks.")
+  full = buckets[-1]
+  order = jnp.argsort(lengths, stable=True)
+  chunks = _chunks(jax.tree.map(lambda x: x[order], rows), num_chunks)
+  chunk_len = _chunks(lengths[order], num_chunks)
+  widths = jnp.asarray(buckets, jnp.int32)
+
+  def pad(x, width):
+    if width == full:
+      return x
+    cfg = [(0, 0)] * x.ndim
+    cfg[1] = (0, full - width)
+    return jnp.pad(x, cfg)
+
+  branches = [functools.partial(
+      lambda c, w: jax.tree.map(lambda x: pad(x, w), fn(trim(c, w))), w=w)
+              for w in buckets]
+
+  def one(xs):
+    c, length = xs
+    which = jnp.minimum(jnp.searchsorted(widths, jnp.max(length)),
+                        len(buckets) - 1)
+    return jax.lax.switch(which, branches, c)
+
+  out = _unchunk(jax.lax.map(one, (chunks, chunk_len)))
+  inverse = jnp.argsort(order)
+  return jax.tree.map(lambda x: x[inverse], out)
+
+
 def _is_loss_metric(name: str) -> bool:
   return name.endswith("loss")
 
@@ -441,7 +492,8 @@ def make_policy_step(graphdef: nnx.GraphDef, optimizers, policy_loss, *,
   into micro-batches and each micro-batch is computed at the smallest of K
   bucket widths (`bucket_lengths`) that holds its rows: the same update up
   to float rounding, at the cost of the tokens used rather than the
-  budget (the scoring pass before the update stays at the full width).
+  budget; the scoring pass before the update is bucketed the same way
+  (`bucketed_map`: chunks of rows ordered by length).
   With `mesh`, the rows each
   micro-batch gathers stay split over the mesh's batch axes (data parallel
   forward and backward) when the micro-batch divides by them.
@@ -541,7 +593,12 @@ def make_policy_step(graphdef: nnx.GraphDef, optimizers, policy_loss, *,
 
     pre = {}
     if need_cur or select or need_ref or critic is not None:
-      pre = _unchunk(jax.lax.map(prepass, _chunks(plain, per_update)))
+      if length_buckets:
+        pre = bucketed_map(prepass, plain, row_lengths(mask),
+                           bucket_lengths(t, length_buckets), per_update,
+                           _trim_batch)
+      else:
+        pre = _unchunk(jax.lax.map(prepass, _chunks(plain, per_update)))
       pre = jax.lax.stop_gradient(pre)
     old_logp = pre["cur"] if need_cur else batch.old_logp
     ref_logp = (pre["ref"] if need_ref else batch.ref_logp) if use_ref else None
@@ -599,13 +656,9 @@ def make_policy_step(graphdef: nnx.GraphDef, optimizers, policy_loss, *,
     bucket_kw = {}
     if length_buckets:
       def trim(micro, width):
-        cut = lambda x: x[:, :width]
-        out = {k: (v if k == "batch" else cut(v)) for k, v in micro.items()}
-        b = micro["batch"]
-        out["batch"] = b._replace(
-            completion=cut(b.completion),
-            completion_mask=cut(b.completion_mask),
-            old_logp=cut(b.old_logp), advantages=cut(b.advantages))
+        out = {k: (v if k == "batch" else v[:, :width])
+               for k, v in micro.items()}
+        out["batch"] = _trim_batch(micro["batch"], width)
         return out
       bucket_kw = dict(lengths=row_lengths(mask),
                        buckets=bucket_lengths(t, length_buckets), trim=trim)
