@@ -1,4 +1,4 @@
-"""Test-session setup: one XLA compilation cache for the whole run, -O0.
+"""Test-session setup: one XLA compilation cache for the whole run, fast compiles.
 
 Many tests compile the same programs (the smoke experiment's update steps,
 `generate` on the tiny model, ...). A persistent compilation cache shared by
@@ -12,6 +12,8 @@ xdist worker (to see where a run's time goes and whether a worker idles).
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -37,6 +39,26 @@ _OPT_FLAG = "--xla_backend_optimization_level"
 if _OPT_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = " ".join(
       f for f in (os.environ.get("XLA_FLAGS", ""), f"{_OPT_FLAG}=0") if f)
+
+# XLA's MLIR fusion emitters for the CPU take about half of the suite's
+# compilation time; the classic elemental emitters compile the same fusions
+# in about half the time (tests/test_latr.py 97 s -> 53 s, most of it
+# compiling LATR's decode loop; tests/test_learning.py 189 s -> 170 s). The
+# program and its results are the same up to float rounding. A jaxlib that
+# no longer knows the flag would abort on it, so it is added only after a
+# subprocess accepted it (once, in the process that starts the workers).
+_EMITTER_FLAG = "--xla_cpu_use_fusion_emitters"
+if (_EMITTER_FLAG not in os.environ.get("XLA_FLAGS", "")
+    and "RLAX_TEST_XLA_FLAGS_PROBED" not in os.environ):
+  os.environ["RLAX_TEST_XLA_FLAGS_PROBED"] = "1"
+  _flags = f"{os.environ['XLA_FLAGS']} {_EMITTER_FLAG}=false"
+  _probe = subprocess.run(
+      [sys.executable, "-c",
+       "import jax, jax.numpy as jnp; jax.jit(jnp.sin)(jnp.ones(2))"],
+      env=dict(os.environ, XLA_FLAGS=_flags, JAX_PLATFORMS="cpu"),
+      capture_output=True, check=False, timeout=300)
+  if _probe.returncode == 0:
+    os.environ["XLA_FLAGS"] = _flags
 
 
 def pytest_unconfigure(config):

@@ -221,7 +221,8 @@ def test_single_split_tree_is_independent_sampling():
   ind = generate_jit(graphdef, params, p, m, key, num_samples=6,
                      max_new_tokens=7, eos_id=EOS)
   np.testing.assert_array_equal(tree.tokens, ind.tokens)
-  np.testing.assert_allclose(tree.logp, ind.logp, atol=1e-6)
+  # Same tokens; the log-probs agree to float32 rounding (a few ulp).
+  np.testing.assert_allclose(tree.logp, ind.logp, rtol=2e-6, atol=1e-6)
   np.testing.assert_array_equal(tree.generated.sum(), ind.mask.sum())
   # Same shapes, other key: the compiled program is reused.
   # pylint: disable=protected-access

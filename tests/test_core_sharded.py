@@ -100,7 +100,7 @@ for name, (fn, args) in others.items():
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x, np.float64),
                                np.asarray(y, np.float64), rtol=2e-6,
-                               atol=1e-7, err_msg=name)
+                               atol=1e-6, err_msg=name)  # sums of O(1) terms
   checked += 1
 print("CHECKED", checked)
 """)
