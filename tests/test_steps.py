@@ -132,15 +132,14 @@ def test_length_buckets_do_not_change_the_update():
              # second update starts from parameters that differ only by
              # rounding (at 100 the rounding grows to 0.5%).
              dict(num_minibatches=2, num_microbatches=2, epochs=2, lr=1.0),
-             dict(recompute_old_logp=True, entropy_coef=0.01),
              # The scoring pass before the update (old and reference
              # log-probs) is bucketed too.
-             dict(recompute_old_logp=True,
+             dict(recompute_old_logp=True, entropy_coef=0.01,
                   rollout_correction=steps_lib.RolloutCorrection(
                       "truncate", "sequence", 1.5)),
-             dict(use_ref=True, kl_coef=0.5, ref_fn=lambda p: jax.tree.map(
-                 lambda x: 0.9 * x, p)),
-             dict(logprob_chunk=20)):  # chunks straddle the bucket widths
+             # Scoring chunks of 20 tokens straddle the bucket widths.
+             dict(use_ref=True, kl_coef=0.5, logprob_chunk=20,
+                  ref_fn=lambda p: jax.tree.map(lambda x: 0.9 * x, p))):
     old, plain, m0 = _run_bucketed(0, **kw)
     _, bucketed, m3 = _run_bucketed(3, **kw)
     d0 = jax.tree.map(lambda a, b: np.asarray(a - b), plain.params,
