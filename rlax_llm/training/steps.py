@@ -221,6 +221,19 @@ def _trim_batch(b: RLBatch, width: int) -> RLBatch:
                     old_logp=cut(b.old_logp), advantages=cut(b.advantages))
 
 
+def _at_bucket(buckets, at_width):
+  """(x, lengths) -> at_width(x, w), w the smallest of `buckets` holding
+  max(lengths) (the last bucket if none): one `lax.switch` branch per width."""
+  widths = jnp.asarray(buckets, jnp.int32)
+  branches = [functools.partial(at_width, width=w) for w in buckets]
+
+  def call(x, lengths):
+    which = jnp.minimum(jnp.searchsorted(widths, jnp.max(lengths)),
+                        len(buckets) - 1)
+    return jax.lax.switch(which, branches, x)
+  return call
+
+
 def bucketed_map(fn, rows, lengths, buckets, num_chunks: int, trim):
   """`fn` over `num_chunks` chunks of `rows`, each at its bucket width.
 
@@ -240,7 +253,6 @@ def bucketed_map(fn, rows, lengths, buckets, num_chunks: int, trim):
   order = jnp.argsort(lengths, stable=True)
   chunks = _chunks(jax.tree.map(lambda x: x[order], rows), num_chunks)
   chunk_len = _chunks(lengths[order], num_chunks)
-  widths = jnp.asarray(buckets, jnp.int32)
 
   def pad(x, width):
     if width == full:
@@ -249,17 +261,9 @@ def bucketed_map(fn, rows, lengths, buckets, num_chunks: int, trim):
     cfg[1] = (0, full - width)
     return jnp.pad(x, cfg)
 
-  branches = [functools.partial(
-      lambda c, w: jax.tree.map(lambda x: pad(x, w), fn(trim(c, w))), w=w)
-              for w in buckets]
-
-  def one(xs):
-    c, length = xs
-    which = jnp.minimum(jnp.searchsorted(widths, jnp.max(length)),
-                        len(buckets) - 1)
-    return jax.lax.switch(which, branches, c)
-
-  out = _unchunk(jax.lax.map(one, (chunks, chunk_len)))
+  one = _at_bucket(buckets, lambda c, width: jax.tree.map(
+      lambda x: pad(x, width), fn(trim(c, width))))
+  out = _unchunk(jax.lax.map(lambda xs: one(*xs), (chunks, chunk_len)))
   inverse = jnp.argsort(order)
   return jax.tree.map(lambda x: x[inverse], out)
 
@@ -382,7 +386,6 @@ def minibatch_scan(params, opt_states, optimizers, rows, key, loss_fn, *,
   if bucketed:  # each minibatch's rows by length, then the micro-batches
     order = jnp.argsort(lengths[idx], axis=1, stable=True)
     idx = jnp.take_along_axis(idx, order, axis=1)
-    widths = jnp.asarray(buckets, jnp.int32)
   if gather:
     idx = idx.reshape(num_updates, num_microbatches, ub)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -400,15 +403,10 @@ def minibatch_scan(params, opt_states, optimizers, rows, key, loss_fn, *,
     def micro_grads(micro):
       return grad_fn(params, micro, num_tokens, num_seqs)
 
-    if bucketed:  # one branch per width; xs = (micro-batch, row lengths)
-      branches = [functools.partial(
-          lambda m, w: micro_grads(trim(m, w)), w=w) for w in buckets]
-
-      def micro_step(xs):
-        micro, micro_len = xs
-        which = jnp.minimum(jnp.searchsorted(widths, jnp.max(micro_len)),
-                            len(buckets) - 1)
-        return jax.lax.switch(which, branches, micro)
+    if bucketed:  # xs = (micro-batch, its row lengths)
+      at_bucket = _at_bucket(
+          buckets, lambda m, width: micro_grads(trim(m, width)))
+      micro_step = lambda xs: at_bucket(*xs)
       xs = (mb, lengths[idx_UB])
     else:
       micro_step, xs = micro_grads, mb
@@ -591,11 +589,12 @@ def make_policy_step(graphdef: nnx.GraphDef, optimizers, policy_loss, *,
         out["v"] = critic.values(states[1].params, b)
       return out
 
+    if length_buckets:
+      lengths, buckets = row_lengths(mask), bucket_lengths(t, length_buckets)
     pre = {}
     if need_cur or select or need_ref or critic is not None:
       if length_buckets:
-        pre = bucketed_map(prepass, plain, row_lengths(mask),
-                           bucket_lengths(t, length_buckets), per_update,
+        pre = bucketed_map(prepass, plain, lengths, buckets, per_update,
                            _trim_batch)
       else:
         pre = _unchunk(jax.lax.map(prepass, _chunks(plain, per_update)))
@@ -660,8 +659,7 @@ def make_policy_step(graphdef: nnx.GraphDef, optimizers, policy_loss, *,
                for k, v in micro.items()}
         out["batch"] = _trim_batch(micro["batch"], width)
         return out
-      bucket_kw = dict(lengths=row_lengths(mask),
-                       buckets=bucket_lengths(t, length_buckets), trim=trim)
+      bucket_kw = dict(lengths=lengths, buckets=buckets, trim=trim)
     params, opts, m = minibatch_scan(
         tuple(s.params for s in states), tuple(s.opt_state for s in states),
         optimizers, rows, key, loss_fn, num_epochs=num_epochs,
