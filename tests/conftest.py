@@ -7,7 +7,9 @@ each of them once per run. It lives in a fresh temporary directory, removed
 at the end, so no run reuses another run's programs.
 
 `RLAX_TEST_TIMELINE=FILE` logs when each test starts and ends on which
-xdist worker (to see where a run's time goes and whether a worker idles).
+xdist worker (to see where a run's time goes and whether a worker idles),
+and how many programs it compiled in that worker and the seconds spent
+tracing, lowering and compiling them (not counting its subprocesses).
 """
 
 import os
@@ -96,10 +98,35 @@ def pytest_runtest_logfinish(nodeid, location):
   _timeline("end", nodeid)
 
 
+_COMPILE_SECONDS = {}  # jax.monitoring duration event -> seconds in this test
+
+
+def _on_duration(event, seconds, **kwargs):
+  del kwargs
+  if event.startswith("/jax/core/compile/"):
+    key = event.rsplit("/", 1)[-1].replace("_duration", "")
+    _COMPILE_SECONDS[key] = _COMPILE_SECONDS.get(key, 0.0) + seconds
+    if key == "backend_compile":
+      _COMPILE_SECONDS["compiles"] = _COMPILE_SECONDS.get("compiles", 0) + 1
+
+
 def _timeline(event, nodeid):
+  """The end line also gives the programs this test compiled in this process
+  and the seconds spent tracing, lowering and compiling them (jax.monitoring's
+  compile durations), as "compiles=N,backend_compile=S,..."."""
   path = os.environ.get(_TIMELINE_ENV)
   if path:
     import time  # pylint: disable=g-import-not-at-top
+    from jax import monitoring  # pylint: disable=g-import-not-at-top
+    if not getattr(_timeline, "listening", False):
+      monitoring.register_event_duration_secs_listener(_on_duration)
+      _timeline.listening = True
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    extra = ""
+    if event == "end" and _COMPILE_SECONDS:
+      extra = " " + ",".join(f"{k}={v:.2f}" if isinstance(v, float)
+                             else f"{k}={v}"
+                             for k, v in sorted(_COMPILE_SECONDS.items()))
+    _COMPILE_SECONDS.clear()
     with open(path, "a", encoding="utf-8") as f:
-      f.write(f"{worker} {event} {time.time():.3f} {nodeid}\n")
+      f.write(f"{worker} {event} {time.time():.3f} {nodeid}{extra}\n")

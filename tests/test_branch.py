@@ -22,7 +22,13 @@ from rlax_llm.core import tree_advantages as tree_adv
 from rlax_llm.methods import branch as branch_lib
 from rlax_llm.methods import rollouts
 from rlax_llm.training.metrics import read_metrics
-from rlax_llm.training.scoring import score_completions
+from rlax_llm.training import scoring
+
+# Compiled once per shape (run op by op, each of the model's operations would
+# compile on its own).
+score_completions = jax.jit(scoring.score_completions, static_argnums=0,
+                            static_argnames=("temperature", "chunk_size",
+                                             "vocab_chunk"))
 
 PAD, EOS, V = 0, 1, 12
 

@@ -18,7 +18,13 @@ from rlax_llm.models.transformer import Transformer
 from rlax_llm.sampling.generate import auto_decode_chunk, chunk_layout
 from rlax_llm.sampling.generate import generate, generate_jit
 from rlax_llm.sampling.samplers import SamplerConfig
-from rlax_llm.training.scoring import score_completions
+from rlax_llm.training import scoring
+
+# Compiled once per shape (run op by op, each of the model's operations would
+# compile on its own).
+score_completions = jax.jit(scoring.score_completions, static_argnums=0,
+                            static_argnames=("temperature", "chunk_size",
+                                             "vocab_chunk"))
 
 EOS = 1
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,8 +229,9 @@ def test_decode_step_with_per_row_slots_matches_full_sequences():
   rng = np.random.default_rng(3)
   conts = rng.integers(2, 23, (b, g, t))
   start = np.array([[0, 2, 3], [1, 0, 4]])  # slots already written per row
-  _, cache, plen = model.prefill(jnp.asarray(p), jnp.asarray(m),
-                                 num_samples=g, max_new_tokens=t)
+  _, cache, plen = nnx.jit(
+      lambda mdl, *a: mdl.prefill(*a, num_samples=g, max_new_tokens=t))(
+          model, jnp.asarray(p), jnp.asarray(m))
   # Fill each row's first `start` slots one step at a time, then one more
   # step for all rows at their own slot.
   for i in range(t):
@@ -242,11 +249,12 @@ def test_decode_step_with_per_row_slots_matches_full_sequences():
   tok = np.take_along_axis(conts, start[..., None], -1)[..., 0]
   logits, _ = decode(model, jnp.asarray(tok), plen[:, None] + index, cache,
                      index)
+  forward = nnx.jit(lambda mdl, x: mdl(x))
   for bi in range(b):
     prompt = p[bi][m[bi]]
     for gi in range(g):
       seq = np.concatenate([prompt, conts[bi, gi, :start[bi, gi] + 1]])
-      full = np.asarray(model(jnp.asarray(seq)[None]))[0, -1]
+      full = np.asarray(forward(model, jnp.asarray(seq)[None]))[0, -1]
       np.testing.assert_allclose(np.asarray(logits[bi, gi]), full, atol=1e-5)
 
 

@@ -21,7 +21,9 @@ summary.json without its wall time), shared per module:
     refused.
 
 The "sample" engine's kill test is the plain SIGKILL-then-resume check of
-the default config (smoke-sized), in the RL phase as well as the SFT one.
+the default config (smoke-sized), in the RL phase as well as the SFT one; its
+uninterrupted run is also where the damaged-checkpoint, disk-full and
+budget tests start.
 
 Subprocesses share the suite's XLA compilation cache (tests/conftest.py).
 """
@@ -70,15 +72,13 @@ ENGINES = {
                                                 "--config.rollout.keep_surplus=True")),
     "ppo": ("configs/ppo.py", TINY + ("--config.rl.num_samples=4",)),
 }
-# The smoke config as it is (the programs test_experiment compiles too, so
-# the suite's compilation cache serves them): checkpoints at steps 5, 10,
-# 12 (SFT -> RL), 15 and 16, of which 15 and 16 are kept.
-RUNS = dict(ENGINES, smoke=("configs/smoke.py", ()))
-SMOKE_KEPT = (15, 16)
+# The two checkpoints of a tiny run that are kept: the damaged-checkpoint
+# tests start from the "sample" engine's uninterrupted run.
+KEPT = SAVES[-2:]
 
 
 def _command(engine, workdir, *extra):
-  config, flags = RUNS[engine]
+  config, flags = ENGINES[engine]
   return [sys.executable, "-m", "experiments.train", f"--config={config}",
           f"--workdir={workdir}", *flags, *extra]
 
@@ -143,9 +143,9 @@ def _array_files(step_dir):
     pytest.param("cut_meta_json", marks=pytest.mark.slow)])
 def test_damaged_latest_checkpoint_falls_back_and_finishes(reference, tmp_path,
                                                            damage):
-  ref = reference("smoke")
+  ref = reference("sample")
   workdir = _copy(ref, tmp_path / "run")
-  latest = os.path.join(workdir, "checkpoints", str(SMOKE_KEPT[-1]))
+  latest = os.path.join(workdir, "checkpoints", str(KEPT[-1]))
   if damage == "truncate_arrays":  # what a failing disk or a cut copy leaves
     for f in _array_files(latest):
       os.truncate(f, os.path.getsize(f) // 2)
@@ -153,29 +153,29 @@ def test_damaged_latest_checkpoint_falls_back_and_finishes(reference, tmp_path,
     meta = os.path.join(latest, "meta", "metadata")
     os.truncate(meta, os.path.getsize(meta) - 7)
   os.remove(os.path.join(workdir, "summary.json"))
-  proc = _ok(_run("smoke", workdir))
-  assert f"checkpoint step {SMOKE_KEPT[-1]} under" in proc.stderr
+  proc = _ok(_run("sample", workdir))
+  assert f"checkpoint step {KEPT[-1]} under" in proc.stderr
   assert "is damaged" in proc.stderr
-  assert f"falling back to checkpoint step {SMOKE_KEPT[0]}" in proc.stderr
+  assert f"falling back to checkpoint step {KEPT[0]}" in proc.stderr
   assert "Traceback" not in proc.stderr
   # Kept for inspection, and replaced by a new, intact checkpoint.
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "damaged",
-                                    f"step_{SMOKE_KEPT[-1]}"))
+                                    f"step_{KEPT[-1]}"))
   assert os.path.isdir(latest)
   _assert_same_run(workdir, ref)
 
 
 def test_no_intact_checkpoint_left_stops_with_directory_and_fix(reference,
                                                                 tmp_path):
-  workdir = _copy(reference("smoke"), tmp_path / "run")
+  workdir = _copy(reference("sample"), tmp_path / "run")
   ckpts = os.path.join(workdir, "checkpoints")
   steps = sorted(int(s) for s in os.listdir(ckpts) if s.isdigit())
-  assert steps == list(SMOKE_KEPT)
+  assert steps == list(KEPT)
   for s in steps:
     for f in _array_files(os.path.join(ckpts, str(s))):
       os.truncate(f, 5)
   before = open(os.path.join(workdir, "metrics.jsonl")).read()
-  proc = _run("smoke", workdir)
+  proc = _run("sample", workdir)
   assert proc.returncode != 0
   assert "No intact checkpoint is left under" in proc.stderr
   assert ckpts in proc.stderr and "--workdir" in proc.stderr
@@ -184,7 +184,7 @@ def test_no_intact_checkpoint_left_stops_with_directory_and_fix(reference,
       f"step_{s}" for s in steps]
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
   # The refusal holds on the next attempt too (no silent fresh start).
-  again = _run("smoke", workdir)
+  again = _run("sample", workdir)
   assert again.returncode != 0
   assert "No intact checkpoint is left under" in again.stderr
 

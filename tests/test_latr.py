@@ -23,7 +23,13 @@ from rlax_llm.models.config import ModelConfig
 from rlax_llm.models.transformer import KVCache, Transformer
 from rlax_llm.sampling import latr
 from rlax_llm.sampling.samplers import SamplerConfig, sample_token
-from rlax_llm.training.scoring import score_completions
+from rlax_llm.training import scoring
+
+# Compiled once per shape (run op by op, each of the model's operations would
+# compile on its own).
+score_completions = jax.jit(scoring.score_completions, static_argnums=0,
+                            static_argnames=("temperature", "chunk_size",
+                                             "vocab_chunk"))
 
 PAD, EOS = 0, 1
 V = 6  # pad, eos, tokens 2..5

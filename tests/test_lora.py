@@ -147,9 +147,13 @@ def test_lora_optimizer_updates_only_adapters_and_merge_matches():
   assert state_lib.lora_optimizer(sgd, lora.base_config(cfg)) is sgd
   tok, mask, _ = _data(2)
 
-  grads = jax.grad(_loss, argnums=1)(graphdef, params, tok, mask)
+  # Compiled (op by op, each operation would compile on its own).
+  loss = jax.jit(_loss, static_argnums=0)
+  grads = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)(
+      graphdef, params, tok, mask)
   for tx in (opt, adam):
-    updates, _ = tx.update(grads, tx.init(params), params)
+    updates, _ = jax.jit(lambda g, p, tx=tx: tx.update(g, tx.init(p), p))(
+        grads, params)
     is_adapter = lora.adapter_mask(params)
     for u, g, on in zip(jax.tree.leaves(updates), jax.tree.leaves(grads),
                         jax.tree.leaves(is_adapter)):
@@ -170,10 +174,10 @@ def test_lora_optimizer_updates_only_adapters_and_merge_matches():
     return optax.apply_updates(params, updates), opt_state
 
   start, opt_state = params, opt.init(params)
-  losses = [float(_loss(graphdef, params, tok, mask))]
+  losses = [float(loss(graphdef, params, tok, mask))]
   for _ in range(3):
     params, opt_state = step(params, opt_state)
-    losses.append(float(_loss(graphdef, params, tok, mask)))
+    losses.append(float(loss(graphdef, params, tok, mask)))
   assert losses[-1] < losses[0] - 1e-3, losses
   for x, y, on in zip(jax.tree.leaves(start), jax.tree.leaves(params),
                       jax.tree.leaves(lora.adapter_mask(params))):

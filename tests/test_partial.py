@@ -62,11 +62,14 @@ def test_continuation_logits_equal_full_forward(tiny, packed, width):
     lanes = partial_lib.prefill_lanes(length, pmask.sum(-1), P + width)
     assert lanes == {T: 2, 8: 4}[width]
   cont = april.transformer_continuation(graphdef, params, T, lanes=lanes)
-  logits, cache = cont.prefill(jnp.asarray(prompt), jnp.asarray(pmask),
-                               jnp.asarray(tokens[..., :width]),
-                               jnp.asarray(length))
+  # Compiled, as the engine runs them (op by op, every operation of the
+  # model would compile on its own).
+  logits, cache = jax.jit(cont.prefill)(
+      jnp.asarray(prompt), jnp.asarray(pmask),
+      jnp.asarray(tokens[..., :width]), jnp.asarray(length))
   nxt = rng.integers(2, V, (B, G)).astype(np.int32)
-  logits2, _ = cont.step(jnp.asarray(nxt), jnp.asarray(length), cache)
+  logits2, _ = jax.jit(cont.step)(jnp.asarray(nxt), jnp.asarray(length),
+                                  cache)
   # Reference: one causal pass over [valid prompt | partial | next token] per
   # row, right-padded to a common length (padding is masked).
   s = P + T + 1

@@ -12,7 +12,13 @@ from rlax_llm.models.config import ModelConfig
 from rlax_llm.parallel.mesh import make_mesh
 from rlax_llm.training import state as state_lib
 from rlax_llm.training import steps as steps_lib
-from rlax_llm.training.scoring import score_completions
+from rlax_llm.training import scoring
+
+# Compiled once per shape (run op by op, each of the model's operations would
+# compile on its own).
+score_completions = jax.jit(scoring.score_completions, static_argnums=0,
+                            static_argnames=("temperature", "chunk_size",
+                                             "vocab_chunk"))
 
 CFG = ModelConfig(vocab_size=19, num_layers=1, embed_dim=16, num_heads=2,
                   num_kv_heads=1, head_dim=8, mlp_dim=32, max_seq_len=32)
@@ -92,8 +98,9 @@ def test_kl_loss_gradient_through_the_step_matches_the_kl_term():
     step = jax.jit(steps_lib.make_rl_step(GD, opt, grpo().policy_loss,
                                           kl_coef=c, use_ref=True))
     outs[c] = step(state_lib.RefState(state, ref_state.params), b)
-  ref_lp = score_completions(GD, ref_state.params, b.prompt, b.prompt_mask,
-                             b.completion, b.completion_mask).logp
+  ref_lp = jax.jit(lambda p: score_completions(
+      GD, p, b.prompt, b.prompt_mask, b.completion, b.completion_mask).logp)(
+          ref_state.params)
   mask = b.completion_mask
 
   def kl_term(params):
@@ -102,7 +109,7 @@ def test_kl_loss_gradient_through_the_step_matches_the_kl_term():
     kl = _np_kl_jnp(lp, ref_lp)
     return jnp.sum(jnp.where(mask, kl, 0)) / mask.sum()
 
-  g = jax.grad(kl_term)(state.params)
+  g = jax.jit(jax.grad(kl_term))(state.params)
   d = [np.asarray(a - b_) for a, b_ in zip(
       jax.tree.leaves(outs[coef][0].train.params),
       jax.tree.leaves(outs[0.0][0].train.params))]
@@ -110,7 +117,7 @@ def test_kl_loss_gradient_through_the_step_matches_the_kl_term():
   _assert_same_update(want, d)
   # kl is logged in both, as the masked mean of k3 at the step's start.
   np.testing.assert_allclose(float(outs[0.0][1]["kl"]),
-                             float(kl_term(state.params)), rtol=1e-5)
+                             float(jax.jit(kl_term)(state.params)), rtol=1e-5)
   # The reference never moves.
   for a, b_ in zip(jax.tree.leaves(outs[coef][0].ref),
                    jax.tree.leaves(ref_state.params)):

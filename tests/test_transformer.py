@@ -84,7 +84,7 @@ def test_forward_matches_numpy_reference(kw):
         var[...] = jax.random.normal(jax.random.key(i), var[...].shape) * 0.3
   tokens = np.array([3, 7, 1, 22, 9, 9, 4, 15])
   want = _np_reference(model, tokens)
-  got = np.asarray(model(jnp.asarray(tokens)[None]))[0]
+  got = np.asarray(_jitted(model)(jnp.asarray(tokens)[None]))[0]
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
 
@@ -112,6 +112,17 @@ def test_dense_is_the_einsum_and_its_gradient(x_shape, w_shape, in_dims, spec):
       f"{out},{ws}->{xs}", cot, w.astype(np.float64)), rtol=1e-4, atol=1e-4)
 
 
+def _jitted(model, method="__call__", **static):
+  """`model.method(*args, **static)` as one compiled program per input shape
+  (run op by op, each of the model's operations would compile separately)."""
+  graphdef, state = nnx.split(model)
+
+  def call(state, *args):
+    return getattr(nnx.merge(graphdef, state), method)(*args, **static)
+  compiled = jax.jit(call)
+  return lambda *args: compiled(state, *args)
+
+
 def _padded(seqs, width, side):
   tok = np.zeros((len(seqs), width), np.int32)
   mask = np.zeros((len(seqs), width), bool)
@@ -128,10 +139,11 @@ def test_padding_does_not_change_logits(side):
   rng = np.random.default_rng(0)
   seqs = [rng.integers(3, 23, n) for n in (7, 3, 1, 5)]
   tok, mask = _padded(seqs, 9, side)
-  logits = np.asarray(model(jnp.asarray(tok), None, jnp.asarray(mask)))
+  forward = _jitted(model)
+  logits = np.asarray(forward(jnp.asarray(tok), None, jnp.asarray(mask)))
   assert np.all(np.isfinite(logits))
   for i, s in enumerate(seqs):
-    alone = np.asarray(model(jnp.asarray(s)[None]))[0]
+    alone = np.asarray(forward(jnp.asarray(s)[None]))[0]
     np.testing.assert_allclose(logits[i][mask[i]], alone, atol=1e-5)
 
 
@@ -140,8 +152,9 @@ def test_future_tokens_never_change_earlier_logits():
   base = np.array([[5, 6, 7, 8, 9, 10]])
   changed = base.copy()
   changed[0, 4:] = [20, 21]
-  a = np.asarray(model(jnp.asarray(base)))
-  b = np.asarray(model(jnp.asarray(changed)))
+  forward = _jitted(model)
+  a = np.asarray(forward(jnp.asarray(base)))
+  b = np.asarray(forward(jnp.asarray(changed)))
   np.testing.assert_array_equal(a[0, :4], b[0, :4])
   assert np.abs(a[0, 4:] - b[0, 4:]).max() > 1e-3
 
@@ -156,19 +169,22 @@ def test_kv_cache_decoding_reproduces_full_sequence_logits(side):
   p_tok, p_mask = _padded(prompts, 6, side)
   conts = rng.integers(3, 23, (len(lens), g, t))
 
-  last, cache, plen = model.prefill(jnp.asarray(p_tok), jnp.asarray(p_mask),
-                                    num_samples=g, max_new_tokens=t)
+  last, cache, plen = _jitted(model, "prefill", num_samples=g,
+                              max_new_tokens=t)(jnp.asarray(p_tok),
+                                                jnp.asarray(p_mask))
   step_logits = [np.broadcast_to(np.asarray(last)[:, None], (len(lens), g, 23))]
+  decode_step = _jitted(model, "decode_step")
   for i in range(t - 1):
-    logits, cache = model.decode_step(jnp.asarray(conts[:, :, i]),
-                                      plen[:, None] + i, cache, i)
+    logits, cache = decode_step(jnp.asarray(conts[:, :, i]),
+                                plen[:, None] + i, cache, i)
     step_logits.append(np.asarray(logits))
   got = np.stack(step_logits, axis=2)  # [B, G, T, V]
 
+  forward = _jitted(model)
   for b, prompt in enumerate(prompts):
     for s in range(g):
       seq = np.concatenate([prompt, conts[b, s]])
-      full = np.asarray(model(jnp.asarray(seq)[None]))[0]
+      full = np.asarray(forward(jnp.asarray(seq)[None]))[0]
       want = full[len(prompt) - 1:len(prompt) - 1 + t]
       np.testing.assert_allclose(got[b, s], want, atol=1e-5)
 
