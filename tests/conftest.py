@@ -83,6 +83,30 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.slow)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+  """Warns when pytest-xdist cannot keep an `xdist_group` on one worker.
+
+  With --dist=loadgroup, xdist appends "@group" to the node id of each
+  grouped test in the worker; a pytest whose node ids ignore that (9.2)
+  spreads a group over the workers, and each then builds the group's module
+  fixtures (the 8-device run, the learning warm-up, the kill tests'
+  reference runs) again.
+  """
+  if (not os.environ.get("PYTEST_XDIST_WORKER")
+      or not session.config.getvalue("loadgroup")):
+    return
+  lost = [item.nodeid for item in session.items
+          if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+  if lost:
+    import warnings  # pylint: disable=g-import-not-at-top
+    warnings.warn(pytest.PytestConfigWarning(
+        f"pytest {pytest.__version__} hides the xdist_group of {len(lost)} "
+        f"tests (e.g. {lost[0]}) from pytest-xdist's --dist=loadgroup, so "
+        "their module fixtures run once per worker; install the test "
+        "extra's pytest (pip install -e '.[test]', pytest<9.2)."))
+
+
 _TIMELINE_ENV = "RLAX_TEST_TIMELINE"
 
 
