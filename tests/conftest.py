@@ -73,13 +73,20 @@ _SLOW_LIST = os.path.join(os.path.dirname(__file__), "slow_tests.txt")
 
 
 def pytest_collection_modifyitems(config, items):
-  """Marks the tests listed in slow_tests.txt `slow` (by node id)."""
+  """Marks the tests listed in slow_tests.txt `slow` (by node id).
+
+  In an xdist worker with --dist=loadgroup, a grouped test's node id ends in
+  "@group" (xdist's own hook may run first); the list names it without.
+  """
   del config
   with open(_SLOW_LIST, encoding="utf-8") as f:
     listed = {line.strip() for line in f
               if line.strip() and not line.startswith("#")}
   for item in items:
-    if item.nodeid in listed:
+    nodeid = item.nodeid
+    if item.get_closest_marker("xdist_group"):
+      nodeid = nodeid.rsplit("@", 1)[0]
+    if nodeid in listed:
       item.add_marker(pytest.mark.slow)
 
 
