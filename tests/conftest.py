@@ -83,11 +83,15 @@ def pytest_collection_modifyitems(config, items):
     listed = {line.strip() for line in f
               if line.strip() and not line.startswith("#")}
   for item in items:
-    nodeid = item.nodeid
-    if item.get_closest_marker("xdist_group"):
-      nodeid = nodeid.rsplit("@", 1)[0]
-    if nodeid in listed:
+    if _ungrouped_nodeid(item) in listed:
       item.add_marker(pytest.mark.slow)
+
+
+def _ungrouped_nodeid(item):
+  """The node id without the "@group" that xdist appends to grouped tests."""
+  if item.get_closest_marker("xdist_group"):
+    return item.nodeid.rsplit("@", 1)[0]
+  return item.nodeid
 
 
 @pytest.hookimpl(trylast=True)
@@ -104,7 +108,8 @@ def pytest_collection_finish(session):
       or not session.config.getvalue("loadgroup")):
     return
   lost = [item.nodeid for item in session.items
-          if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+          if item.get_closest_marker("xdist_group")
+          and _ungrouped_nodeid(item) == item.nodeid]
   if lost:
     import warnings  # pylint: disable=g-import-not-at-top
     warnings.warn(pytest.PytestConfigWarning(
@@ -132,6 +137,13 @@ def pytest_runtest_logfinish(nodeid, location):
 _COMPILE_SECONDS = {}  # jax.monitoring duration event -> seconds in this test
 
 
+def pytest_configure(config):
+  del config
+  if os.environ.get(_TIMELINE_ENV):
+    from jax import monitoring  # pylint: disable=g-import-not-at-top
+    monitoring.register_event_duration_secs_listener(_on_duration)
+
+
 def _on_duration(event, seconds, **kwargs):
   del kwargs
   if event.startswith("/jax/core/compile/"):
@@ -148,10 +160,6 @@ def _timeline(event, nodeid):
   path = os.environ.get(_TIMELINE_ENV)
   if path:
     import time  # pylint: disable=g-import-not-at-top
-    from jax import monitoring  # pylint: disable=g-import-not-at-top
-    if not getattr(_timeline, "listening", False):
-      monitoring.register_event_duration_secs_listener(_on_duration)
-      _timeline.listening = True
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     extra = ""
     if event == "end" and _COMPILE_SECONDS:

@@ -22,13 +22,7 @@ from rlax_llm.core import tree_advantages as tree_adv
 from rlax_llm.methods import branch as branch_lib
 from rlax_llm.methods import rollouts
 from rlax_llm.training.metrics import read_metrics
-from rlax_llm.training import scoring
-
-# Compiled once per shape (run op by op, each of the model's operations would
-# compile on its own).
-score_completions = jax.jit(scoring.score_completions, static_argnums=0,
-                            static_argnames=("temperature", "chunk_size",
-                                             "vocab_chunk"))
+from rlax_llm.training.scoring import score_completions_jit
 
 PAD, EOS, V = 0, 1, 12
 
@@ -247,9 +241,9 @@ def test_model_tree_logp_equals_trainer_recomputation():
                            max_new_tokens=7, eos_id=EOS,
                            sampler=SamplerConfig(0.8, top_k=6))
   g = 12
-  scores = score_completions(graphdef, params, np.repeat(p, g, 0),
-                             np.repeat(m, g, 0), ro.tokens, ro.mask,
-                             temperature=0.8)
+  scores = score_completions_jit(graphdef, params, np.repeat(p, g, 0),
+                                 np.repeat(m, g, 0), ro.tokens, ro.mask,
+                                 temperature=0.8)
   np.testing.assert_allclose(np.asarray(scores.logp), np.asarray(ro.logp),
                              atol=1e-5)
   assert int(ro.generated.sum()) < int(ro.mask.sum())

@@ -18,13 +18,7 @@ from rlax_llm.models.transformer import Transformer
 from rlax_llm.sampling.generate import auto_decode_chunk, chunk_layout
 from rlax_llm.sampling.generate import generate, generate_jit
 from rlax_llm.sampling.samplers import SamplerConfig
-from rlax_llm.training import scoring
-
-# Compiled once per shape (run op by op, each of the model's operations would
-# compile on its own).
-score_completions = jax.jit(scoring.score_completions, static_argnums=0,
-                            static_argnames=("temperature", "chunk_size",
-                                             "vocab_chunk"))
+from rlax_llm.training.scoring import score_completions_jit
 
 EOS = 1
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,9 +52,9 @@ def test_rollout_logp_equals_trainer_recomputation(side, sampler):
   ro = generate_jit(graphdef, params, p, m, jax.random.key(0), num_samples=g,
                     max_new_tokens=t, eos_id=EOS, sampler=sampler)
   assert ro.tokens.shape == (12, t) and ro.logp.shape == (12, t)
-  scores = score_completions(graphdef, params, np.repeat(p, g, 0),
-                             np.repeat(m, g, 0), ro.tokens, ro.mask,
-                             temperature=sampler.temperature)
+  scores = score_completions_jit(graphdef, params, np.repeat(p, g, 0),
+                                 np.repeat(m, g, 0), ro.tokens, ro.mask,
+                                 temperature=sampler.temperature)
   np.testing.assert_allclose(np.asarray(scores.logp), np.asarray(ro.logp),
                              atol=1e-5)
   assert np.asarray(ro.mask).sum() > 12  # something was generated
@@ -194,9 +188,9 @@ def test_one_prompt_512_samples_256_tokens_tiny_model():
   assert (ro.lengths == 256).all()
   assert len({tuple(r) for r in ro.tokens}) == 512  # independent samples
   rows = np.arange(0, 512, 37)  # the trainer's log-probs of a few rows
-  scores = score_completions(graphdef, params, np.repeat(p, len(rows), 0),
-                             np.repeat(m, len(rows), 0), ro.tokens[rows],
-                             ro.mask[rows])
+  scores = score_completions_jit(graphdef, params, np.repeat(p, len(rows), 0),
+                                 np.repeat(m, len(rows), 0), ro.tokens[rows],
+                                 ro.mask[rows])
   np.testing.assert_allclose(np.asarray(scores.logp), ro.logp[rows],
                              atol=1e-5)
 

@@ -23,13 +23,7 @@ from rlax_llm.models.config import ModelConfig
 from rlax_llm.models.transformer import KVCache, Transformer
 from rlax_llm.sampling import latr
 from rlax_llm.sampling.samplers import SamplerConfig, sample_token
-from rlax_llm.training import scoring
-
-# Compiled once per shape (run op by op, each of the model's operations would
-# compile on its own).
-score_completions = jax.jit(scoring.score_completions, static_argnums=0,
-                            static_argnames=("temperature", "chunk_size",
-                                             "vocab_chunk"))
+from rlax_llm.training.scoring import score_completions_jit
 
 PAD, EOS = 0, 1
 V = 6  # pad, eos, tokens 2..5
@@ -718,9 +712,9 @@ def test_model_rollout_logp_equals_trainer_recomputation():
       exempt_V=exempt))
   assert ro.opened.sum() >= 3  # the test exercises branching
   assert (ro.switch_step <= 5).all()
-  scores = score_completions(graphdef, params, np.repeat(p, g, 0),
-                             np.repeat(m, g, 0), ro.tokens, ro.mask,
-                             temperature=0.8)
+  scores = score_completions_jit(graphdef, params, np.repeat(p, g, 0),
+                                 np.repeat(m, g, 0), ro.tokens, ro.mask,
+                                 temperature=0.8)
   np.testing.assert_allclose(np.asarray(scores.logp), ro.logp, atol=2e-5)
 
 

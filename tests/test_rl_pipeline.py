@@ -96,10 +96,10 @@ def test_kl_in_reward(engine, tmp_path, policy):
   exp, (batch, stats) = _batch(engine, tmp_path, params, ref, name="b",
                                kl_coef=0.5, kl_in_reward=True,
                                kl_estimator="k2")
-  from rlax_llm.training.scoring import score_completions  # pylint: disable=g-import-not-at-top
-  ref_lp = np.asarray(jax.jit(lambda p, *a: score_completions(
-      exp.graphdef, p, *a).logp)(ref, batch.prompt, batch.prompt_mask,
-                                 batch.completion, batch.completion_mask))
+  from rlax_llm.training.scoring import score_completions_jit  # pylint: disable=g-import-not-at-top
+  ref_lp = np.asarray(score_completions_jit(
+      exp.graphdef, ref, batch.prompt, batch.prompt_mask, batch.completion,
+      batch.completion_mask).logp)
   np.testing.assert_allclose(batch.ref_logp, ref_lp, atol=2e-5)
   kl = 0.5 * (ref_lp - batch.old_logp) ** 2 * batch.completion_mask
   want = base.reward - 0.5 * (kl * batch.weights).sum(-1)

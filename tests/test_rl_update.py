@@ -12,13 +12,7 @@ from rlax_llm.models.config import ModelConfig
 from rlax_llm.parallel.mesh import make_mesh
 from rlax_llm.training import state as state_lib
 from rlax_llm.training import steps as steps_lib
-from rlax_llm.training import scoring
-
-# Compiled once per shape (run op by op, each of the model's operations would
-# compile on its own).
-score_completions = jax.jit(scoring.score_completions, static_argnums=0,
-                            static_argnames=("temperature", "chunk_size",
-                                             "vocab_chunk"))
+from rlax_llm.training.scoring import score_completions_jit
 
 CFG = ModelConfig(vocab_size=19, num_layers=1, embed_dim=16, num_heads=2,
                   num_kv_heads=1, head_dim=8, mlp_dim=32, max_seq_len=32)
@@ -98,14 +92,13 @@ def test_kl_loss_gradient_through_the_step_matches_the_kl_term():
     step = jax.jit(steps_lib.make_rl_step(GD, opt, grpo().policy_loss,
                                           kl_coef=c, use_ref=True))
     outs[c] = step(state_lib.RefState(state, ref_state.params), b)
-  ref_lp = jax.jit(lambda p: score_completions(
-      GD, p, b.prompt, b.prompt_mask, b.completion, b.completion_mask).logp)(
-          ref_state.params)
+  ref_lp = score_completions_jit(GD, ref_state.params, b.prompt, b.prompt_mask,
+                                 b.completion, b.completion_mask).logp
   mask = b.completion_mask
 
   def kl_term(params):
-    lp = score_completions(GD, params, b.prompt, b.prompt_mask, b.completion,
-                           b.completion_mask).logp
+    lp = score_completions_jit(GD, params, b.prompt, b.prompt_mask,
+                               b.completion, b.completion_mask).logp
     kl = _np_kl_jnp(lp, ref_lp)
     return jnp.sum(jnp.where(mask, kl, 0)) / mask.sum()
 
@@ -177,8 +170,8 @@ def test_recomputed_old_logp_starts_the_ratio_at_one():
   update), and the step reports ratio_mean 1."""
   state, opt = _state()
   b = _batch()
-  cur = score_completions(GD, state.params, b.prompt, b.prompt_mask,
-                          b.completion, b.completion_mask).logp
+  cur = score_completions_jit(GD, state.params, b.prompt, b.prompt_mask,
+                              b.completion, b.completion_mask).logp
   rec = jax.jit(steps_lib.make_rl_step(GD, opt, grpo().policy_loss,
                                        recompute_old_logp=True))
   plain = jax.jit(steps_lib.make_rl_step(GD, opt, grpo().policy_loss))
@@ -198,9 +191,9 @@ def test_recomputed_old_logp_starts_the_ratio_at_one():
 def test_rollout_correction_weights_match_numpy(mode, level):
   state, opt = _state()
   b = _batch()
-  cur = np.asarray(score_completions(GD, state.params, b.prompt,
-                                     b.prompt_mask, b.completion,
-                                     b.completion_mask).logp)
+  cur = np.asarray(score_completions_jit(GD, state.params, b.prompt,
+                                         b.prompt_mask, b.completion,
+                                         b.completion_mask).logp)
   cap = 1.5
   log_rho = np.where(b.completion_mask, cur - b.old_logp, 0)
   if level == "sequence":
@@ -233,8 +226,8 @@ def test_rollout_correction_without_recompute_is_refused():
 def test_d3s_token_selection_keeps_the_top_share_by_adv_times_entropy():
   state, opt = _state()
   b = _batch(n=8)
-  sc = score_completions(GD, state.params, b.prompt, b.prompt_mask,
-                         b.completion, b.completion_mask)
+  sc = score_completions_jit(GD, state.params, b.prompt, b.prompt_mask,
+                             b.completion, b.completion_mask)
   ent = np.asarray(sc.entropy)
   score = np.where(b.completion_mask, np.abs(b.advantages) * ent, -np.inf)
   valid = b.completion_mask.sum()

@@ -198,8 +198,8 @@ def test_first_minibatch_ratio_is_one_when_old_logp_is_current():
   state, _ = state_lib.create_train_state(CFG, opt, make_mesh(), seed=0)
   graphdef = state_lib.model_graphdef(CFG)
   batch = _rl_batch()
-  from rlax_llm.training.scoring import score_completions  # pylint: disable=g-import-not-at-top
-  logp = jax.jit(score_completions, static_argnums=0)(
+  from rlax_llm.training.scoring import score_completions_jit  # pylint: disable=g-import-not-at-top
+  logp = score_completions_jit(
       graphdef, state.params, batch.prompt, batch.prompt_mask,
       batch.completion, batch.completion_mask).logp
   batch = batch._replace(old_logp=np.asarray(logp))

@@ -59,7 +59,7 @@ from rlax_llm.training import metrics as metrics_lib
 from rlax_llm.training import ppo as ppo_lib
 from rlax_llm.training import state as state_lib
 from rlax_llm.training import steps as steps_lib
-from rlax_llm.training.scoring import score_completions
+from rlax_llm.training.scoring import score_completions_jit
 
 
 def _optimizer(section) -> optax.GradientTransformation:
@@ -240,7 +240,6 @@ class Experiment:
       check_context(width, self.max_new_tokens, self.model_cfg.max_seq_len)
     self.per_draw = pipeline.per_draw(c, self.max_new_tokens)
     self.chain = pipeline.build_chain(c, self.method, engine_cls)
-    self._ref_score = None
 
   def rollout_context(self) -> rollouts.RolloutContext:
     """What the rollout engine uses (`rollouts.RolloutContext`)."""
@@ -441,17 +440,16 @@ class Experiment:
 
   def ref_logp_fn(self, ref_params):
     """Groups -> [B, G, T] reference log-probs (for the KL in the reward)."""
-    if self._ref_score is None:
-      self._ref_score = jax.jit(functools.partial(
-          score_completions, self.graphdef,
-          temperature=self.config.rl.temperature,
-          chunk_size=self.config.rl.get("logprob_chunk", 0),
-          vocab_chunk=self.config.rl.get("vocab_chunk", 0) or None))
+    score_fn = functools.partial(
+        score_completions_jit, self.graphdef,
+        temperature=self.config.rl.temperature,
+        chunk_size=self.config.rl.get("logprob_chunk", 0),
+        vocab_chunk=self.config.rl.get("vocab_chunk", 0) or None)
 
     def score(groups: rollouts.Groups) -> np.ndarray:
       b, g, t = groups.tokens.shape
       prompt_NP, prompt_mask_NP = rollouts.row_prompts(groups)
-      out = self._ref_score(
+      out = score_fn(
           ref_params, prompt_NP, prompt_mask_NP,
           groups.tokens.reshape(b * g, t), groups.mask.reshape(b * g, t))
       return np.asarray(jax.device_get(out.logp)).reshape(b, g, t)

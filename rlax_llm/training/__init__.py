@@ -7,6 +7,7 @@ from rlax_llm.training.checkpoint import CheckpointWriteError
 from rlax_llm.training.checkpoint import DamagedCheckpointError
 from rlax_llm.training.scoring import Scores
 from rlax_llm.training.scoring import score_completions
+from rlax_llm.training.scoring import score_completions_jit
 from rlax_llm.training.state import RefState
 from rlax_llm.training.state import TrainState
 from rlax_llm.training.state import create_train_state
@@ -20,4 +21,4 @@ from rlax_llm.training.steps import make_sft_step
 
 __all__ = ["CheckpointWriteError", "DamagedCheckpointError", "RLBatch", "RefState", "SFTBatch", "Scores", "TrainState", "create_train_state",
            "jit_step", "lora_optimizer", "make_rl_step", "make_sft_step", "model_graphdef",
-           "score_completions"]
+           "score_completions", "score_completions_jit"]

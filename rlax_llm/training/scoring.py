@@ -9,6 +9,7 @@ valid tokens, as in `generate`, so the scores equal the rollout's log-probs.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.nnx as nnx
@@ -92,3 +93,16 @@ def score_completions(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
                                                   temperature=temp)
   m = completion_mask_NT.astype(bool)
   return Scores(jnp.where(m, out.logp, 0.0), jnp.where(m, out.entropy, 0.0))
+
+
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("temperature", "chunk_size", "vocab_chunk"))
+def score_completions_jit(graphdef: nnx.GraphDef, params, prompt_NP,
+                          prompt_mask_NP, completion_NT, completion_mask_NT, *,
+                          temperature: float = 1.0, chunk_size: int = 0,
+                          vocab_chunk: int | None = None) -> Scores:
+  """`score_completions` under `jax.jit` (graph and options static)."""
+  return score_completions(graphdef, params, prompt_NP, prompt_mask_NP,
+                           completion_NT, completion_mask_NT,
+                           temperature=temperature, chunk_size=chunk_size,
+                           vocab_chunk=vocab_chunk)
