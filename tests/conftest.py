@@ -169,3 +169,22 @@ def _timeline(event, nodeid):
     _COMPILE_SECONDS.clear()
     with open(path, "a", encoding="utf-8") as f:
       f.write(f"{worker} {event} {time.time():.3f} {nodeid}{extra}\n")
+
+
+# What `python -m experiments.train` imports before it starts a JAX backend
+# (not experiments.train itself: a second import of it would define its
+# flags twice).
+TRAIN_PRELOAD = ("absl.app", "ml_collections.config_flags", "configs.base",
+                 "rlax_llm.experiment", "rlax_llm.experiment.config_utils",
+                 "rlax_llm.parallel.distributed", "tensorboardX", "tqdm")
+
+
+@pytest.fixture(scope="session")
+def train_forks():
+  """A `forkrun.ForkServer` for `python -m experiments.train` commands (one
+  per xdist worker, started on first use)."""
+  from tests import forkrun  # pylint: disable=g-import-not-at-top
+  server = forkrun.ForkServer(
+      TRAIN_PRELOAD, cwd=os.path.dirname(os.path.dirname(__file__)))
+  yield server
+  server.close()

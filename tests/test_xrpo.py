@@ -222,6 +222,80 @@ def test_masked_reward_stats_and_dynamic_sampling():
   assert work.stats["rollout/filtered_first_draw"] == 0.5
 
 
+def _variable_work(counts, g=6, t=5, p=4, seed=0):
+  """GRPO advantages of groups holding `counts` rollouts in `g` slots, with
+  random tokens, lengths, behaviour log-probs and per-row prompts."""
+  rng = np.random.default_rng(seed)
+  b = len(counts)
+  valid = np.arange(g)[None] < np.asarray(counts)[:, None]
+  lengths = np.where(valid, rng.integers(1, t + 1, (b, g)), 0)
+  mask = np.arange(t) < lengths[..., None]
+  tokens = np.where(mask, rng.integers(1, 19, (b, g, t)), 0).astype(np.int32)
+  logp = np.where(mask, rng.normal(-2.0, 0.3, (b, g, t)), 0.0)
+  groups = _groups(rng.integers(0, 2, (b, g)).astype(np.float32), valid, t)
+  groups = groups._replace(
+      tokens=tokens, mask=mask, logp=logp.astype(np.float32),
+      lengths=lengths, weights=mask.astype(np.float32),
+      row_prompt=rng.integers(2, 19, (b, g, p)).astype(np.int32),
+      row_prompt_mask=np.ones((b, g, p), bool))
+  return tf.advantage(get_method("grpo"))(
+      tf.Work(groups=groups, stats={}), tf.StepContext(_Eng(), None, None, 0, 0))
+
+
+def test_batch_of_variable_groups_keeps_the_valid_slots():
+  work = _variable_work([2, 6, 3, 5])  # 16 rollouts in 4 x 6 slots
+  full = tf.to_batch(work)
+  assert full.completion.shape == (24, 5)
+  valid = work.groups.valid.reshape(24)
+  want = np.flatnonzero(valid)  # in group order
+  compact = tf.to_batch(work, rows=16)
+  for name, a, b in zip(full._fields, full, compact):
+    if a is not None:
+      np.testing.assert_array_equal(np.asarray(a)[want], b, err_msg=name)
+  # Fewer rollouts than rows: filled with empty slots (no token, weight 0).
+  padded = tf.to_batch(work, rows=20)
+  np.testing.assert_array_equal(padded.completion[:16], compact.completion)
+  assert not padded.completion_mask[16:].any()
+  assert not padded.weights[16:].any() and not padded.advantages[16:].any()
+  # More than rows (dynamic sampling keeps the fuller groups): all slots.
+  assert tf.to_batch(work, rows=12).completion.shape == (24, 5)
+  assert tf.to_batch(_variable_work([6, 6, 6, 6]), rows=16).completion.shape \
+      == (24, 5)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean",
+                                         "seq_mean_token_sum_norm"])
+def test_update_over_valid_slots_equals_the_update_over_all(aggregation):
+  # pylint: disable=g-import-not-at-top
+  import optax
+  from rlax_llm.parallel.mesh import make_mesh
+  from rlax_llm.training import state as state_lib
+  from rlax_llm.training import steps as steps_lib
+  from tests.test_steps import CFG_1LAYER
+  # pylint: enable=g-import-not-at-top
+  work = _variable_work([2, 6, 3, 5], seed=1)
+  opt = optax.sgd(100.0)  # the change -lr * gradient, far above rounding
+  state, _ = state_lib.create_train_state(CFG_1LAYER, opt, make_mesh(),
+                                          seed=0)
+  step = jax.jit(steps_lib.make_rl_step(
+      state_lib.model_graphdef(CFG_1LAYER), opt,
+      get_method("grpo", aggregation=aggregation,
+                 max_new_tokens=5).policy_loss, num_microbatches=2))
+  deltas, metrics = [], []
+  for rows in (None, 16):
+    new, m = step(state, tf.to_batch(work, rows=rows))
+    deltas.append(jax.tree.leaves(jax.tree.map(
+        lambda a, b: np.asarray(a - b), new.params, state.params)))
+    metrics.append(m)
+  assert np.abs(deltas[0][0]).max() > 0  # it did update
+  for a, b in zip(*deltas):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max()
+                               + 2.5e-7)
+  for k in ("loss", "grad_norm", "entropy", "clip_frac"):
+    np.testing.assert_allclose(metrics[1][k], metrics[0][k], rtol=1e-5,
+                               atol=1e-7, err_msg=k)
+
+
 def test_sampled_tokens_over_draws_and_engines():
   reward = np.array([[1., 1., 0., 0.], [0., 1., 0., 0.]], np.float32)
   valid = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)

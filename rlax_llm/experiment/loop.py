@@ -478,7 +478,8 @@ class Experiment:
         ref_logp=None if ref is None else self.ref_logp_fn(ref),
         step=step, rl_step=step - self.config.sft.steps)
     work = transforms.apply_chain(self.chain, draw(0), ctx)
-    batch = transforms.to_batch(work)
+    rl = self.config.rl
+    batch = transforms.to_batch(work, rows=rl.prompts_per_step * rl.num_samples)
     frac = pipeline.token_fraction(self.config, ctx.rl_step)
     if frac is not None:
       batch = batch._replace(token_fraction=np.full(

@@ -310,8 +310,19 @@ def apply_chain(transforms: Sequence[Transform], groups: Groups,
   return work
 
 
-def to_batch(work: Work) -> RLBatch:
-  """The update's `RLBatch` of the chain's output (N = B * G rows)."""
+def to_batch(work: Work, rows: Optional[int] = None) -> RLBatch:
+  """The update's `RLBatch` of the chain's output: N = B * G rows.
+
+  With variable-size groups (`Groups.valid`) and `rows` given, N = `rows`
+  when the valid slots fit in it: those slots in group order, then as many
+  empty slots as it takes to fill `rows` (the step's rollout budget, so the
+  update's shape does not change from step to step). An empty slot has no
+  token and zero weight, so it changes no loss, gradient or count
+  (`core.aggregation` counts sequences with a token); leaving the others
+  out spares the update their compute (XRPO at max_factor 2: half of the
+  rows). More valid slots than `rows` (dynamic sampling keeps the groups
+  with the most rollouts) and every other case keep all B * G rows.
+  """
   g = work.groups
   b, n_g, t = g.tokens.shape
   n = b * n_g
@@ -322,7 +333,7 @@ def to_batch(work: Work) -> RLBatch:
   weights = (mask.astype(np.float32) if g.weights is None
              else g.weights.reshape(n, t).astype(np.float32))
   prompt_NP, prompt_mask_NP = row_prompts(g)
-  return RLBatch(
+  batch = RLBatch(
       prompt=prompt_NP, prompt_mask=prompt_mask_NP,
       completion=g.tokens.reshape(n, t), completion_mask=mask,
       old_logp=g.logp.reshape(n, t),
@@ -330,3 +341,11 @@ def to_batch(work: Work) -> RLBatch:
       weights=weights, reward=g.reward.reshape(n).astype(np.float32),
       ref_logp=(None if work.ref_logp is None else
                 (work.ref_logp.reshape(n, t) * mask).astype(np.float32)))
+  if rows is None or g.valid is None or rows >= n:
+    return batch
+  valid = valid_slots(g).reshape(n)
+  full, empty = np.flatnonzero(valid), np.flatnonzero(~valid)
+  if len(full) > rows:
+    return batch
+  take = np.concatenate([full, empty[:rows - len(full)]])
+  return RLBatch(*(None if x is None else np.asarray(x)[take] for x in batch))
