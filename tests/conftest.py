@@ -171,20 +171,21 @@ def _timeline(event, nodeid):
       f.write(f"{worker} {event} {time.time():.3f} {nodeid}{extra}\n")
 
 
-# What `python -m experiments.train` imports before it starts a JAX backend
-# (not experiments.train itself: a second import of it would define its
-# flags twice).
-TRAIN_PRELOAD = ("absl.app", "ml_collections.config_flags", "configs.base",
-                 "rlax_llm.experiment", "rlax_llm.experiment.config_utils",
-                 "rlax_llm.parallel.distributed", "tensorboardX", "tqdm")
+# What the commands the tests start import before they start a JAX backend:
+# `python -m experiments.train`'s modules (not experiments.train itself: a
+# second import of it would define its flags twice), which include jax,
+# flax, optax, orbax and the training library the scripts use.
+FORK_PRELOAD = ("absl.app", "ml_collections.config_flags", "configs.base",
+                "rlax_llm.experiment", "rlax_llm.experiment.config_utils",
+                "rlax_llm.parallel.distributed", "tensorboardX", "tqdm")
 
 
 @pytest.fixture(scope="session")
-def train_forks():
-  """A `forkrun.ForkServer` for `python -m experiments.train` commands (one
-  per xdist worker, started on first use)."""
+def forks():
+  """A `forkrun.ForkServer` for the Python commands tests start (one per
+  xdist worker, started on first use)."""
   from tests import forkrun  # pylint: disable=g-import-not-at-top
   server = forkrun.ForkServer(
-      TRAIN_PRELOAD, cwd=os.path.dirname(os.path.dirname(__file__)))
+      FORK_PRELOAD, cwd=os.path.dirname(os.path.dirname(__file__)))
   yield server
   server.close()

@@ -1,15 +1,17 @@
-"""`python -m MODULE ARGS...` in a process forked from one that imported it.
+"""Python commands run in processes forked from one that imported them.
 
 The tests that drive `experiments.train` as a command (kills, damaged
-checkpoints, resumes) start dozens of short runs; a fresh interpreter spends
-about 2.5 s of each importing jax, flax, orbax and the project. A
-`ForkServer` is one helper process that imports the module's dependencies
-once (without starting a JAX backend: no XLA threads exist yet, so forking
-is safe) and forks a child for each command. A child is a real process of
-its own: it gets the command's argv, working directory and environment,
-writes its stdout and stderr to files, can be SIGKILLed, and exits with the
-command's status (atexit handlers and non-daemon threads run as at a normal
-interpreter exit).
+checkpoints, resumes) or run a script on fake devices start dozens of short
+processes; a fresh interpreter spends about 2.5 s of each importing jax,
+flax, orbax and the project. A `ForkServer` is one helper process that
+imports them once (without starting a JAX backend: no XLA threads exist yet,
+so forking is safe, and a script may still set XLA_FLAGS, such as a fake
+device count, before its first JAX operation) and forks a child for each
+`python -m MODULE ...`, `python -c CODE ...` or `python SCRIPT ...`. A
+child is a real process of its own: it gets the command's argv, working
+directory and environment, writes its stdout and stderr to files, can be
+SIGKILLed, and exits with the command's status (atexit handlers and
+non-daemon threads run as at a normal interpreter exit).
 
 What a child shares with the server, unlike a fresh interpreter: the modules
 imported before the fork, and so the environment variables JAX reads at
@@ -38,6 +40,10 @@ _SERVER = textwrap.dedent("""
     os.dup2(2, 1)
     for name in sys.argv[1:]:
       importlib.import_module(name)
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+      sys.exit(f"Importing {sys.argv[1:]} started a JAX backend: forking "
+               "it is unsafe.")
     children = set()
 
     def child(req):
@@ -53,13 +59,17 @@ _SERVER = textwrap.dedent("""
       os.environ.update(req["env"])
       if req["cwd"] not in sys.path:
         sys.path.insert(0, req["cwd"])
-      flag, target, *args = req["argv"]
-      sys.argv = [target, *args]
-      if flag == "-m":
-        runpy.run_module(target, run_name="__main__", alter_sys=True)
+      argv = req["argv"]
+      if argv[0] == "-m":
+        sys.argv = argv[1:]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+      elif argv[0] == "-c":
+        sys.argv = ["-c", *argv[2:]]
+        exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
       else:
-        sys.argv[0] = "-c"
-        exec(compile(target, "<string>", "exec"), {"__name__": "__main__"})
+        sys.argv = list(argv)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+        runpy.run_path(argv[0], run_name="__main__")
 
     for line in requests:
       req = json.loads(line)
@@ -155,9 +165,12 @@ class ForkServer:
 
   def popen(self, argv: Sequence[str], *, cwd: str,
             env: Optional[dict] = None) -> Child:
-    """Starts `argv` (`[sys.executable, "-m" | "-c", target, args...]`)."""
-    if argv[0] != sys.executable or argv[1] not in ("-m", "-c"):
-      raise ValueError(f"Forks only `{sys.executable} -m|-c ...`, not {argv}.")
+    """Starts `argv`: `[sys.executable, "-m" | "-c", target, args...]` or
+    `[sys.executable, script, args...]`."""
+    if argv[0] != sys.executable or (argv[1].startswith("-")
+                                     and argv[1] not in ("-m", "-c")):
+      raise ValueError(f"Forks only `{sys.executable} -m|-c|SCRIPT ...`, not "
+                       f"{argv}.")
     env = dict(self._env if env is None else env)
     jax_vars = {k for k in set(env) | set(self._env) if k.startswith("JAX_")}
     changed = sorted(k for k in jax_vars if env.get(k) != self._env.get(k))
@@ -173,7 +186,8 @@ class ForkServer:
     return Child(self, pid, out, err)
 
   def run(self, argv: Sequence[str], *, cwd: str, env: Optional[dict] = None,
-          timeout: Optional[float] = None) -> subprocess.CompletedProcess:
+          timeout: Optional[float] = None,
+          check: bool = False) -> subprocess.CompletedProcess:
     """Like `subprocess.run(argv, capture_output=True, text=True)`."""
     child = self.popen(argv, cwd=cwd, env=env)
     try:
@@ -183,6 +197,9 @@ class ForkServer:
       child.wait()
       raise
     out, err = child.output()
+    if check and child.returncode:
+      raise subprocess.CalledProcessError(child.returncode, list(argv), out,
+                                          err)
     return subprocess.CompletedProcess(list(argv), child.returncode, out, err)
 
   def close(self) -> None:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -12,16 +11,15 @@ from experiments import bench
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench(*args):
-  return subprocess.run(
-      [sys.executable, "-m", "experiments.bench", *args], cwd=REPO_ROOT,
-      capture_output=True, text=True, timeout=300, check=False)
+def _bench(forks, *args):
+  return forks.run([sys.executable, "-m", "experiments.bench", *args],
+                   cwd=REPO_ROOT, timeout=300)
 
 
-def test_generate_json_lines():
-  proc = _bench("generate", "--json", "--sequences=4,8", "--new_tokens=8",
-                "--repeats=2", "--samples_per_prompt=4", "--notransformers",
-                "--noroofline")
+def test_generate_json_lines(forks):
+  proc = _bench(forks, "generate", "--json", "--sequences=4,8",
+                "--new_tokens=8", "--repeats=2", "--samples_per_prompt=4",
+                "--notransformers", "--noroofline")
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == 2  # one object per measurement, nothing else
@@ -65,8 +63,8 @@ def test_bad_sizes_are_clear_errors():
     bench.bench_generate(4, new_tokens=2, repeats=1, preset="nope")
 
 
-def test_unknown_benchmark_lists_choices():
-  proc = _bench("sample", "--json")
+def test_unknown_benchmark_lists_choices(forks):
+  proc = _bench(forks, "sample", "--json")
   assert proc.returncode != 0
   assert "Unknown benchmark ['sample']" in proc.stderr
   assert "generate" in proc.stderr
@@ -93,8 +91,8 @@ def test_table_lists_each_measurement():
   assert "tiny (400,256 params)" in lines[-1]
 
 
-def test_logprobs_json_lines():
-  proc = _bench("logprobs", "--json", "--tokens=96", "--vocab=1000",
+def test_logprobs_json_lines(forks):
+  proc = _bench(forks, "logprobs", "--json", "--tokens=96", "--vocab=1000",
                 "--width=16", "--chunk_size=32", "--vocab_chunk=0",
                 "--repeats=2", "--nofull_size")
   assert proc.returncode == 0, proc.stderr
@@ -250,9 +248,9 @@ def _check_spread(side, part, repeats):
   assert side[f"{part}_s_spread"] == pytest.approx(max(values) - min(values))
 
 
-def test_grpo_step_json_rlax_only():
-  proc = _bench("grpo_step", "--json", *GRPO_SMOKE, "--repeats=2", "--notrl",
-                "--noroofline", "--profile")
+def test_grpo_step_json_rlax_only(forks):
+  proc = _bench(forks, "grpo_step", "--json", *GRPO_SMOKE, "--repeats=2",
+                "--notrl", "--noroofline", "--profile")
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == 1  # one object, nothing else on stdout

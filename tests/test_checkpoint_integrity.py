@@ -10,7 +10,6 @@ import errno
 import glob
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -244,10 +243,10 @@ _KILL_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("phase,latest", [("arrays", 2), ("commit", 3),
                                           ("seal", 3)])
-def test_fault_injection_kill_in_save(two_steps, phase, latest):
+def test_fault_injection_kill_in_save(two_steps, phase, latest, forks):
   env = dict(os.environ, **{ckpt_lib.FAULT_ENV: f"3:{phase}"})
-  proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, two_steps],
-                        env=env, capture_output=True, text=True, timeout=120)
+  proc = forks.run([sys.executable, "-c", _KILL_SCRIPT, two_steps],
+                   cwd=os.getcwd(), env=env, timeout=120)
   assert proc.returncode == -9, proc.stderr[-2000:]
   assert "survived" not in proc.stdout
   ck = ckpt_lib.Checkpointer(two_steps)

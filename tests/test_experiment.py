@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -24,11 +23,10 @@ def _strip_time(records):
           for r in records]
 
 
-def _run_cli(workdir, *flags, timeout=300):
+def _run_cli(forks, workdir, *flags, timeout=300):
   cmd = [sys.executable, "-m", "experiments.train",
          "--config=configs/smoke.py", f"--workdir={workdir}", *flags]
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, check=False)
+  return forks.run(cmd, cwd=REPO, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +82,8 @@ def test_same_seed_same_metrics_other_seed_differs(smoke_run, tmp_path):
   assert _strip_time(read_metrics(str(tmp_path / "b/metrics.jsonl"))) != ref
 
 
-def test_unknown_config_key_names_it_and_suggests(tmp_path):
-  out = _run_cli(tmp_path / "w", "--config.rl.stepz=3", timeout=120)
+def test_unknown_config_key_names_it_and_suggests(tmp_path, forks):
+  out = _run_cli(forks, tmp_path / "w", "--config.rl.stepz=3", timeout=120)
   assert out.returncode == 2
   assert "rl.stepz" in out.stderr and "--config.rl.steps" in out.stderr
   assert not (tmp_path / "w").exists()
@@ -131,7 +129,8 @@ def test_resuming_with_a_different_config_is_refused(smoke_run):
     experiment.run(c, str(workdir))
 
 
-def test_rollout_diversity_compares_sampling_and_latr(smoke_run, tmp_path):
+def test_rollout_diversity_compares_sampling_and_latr(smoke_run, tmp_path,
+                                                       forks):
   from experiments import rollout_diversity  # pylint: disable=g-import-not-at-top
   from rlax_llm.sampling import latr as latr_lib  # pylint: disable=g-import-not-at-top
   workdir, _ = smoke_run
@@ -158,21 +157,20 @@ def test_rollout_diversity_compares_sampling_and_latr(smoke_run, tmp_path):
   assert tree["branches_opened"] == 3.0 and tree["branches_pruned"] == 0.0
   assert tree["distinct_tree"] == 4.0 == tree["distinct_per_group"]
   assert sample["prompts"] == tree["prompts"] == 6
-  missing = subprocess.run(
+  missing = forks.run(
       [sys.executable, "-m", "experiments.rollout_diversity",
        "--config=configs/smoke.py", f"--workdir={tmp_path / 'none'}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+      cwd=REPO, timeout=300)
   assert missing.returncode == 2 and "train first" in missing.stderr
 
 
 def test_evaluate_scores_the_latest_checkpoint_like_training(smoke_run,
-                                                             tmp_path):
+                                                             tmp_path, forks):
   workdir, summary = smoke_run
-  out = subprocess.run(
+  out = forks.run(
       [sys.executable, "-m", "experiments.evaluate",
        "--config=configs/smoke.py", f"--workdir={workdir}", "--split=test"],
-      cwd=REPO,
-      capture_output=True, text=True, timeout=300, check=False)
+      cwd=REPO, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   c = smoke.get_config()
@@ -182,10 +180,10 @@ def test_evaluate_scores_the_latest_checkpoint_like_training(smoke_run,
               f"maj@{c.eval.num_samples}"):
     assert result[key] == summary["final_eval"][key]
   assert json.load(open(workdir / f"eval_step{result['step']}.json")) == result
-  missing = subprocess.run(
+  missing = forks.run(
       [sys.executable, "-m", "experiments.evaluate",
        "--config=configs/smoke.py", f"--workdir={tmp_path / 'none'}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+      cwd=REPO, timeout=300)
   assert missing.returncode == 2 and "train first" in missing.stderr
 
 

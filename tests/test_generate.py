@@ -3,7 +3,6 @@ chunked decoding, per-row cache slots and sharding over a mesh."""
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -296,13 +295,13 @@ _MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_generate_on_mesh_equals_one_device(tmp_path):
+def test_generate_on_mesh_equals_one_device(tmp_path, forks):
   """4 fake devices, three meshes (batch split, fsdp, tensor-sharded weights)."""
   script, out = tmp_path / "mesh.py", tmp_path / "out.json"
   script.write_text(_MESH_SCRIPT)
-  env = dict(os.environ, PYTHONPATH=REPO)
-  subprocess.run([sys.executable, str(script), str(out)], check=True, env=env,
-                 timeout=300)
+  proc = forks.run([sys.executable, str(script), str(out)], cwd=REPO,
+                   timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads(out.read_text())
   assert res["rows"] == 15 and res["distinct_lengths"] > 1
   for name in ("d4", "d2f2", "d2t2"):

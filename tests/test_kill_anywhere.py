@@ -85,7 +85,7 @@ def _command(engine, workdir, *extra):
 
 
 def _run(forks, engine, workdir, *extra, env=None, timeout=600):
-  """`_command`'s run (`forks`: conftest's train_forks fixture)."""
+  """`_command`'s run (`forks`: conftest's `forks` fixture)."""
   return forks.run(_command(engine, workdir, *extra), cwd=REPO, env=env,
                     timeout=timeout)
 
@@ -115,7 +115,7 @@ def _assert_same_run(workdir, reference):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, train_forks):
+def reference(tmp_path_factory, forks):
   """engine -> workdir of its uninterrupted tiny run (made on first use)."""
   runs = {}
 
@@ -123,7 +123,7 @@ def reference(tmp_path_factory, train_forks):
     key = (engine, extra)
     if key not in runs:
       workdir = str(tmp_path_factory.mktemp(f"ref_{engine}"))
-      _ok(_run(train_forks, engine, workdir, *extra))
+      _ok(_run(forks, engine, workdir, *extra))
       runs[key] = workdir
     return runs[key]
   return get
@@ -142,9 +142,8 @@ def _array_files(step_dir):
 @pytest.mark.parametrize("damage", [
     "truncate_arrays",
     pytest.param("cut_meta_json", marks=pytest.mark.slow)])
-def test_damaged_latest_checkpoint_falls_back_and_finishes(train_forks,
-                                                           reference, tmp_path,
-                                                           damage):
+def test_damaged_latest_checkpoint_falls_back_and_finishes(forks, reference,
+                                                           tmp_path, damage):
   ref = reference("sample")
   workdir = _copy(ref, tmp_path / "run")
   latest = os.path.join(workdir, "checkpoints", str(KEPT[-1]))
@@ -155,7 +154,7 @@ def test_damaged_latest_checkpoint_falls_back_and_finishes(train_forks,
     meta = os.path.join(latest, "meta", "metadata")
     os.truncate(meta, os.path.getsize(meta) - 7)
   os.remove(os.path.join(workdir, "summary.json"))
-  proc = _ok(_run(train_forks, "sample", workdir))
+  proc = _ok(_run(forks, "sample", workdir))
   assert f"checkpoint step {KEPT[-1]} under" in proc.stderr
   assert "is damaged" in proc.stderr
   assert f"falling back to checkpoint step {KEPT[0]}" in proc.stderr
@@ -167,7 +166,7 @@ def test_damaged_latest_checkpoint_falls_back_and_finishes(train_forks,
   _assert_same_run(workdir, ref)
 
 
-def test_no_intact_checkpoint_left_stops_with_directory_and_fix(train_forks,
+def test_no_intact_checkpoint_left_stops_with_directory_and_fix(forks,
                                                                 reference,
                                                                 tmp_path):
   workdir = _copy(reference("sample"), tmp_path / "run")
@@ -178,7 +177,7 @@ def test_no_intact_checkpoint_left_stops_with_directory_and_fix(train_forks,
     for f in _array_files(os.path.join(ckpts, str(s))):
       os.truncate(f, 5)
   before = open(os.path.join(workdir, "metrics.jsonl")).read()
-  proc = _run(train_forks, "sample", workdir)
+  proc = _run(forks, "sample", workdir)
   assert proc.returncode != 0
   assert "No intact checkpoint is left under" in proc.stderr
   assert ckpts in proc.stderr and "--workdir" in proc.stderr
@@ -187,7 +186,7 @@ def test_no_intact_checkpoint_left_stops_with_directory_and_fix(train_forks,
       f"step_{s}" for s in steps]
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
   # The refusal holds on the next attempt too (no silent fresh start).
-  again = _run(train_forks, "sample", workdir)
+  again = _run(forks, "sample", workdir)
   assert again.returncode != 0
   assert "No intact checkpoint is left under" in again.stderr
 
@@ -208,7 +207,7 @@ def _kill_when(proc, workdir, step, delay_s, deadline_s=600):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_kill_anywhere_then_rerun_matches_uninterrupted(train_forks, reference,
+def test_kill_anywhere_then_rerun_matches_uninterrupted(forks, reference,
                                                         tmp_path, engine):
   from rlax_llm.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   ref = reference(engine)
@@ -221,7 +220,7 @@ def test_kill_anywhere_then_rerun_matches_uninterrupted(train_forks, reference,
   # Between them the engines meet every phase of a save.
   phase = ckpt_lib._FAULT_PHASES[sorted(ENGINES).index(engine) % 3]  # pylint: disable=protected-access
   env = dict(os.environ, **{ckpt_lib.FAULT_ENV: f"{step}:{phase}"})
-  proc = _run(train_forks, engine, workdir, env=env)
+  proc = _run(forks, engine, workdir, env=env)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
   if engine == "april":  # the checkpoint resumed from carries rollouts
@@ -239,7 +238,7 @@ def test_kill_anywhere_then_rerun_matches_uninterrupted(train_forks, reference,
   at, delay = rng.randint(step, TOTAL - 1), rng.uniform(0.0, 0.3)
   before = _copy(workdir, tmp_path / "before_rerun")
   for _ in range(5):
-    killed = train_forks.popen(_command(engine, workdir), cwd=REPO)
+    killed = forks.popen(_command(engine, workdir), cwd=REPO)
     _kill_when(killed, workdir, at, delay)
     if killed.returncode != 0:
       break
@@ -250,7 +249,7 @@ def test_kill_anywhere_then_rerun_matches_uninterrupted(train_forks, reference,
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
 
   # 3. A plain re-run finishes as if nothing had happened.
-  final = _ok(_run(train_forks, engine, workdir))
+  final = _ok(_run(forks, engine, workdir))
   assert "damaged" not in final.stderr
   _assert_same_run(workdir, ref)
 
@@ -275,13 +274,13 @@ _ENOSPC_LAUNCHER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_disk_full_during_a_save_stops_clearly_and_loses_nothing(train_forks,
+def test_disk_full_during_a_save_stops_clearly_and_loses_nothing(forks,
                                                                  reference,
                                                                  tmp_path):
   ref = reference("sample")
   workdir = str(tmp_path / "run")
   cmd = _command("sample", workdir)
-  proc = train_forks.run(
+  proc = forks.run(
       [sys.executable, "-c", _ENOSPC_LAUNCHER, "6", *cmd[3:]], cwd=REPO,
       timeout=600)
   assert proc.returncode != 0
@@ -291,21 +290,21 @@ def test_disk_full_during_a_save_stops_clearly_and_loses_nothing(train_forks,
   ckpts = os.path.join(workdir, "checkpoints")
   assert sorted(int(s) for s in os.listdir(ckpts) if s.isdigit()) == [4, 5]
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
-  final = _ok(_run(train_forks, "sample", workdir))
+  final = _ok(_run(forks, "sample", workdir))
   assert "damaged" not in final.stderr
   _assert_same_run(workdir, ref)
 
 
 @pytest.mark.slow
-def test_larger_budget_extends_a_finished_run_smaller_is_refused(train_forks,
+def test_larger_budget_extends_a_finished_run_smaller_is_refused(forks,
                                                                  reference,
                                                                  tmp_path):
   workdir = _copy(reference("sample"), tmp_path / "run")
   longer = reference("sample", "--config.rl.steps=6")
-  _ok(_run(train_forks, "sample", workdir, "--config.rl.steps=6"))
+  _ok(_run(forks, "sample", workdir, "--config.rl.steps=6"))
   _assert_same_run(workdir, longer)
   before = open(os.path.join(workdir, "metrics.jsonl")).read()
-  proc = _run(train_forks, "sample", workdir, "--config.rl.steps=3")
+  proc = _run(forks, "sample", workdir, "--config.rl.steps=3")
   assert proc.returncode != 0
   assert "--config.rl.steps=3 is smaller than the 6 RL steps" in proc.stderr
   assert "--config.rl.steps=6" in proc.stderr

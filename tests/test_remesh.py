@@ -9,7 +9,6 @@ checkpoint as the latest one, and the leftover is cleared on the next open.
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 
@@ -71,11 +70,9 @@ _REMESH = textwrap.dedent("""
 """)
 
 
-def test_restore_onto_other_meshes(tmp_path):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  proc = subprocess.run(
-      [sys.executable, "-c", _REMESH, str(tmp_path / "ckpt")], cwd=REPO,
-      env=env, capture_output=True, text=True, timeout=300, check=False)
+def test_restore_onto_other_meshes(tmp_path, forks):
+  proc = forks.run([sys.executable, "-c", _REMESH, str(tmp_path / "ckpt")],
+                   cwd=REPO, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   # The saved state was really split 8 ways, and training filled the moments.
@@ -133,13 +130,11 @@ _CRASH = textwrap.dedent("""
 """)
 
 
-def test_checkpoint_killed_mid_save_is_never_resumed(tmp_path):
+def test_checkpoint_killed_mid_save_is_never_resumed(tmp_path, forks):
   from rlax_llm.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   directory = str(tmp_path / "ckpt")
-  env = dict(os.environ, PYTHONPATH=REPO)
-  proc = subprocess.run([sys.executable, "-c", _CRASH, directory], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=180,
-                        check=False)
+  proc = forks.run([sys.executable, "-c", _CRASH, directory], cwd=REPO,
+                   timeout=180)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
   assert "completed" not in proc.stdout
   leftovers = [d for d in os.listdir(directory) if d.startswith("2.")]

@@ -8,7 +8,6 @@ tensor-sharded but whole along fsdp.
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -146,13 +145,11 @@ _SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
+def sharded(tmp_path_factory, forks):
   out = str(tmp_path_factory.mktemp("sharding"))
   meshes = dict(one=None, **MESHES)
-  env = dict(os.environ, PYTHONPATH=REPO)
-  proc = subprocess.run(
-      [sys.executable, "-c", _SCRIPT, out, json.dumps(meshes)], cwd=REPO,
-      env=env, capture_output=True, text=True, timeout=600, check=False)
+  proc = forks.run([sys.executable, "-c", _SCRIPT, out, json.dumps(meshes)],
+                   cwd=REPO, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   grads = {k: np.load(os.path.join(out, k + ".npz")) for k in meshes}

@@ -2,7 +2,6 @@
 
 import dataclasses
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -276,11 +275,8 @@ _SHARDED = textwrap.dedent("""
 """)
 
 
-def test_sharded_steps_match_one_device():
-  env = dict(os.environ, PYTHONPATH=REPO)
-  proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600,
-                        check=False)
+def test_sharded_steps_match_one_device(forks):
+  proc = forks.run([sys.executable, "-c", _SHARDED], cwd=REPO, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   import json  # pylint: disable=g-import-not-at-top
   out = json.loads(proc.stdout.strip().splitlines()[-1])
