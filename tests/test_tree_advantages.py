@@ -13,6 +13,12 @@ import pytest
 
 from rlax_llm.core import tree_advantages as ta
 
+# The hand-computed cases call it compiled (one program instead of an
+# eager compile per operation); `test_matches_reference` runs both ways.
+_tree_advantages = jax.jit(ta.tree_advantages, static_argnames=(
+    "split_points", "branching", "value_weighting", "value_alpha",
+    "scale_by_std", "eps", "std_floor", "pruned_depths", "width_pruning",
+    "width_ratio", "adv_clip"))
 VARIANTS = [pytest.param(lambda f: f, id="eager"),
             pytest.param(jax.jit, id="jit")]
 EPS = 1e-8  # the official std offset (flux.py:680)
@@ -235,9 +241,9 @@ def test_weightings_differ():
   reward_BG, mask_NT, logp_NT = random_tree_batch(rng, 2, splits, branching,
                                                   t, end_prob=0.0)
   reward_BG = rng.random(reward_BG.shape).astype(np.float32)
-  vals = {w: ta.tree_advantages(reward_BG, mask_NT, logp_NT=logp_NT,
-                                split_points=splits, branching=branching,
-                                value_weighting=w).values[0]
+  vals = {w: _tree_advantages(reward_BG, mask_NT, logp_NT=logp_NT,
+                              split_points=splits, branching=branching,
+                              value_weighting=w).values[0]
           for w in ta.VALUE_WEIGHTINGS}
   assert not np.allclose(vals["mean"], vals["edge_softmax"], atol=1e-3)
   assert not np.allclose(vals["path_softmax"], vals["edge_softmax"],
@@ -273,8 +279,8 @@ def test_hand_computed_tree():
   reward_BG = np.array([[1.0, 0.0, 0.0, 0.0]])
   mask_NT = np.ones((4, 3), bool)
   mask_NT[3, 2] = False
-  out = ta.tree_advantages(reward_BG, mask_NT, split_points=(0, 1),
-                           branching=(2, 2))
+  out = _tree_advantages(reward_BG, mask_NT, split_points=(0, 1),
+                         branching=(2, 2))
   # Depth 0 values 0.5, 0: mean 0.25, sample std sqrt(2 * 0.0625) = 0.35355.
   # Depth 1 values 1, 0, 0, 0: mean 0.25, sample std 0.5.
   a0 = 0.25 / (math.sqrt(0.125) + EPS)
@@ -301,9 +307,9 @@ def test_hand_computed_edge_softmax():
   np.testing.assert_allclose(edges[0], [np.log([0.3, 0.9])], rtol=1e-6)
   np.testing.assert_allclose(edges[1], [np.log([0.75, 0.25, 0.5, 0.5])],
                              rtol=1e-6)
-  out = ta.tree_advantages(reward_BG, mask_NT, logp_NT=logp_NT,
-                           split_points=(0, 1), branching=(2, 2),
-                           value_weighting="edge_softmax")
+  out = _tree_advantages(reward_BG, mask_NT, logp_NT=logp_NT,
+                         split_points=(0, 1), branching=(2, 2),
+                         value_weighting="edge_softmax")
   # softmax(log p) = p / sum p: node 0 = 0.75 * 1 + 0.25 * 0, node 1 = 0.5.
   np.testing.assert_allclose(out.values[0], [[0.75, 0.5]], rtol=1e-6)
   # Depth 0: mean 0.625, deviations +-0.125, sample std 0.125 sqrt(2).
@@ -314,13 +320,13 @@ def test_hand_computed_edge_softmax():
   np.testing.assert_allclose(out.node_adv[1], [[a1, -a1, -a1, a1]],
                              rtol=1e-6)
   # alpha = 2: weights 0.75^2 / (0.75^2 + 0.25^2) = 0.9 and 0.1.
-  out = ta.tree_advantages(reward_BG, mask_NT, logp_NT=logp_NT,
-                           split_points=(0, 1), branching=(2, 2),
-                           value_weighting="edge_softmax", value_alpha=2.0)
+  out = _tree_advantages(reward_BG, mask_NT, logp_NT=logp_NT,
+                         split_points=(0, 1), branching=(2, 2),
+                         value_weighting="edge_softmax", value_alpha=2.0)
   np.testing.assert_allclose(out.values[0], [[0.9, 0.5]], rtol=1e-6)
   # The mean gives 0.5 to both nodes: no depth-0 signal.
-  out = ta.tree_advantages(reward_BG, mask_NT, split_points=(0, 1),
-                           branching=(2, 2))
+  out = _tree_advantages(reward_BG, mask_NT, split_points=(0, 1),
+                         branching=(2, 2))
   np.testing.assert_array_equal(out.node_adv[0], [[0.0, 0.0]])
 
 
@@ -388,27 +394,27 @@ def test_width_pruning_by_hand():
   mask_NT = np.ones((4, 5), bool)
   mask_NT[1, 4] = False  # leaf 1 has 2 transitions after the split
   mask_NT[2, 2:] = False  # leaf 2 has none
-  out = ta.tree_advantages(np.array([[1.0, 0.5, 0.0, 0.25]]), mask_NT,
-                           split_points=splits, branching=branching,
-                           width_pruning="best_per_branch", width_ratio=0.5)
+  out = _tree_advantages(np.array([[1.0, 0.5, 0.0, 0.25]]), mask_NT,
+                         split_points=splits, branching=branching,
+                         width_pruning="best_per_branch", width_ratio=0.5)
   # Per leaf: max(1, floor(n / 2)) of n = 3, 2, 0, 3 -> the first 1, 1, 0, 1.
   want = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0],
                    [1, 1, 1, 0, 0]], bool)
   np.testing.assert_array_equal(out.loss_mask_NT, want)
   # Best and worst: n = 8, k = 4: the 2 best (leaf 0's t = 2, 3) and the 2
   # worst (leaf 3's t = 3, 4: leaf 3 ranks last, its transitions in order).
-  out = ta.tree_advantages(np.array([[1.0, 0.5, 0.0, 0.25]]), mask_NT,
-                           split_points=splits, branching=branching,
-                           width_pruning="best_and_worst", width_ratio=0.5)
+  out = _tree_advantages(np.array([[1.0, 0.5, 0.0, 0.25]]), mask_NT,
+                         split_points=splits, branching=branching,
+                         width_pruning="best_and_worst", width_ratio=0.5)
   want = np.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0],
                    [1, 1, 0, 1, 1]], bool)
   np.testing.assert_array_equal(out.loss_mask_NT, want)
   # Ties keep tree order: rewards 1, 1, 0, 0 with full masks, n = 12, k = 6:
   # the best 3 are leaf 0's, the worst 3 the end of the order, leaf 3's.
-  out = ta.tree_advantages(np.array([[1.0, 1.0, 0.0, 0.0]]),
-                           np.ones((4, 5), bool), split_points=splits,
-                           branching=branching,
-                           width_pruning="best_and_worst", width_ratio=0.5)
+  out = _tree_advantages(np.array([[1.0, 1.0, 0.0, 0.0]]),
+                         np.ones((4, 5), bool), split_points=splits,
+                         branching=branching,
+                         width_pruning="best_and_worst", width_ratio=0.5)
   np.testing.assert_array_equal(out.loss_mask_NT[:, 2:].all(axis=1),
                                 [True, False, False, True])
   np.testing.assert_array_equal(out.loss_mask_NT[:, 2:].any(axis=1),
@@ -420,8 +426,8 @@ def test_adv_clip_by_hand():
   # others -1 / sqrt(30) = -0.18; the clip acts after width ranking.
   reward_BG = np.zeros((1, 30), np.float32)
   reward_BG[0, 4] = 1.0
-  out = ta.tree_advantages(reward_BG, np.ones((30, 2), bool),
-                           split_points=(0,), branching=(30,), adv_clip=5.0)
+  out = _tree_advantages(reward_BG, np.ones((30, 2), bool),
+                         split_points=(0,), branching=(30,), adv_clip=5.0)
   z = 29 / math.sqrt(30)
   assert z > 5
   np.testing.assert_allclose(out.node_adv[0][0, 4], z / (1 + EPS * math.sqrt(
@@ -496,8 +502,8 @@ def test_edge_weighted_loss_counts_each_edge_once():
     return jnp.stack([x_BMT[:, node_of[:, i], i] for i in range(t)],
                      -1).reshape(b_count * g_count, t)
 
-  tree = ta.tree_advantages(reward_BG, mask_NT, split_points=splits,
-                            branching=branching, pruned_depths=(1,))
+  tree = _tree_advantages(reward_BG, mask_NT, split_points=splits,
+                          branching=branching, pruned_depths=(1,))
   w_NT = np.asarray(tree.loss_mask_NT) * np.tile(
       ta.edge_weights(splits, branching, t), (b_count, 1))
 
@@ -545,13 +551,13 @@ def test_constant_rewards_and_single_child_give_zeros():
                                         8, 4))
     assert np.all(out.adv_NT == 0) and np.all(np.isfinite(out.adv_NT))
   # K_0 = 1: a single root child; its depth-0 advantage is 0, deeper ones not.
-  out = ta.tree_advantages(np.array([[1.0, 0.0, 0.0]]), np.ones((3, 2), bool),
-                           split_points=(0, 1), branching=(1, 3))
+  out = _tree_advantages(np.array([[1.0, 0.0, 0.0]]), np.ones((3, 2), bool),
+                         split_points=(0, 1), branching=(1, 3))
   np.testing.assert_array_equal(out.node_adv[0], [[0.0]])
   assert np.all(out.adv_NT[:, 0] == 0) and np.all(out.adv_NT[:, 1] != 0)
   # A whole tree of one leaf.
-  out = ta.tree_advantages(np.array([[1.0]]), np.ones((1, 2), bool),
-                           split_points=(0,), branching=1)
+  out = _tree_advantages(np.array([[1.0]]), np.ones((1, 2), bool),
+                         split_points=(0,), branching=1)
   np.testing.assert_array_equal(out.adv_NT, [[0.0, 0.0]])
 
 
@@ -559,8 +565,8 @@ def test_full_depth_tree_of_one_split_is_grpo():
   rng = np.random.default_rng(3)
   reward_BG = rng.normal(size=(3, 6)).astype(np.float32)
   mask_NT = rng.random((18, 4)) < 0.8
-  out = ta.tree_advantages(reward_BG, mask_NT, split_points=(0,),
-                           branching=(6,))
+  out = _tree_advantages(reward_BG, mask_NT, split_points=(0,),
+                         branching=(6,))
   mean = reward_BG.mean(axis=1, keepdims=True)
   std = reward_BG.std(axis=1, ddof=1, keepdims=True)
   want = ((reward_BG - mean) / (std + EPS)).reshape(18, 1)
