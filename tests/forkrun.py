@@ -47,7 +47,7 @@ _SERVER = textwrap.dedent("""
     children = set()
 
     def child(req):
-      import runpy, traceback
+      import runpy
       os.setpgrp()  # a kill of the child's group reaches no one else
       null = os.open(os.devnull, os.O_RDONLY)
       os.dup2(null, 0)
