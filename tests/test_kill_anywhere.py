@@ -245,7 +245,7 @@ def test_kill_anywhere_then_rerun_matches_uninterrupted(forks, reference,
     shutil.rmtree(workdir)
     _copy(before, workdir)
     delay /= 4
-  assert killed.returncode == -signal.SIGKILL
+  assert killed.returncode == -signal.SIGKILL, killed.output()[1][-3000:]
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
 
   # 3. A plain re-run finishes as if nothing had happened.
