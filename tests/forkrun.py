@@ -26,6 +26,8 @@ returncode of `subprocess` (-N for a signal N).
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +36,7 @@ import time
 from typing import Optional, Sequence
 
 _SERVER = textwrap.dedent("""
-    import importlib, json, os, signal, sys
+    import importlib, json, os, runpy, signal, sys
     # Replies go to the pipe the client reads; anything printed goes to stderr.
     requests, replies = sys.stdin, os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
@@ -47,7 +49,6 @@ _SERVER = textwrap.dedent("""
     children = set()
 
     def child(req):
-      import runpy
       os.setpgrp()  # a kill of the child's group reaches no one else
       null = os.open(os.devnull, os.O_RDONLY)
       os.dup2(null, 0)
@@ -130,7 +131,7 @@ class Child:
       os.kill(self.pid, sig)
 
   def kill(self) -> None:
-    self.send_signal(9)
+    self.send_signal(signal.SIGKILL)
 
   def output(self) -> tuple[str, str]:
     """(stdout, stderr) the command wrote."""
@@ -186,8 +187,7 @@ class ForkServer:
     return Child(self, pid, out, err)
 
   def run(self, argv: Sequence[str], *, cwd: str, env: Optional[dict] = None,
-          timeout: Optional[float] = None,
-          check: bool = False) -> subprocess.CompletedProcess:
+          timeout: Optional[float] = None) -> subprocess.CompletedProcess:
     """Like `subprocess.run(argv, capture_output=True, text=True)`."""
     child = self.popen(argv, cwd=cwd, env=env)
     try:
@@ -197,14 +197,9 @@ class ForkServer:
       child.wait()
       raise
     out, err = child.output()
-    if check and child.returncode:
-      raise subprocess.CalledProcessError(child.returncode, list(argv), out,
-                                          err)
     return subprocess.CompletedProcess(list(argv), child.returncode, out, err)
 
   def close(self) -> None:
     self._proc.stdin.close()
     self._proc.wait(timeout=60)
-    for name in os.listdir(self._tmp):
-      os.remove(os.path.join(self._tmp, name))
-    os.rmdir(self._tmp)
+    shutil.rmtree(self._tmp)

@@ -348,4 +348,4 @@ def to_batch(work: Work, rows: Optional[int] = None) -> RLBatch:
   if len(full) > rows:
     return batch
   take = np.concatenate([full, empty[:rows - len(full)]])
-  return RLBatch(*(None if x is None else np.asarray(x)[take] for x in batch))
+  return jax.tree.map(lambda x: np.asarray(x)[take], batch)
