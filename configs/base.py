@@ -186,6 +186,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       host_devices=0,             # CPU hosts: JAX devices per process; -1 one
                                   # per core (the mesh then spans the cores),
                                   # 0 JAX's default single device
+      host_memory="auto",         # "reuse": XLA's CPU programs reuse their
+                                  # scratch memory between calls instead of
+                                  # faulting in fresh pages (glibc malloc
+                                  # settings; one CPU device only); "auto"
+                                  # where that holds on a CPU-only host,
+                                  # "default" leaves malloc alone
   ))
 
   c.progress = True  # a progress bar with ETA on stderr

@@ -8,7 +8,8 @@
       [--repeats=5] [--nofull_size]
   python -m experiments.bench grpo_step [--json] [--step_prompts=8] \
       [--samples_per_prompt=8] [--new_tokens=64] [--prompt_len=16] \
-      [--repeats=3] [--preset=...] [--notrl] [--noroofline] [--profile]
+      [--repeats=3] [--warmup_steps=3] [--preset=...] [--notrl] \
+      [--noroofline] [--profile] [--host_memory=auto]
 
 What can be measured (the positional argument):
   generate   tokens/s of `rlax_llm.sampling.generate_on_mesh_jit` (prefill +
@@ -29,7 +30,10 @@ What can be measured (the positional argument):
              `make_rl_step`, `jit_step`, composed as the experiment loop
              does) and in TRL's GRPOTrainer on the same exported weights,
              prompts and reward (`bench_grpo_step`): median and spread of
-             --repeats steps after an untimed one, the generate / score /
+             --repeats steps after --warmup_steps untimed ones (both
+             frameworks, in one process whose malloc reuses XLA's scratch
+             memory with one CPU device, --host_devices=0: --host_memory,
+             `rlax_llm.parallel.reuse_host_memory`), the generate / score /
              update split, TRL / rlax_llm ratios and each part's fraction of
              the measured matmul roofline. The update's FLOPs are
                F_update = 6 W_blk N S + 6 D V N T + 12 L Hq H N S^2,
@@ -142,6 +146,10 @@ _REPEATS = flags.DEFINE_integer(
     "logprobs 5, grpo_step 3 steps).", lower_bound=1)
 _PROMPTS = flags.DEFINE_integer("step_prompts", 8, "grpo_step: prompts B per step.",
                                 lower_bound=1)
+_WARMUP = flags.DEFINE_integer(
+    "warmup_steps", 3, "grpo_step: untimed steps before the timed ones, in "
+    "both frameworks (the first compiles; the host's heap settles at its "
+    "steady size over the next ones).", lower_bound=1)
 _PROMPT_LEN = flags.DEFINE_integer(
     "prompt_len", 16, "grpo_step: tokens P of each (random) prompt.",
     lower_bound=1)
@@ -169,6 +177,13 @@ _HOST_DEVICES = flags.DEFINE_integer(
     "single device. generate runs on a mesh over them (prompts split over "
     "'data'); transformers' torch uses the same cores as threads.",
     lower_bound=-1)
+_HOST_MEMORY = flags.DEFINE_enum(
+    "host_memory", "auto", ["auto", "reuse", "default"],
+    "How XLA's CPU programs get their scratch memory "
+    "(rlax_llm.parallel.reuse_host_memory): 'reuse' keeps it between calls "
+    "(one CPU device only: --host_devices=0), 'auto' does so where that holds "
+    "on a CPU-only host, 'default' leaves glibc's malloc alone. It applies to "
+    "the whole process (TRL's torch included).")
 _DECODE_CHUNK = flags.DEFINE_integer(
     "decode_chunk", -1, "generate: the most sequences decoded at once per "
     "device: -1 generate's default (rlax_llm.sampling.auto_decode_chunk), 0 "
@@ -204,11 +219,17 @@ NO_EOS_ID = -1
 LOGITS_ATOL = 1e-4
 
 
+# Whether `main` made XLA's CPU programs reuse their scratch memory
+# (--host_memory, `rlax_llm.parallel.reuse_host_memory`).
+_HOST_MEMORY_REUSED = [False]
+
+
 def _device_info() -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   dev = jax.devices()[0]
   return {"device": dev.device_kind, "backend": dev.platform,
-          "num_devices": jax.device_count(), "jax_version": jax.__version__}
+          "num_devices": jax.device_count(), "jax_version": jax.__version__,
+          "host_memory_reused": _HOST_MEMORY_REUSED[0]}
 
 
 # Decode FLOPs and the matmul roofline ------------------------------------------
@@ -944,7 +965,7 @@ def grpo_optimizer():
 
 def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
                    new_tokens: int, repeats: int, seed: int,
-                   profile: bool = False) -> dict[str, Any]:
+                   warmup: int = 1, profile: bool = False) -> dict[str, Any]:
   """Times rlax_llm's GRPO step as the experiment loop composes it.
 
   One step: `generate_on_mesh_jit` (B prompts x G samples, fetched to the
@@ -952,8 +973,9 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
   (`methods.get_method("grpo")`) flattened into a `training.RLBatch`, then one
   jitted update (`training.make_rl_step` under `training.jit_step`: one
   epoch, one minibatch, clipped-ratio loss, one AdamW update) whose metrics
-  are fetched. The first step (compilation included) is untimed
-  (`warmup_s`); then `repeats` steps, each part timed to its blocking fetch.
+  are fetched. The first `warmup` steps are untimed (the first compiles; its
+  time is `warmup_s`); then `repeats` steps, each part timed to its
+  blocking fetch.
 
   Returns:
     {"step_s", "generate_s", "score_s" (reward + advantages + batch),
@@ -1021,6 +1043,8 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
   t0 = time.perf_counter()
   state, batch, _, _, _ = step(state, repeats)
   warmup_s = time.perf_counter() - t0
+  for i in range(1, warmup):
+    state, batch, _, _, _ = step(state, repeats + i)
   times = []
   for i in range(repeats):
     state, batch, metrics, reward_N, parts = step(state, i)
@@ -1119,7 +1143,7 @@ def profile_rlax_update(graphdef, state, mesh, batch, rl_step,
 
 
 def trl_grpo_step(hf_dir: str, prompt_BP, *, samples_per_prompt: int,
-                  new_tokens: int, repeats: int, seed: int,
+                  new_tokens: int, repeats: int, seed: int, warmup: int = 1,
                   reference=None) -> dict[str, Any]:
   """Times TRL's GRPOTrainer on the same weights, prompts and reward.
 
@@ -1132,9 +1156,10 @@ def trl_grpo_step(hf_dir: str, prompt_BP, *, samples_per_prompt: int,
   beta 0 (no reference model), loss_type "grpo" (sequence mean of token
   means, rlax_llm's default aggregation), epsilon 0.2, group-std scaling,
   and AdamW with rlax_llm's rate, betas, clipping and no decay. It trains
-  1 + `repeats` steps; the first is untimed. `step_s` spans a step from the
-  trainer's on_step_begin to on_step_end callback, `generate_s` the model's
-  `generate`, `score_s` the rest of `_generate_and_score_completions`
+  `warmup` + `repeats` steps; the first `warmup` are untimed. `step_s` spans
+  a step from the trainer's on_step_begin to on_step_end callback,
+  `generate_s` the model's `generate`, `score_s` the rest of
+  `_generate_and_score_completions`
   (tokenising, decoding, reward, advantages) and `update_s` the remainder
   (forward, backward, optimiser). With `reference` = (graphdef, params) of
   rlax_llm's model, both models' logits on the prompts must agree within
@@ -1148,11 +1173,11 @@ def trl_grpo_step(hf_dir: str, prompt_BP, *, samples_per_prompt: int,
     return _trl_grpo_step(hf_dir, prompt_BP,
                           samples_per_prompt=samples_per_prompt,
                           new_tokens=new_tokens, repeats=repeats, seed=seed,
-                          reference=reference)
+                          warmup=warmup, reference=reference)
 
 
 def _trl_grpo_step(hf_dir, prompt_BP, *, samples_per_prompt, new_tokens,
-                   repeats, seed, reference):
+                   repeats, seed, warmup, reference):
   # pylint: disable=g-import-not-at-top
   import tempfile
   import datasets
@@ -1208,7 +1233,8 @@ def _trl_grpo_step(hf_dir, prompt_BP, *, samples_per_prompt, new_tokens,
 
   prompts = [" ".join(f"t{i}" for i in row) for row in prompt_BP.tolist()]
   # Each step takes the next B prompts (no shuffling): the same B every step.
-  dataset = datasets.Dataset.from_dict({"prompt": prompts * (1 + repeats)})
+  dataset = datasets.Dataset.from_dict(
+      {"prompt": prompts * (warmup + repeats)})
   with tempfile.TemporaryDirectory() as out_dir:
     args = trl.GRPOConfig(
         output_dir=out_dir, per_device_train_batch_size=n,
@@ -1220,8 +1246,9 @@ def _trl_grpo_step(hf_dir, prompt_BP, *, samples_per_prompt, new_tokens,
         learning_rate=GRPO_LEARNING_RATE, adam_beta1=GRPO_BETAS[0],
         adam_beta2=GRPO_BETAS[1], weight_decay=0.0,
         max_grad_norm=GRPO_GRAD_CLIP, lr_scheduler_type="constant",
-        warmup_steps=0, max_steps=1 + repeats, shuffle_dataset=False,
-        logging_steps=10 * (1 + repeats), save_strategy="no", report_to="none",
+        warmup_steps=0, max_steps=warmup + repeats, shuffle_dataset=False,
+        logging_steps=10 * (warmup + repeats), save_strategy="no",
+        report_to="none",
         use_cpu=not torch.cuda.is_available(), bf16=False, seed=seed,
         disable_tqdm=True, dataloader_num_workers=0, log_completions=False)
     trainer = TimedGRPOTrainer(
@@ -1229,14 +1256,14 @@ def _trl_grpo_step(hf_dir, prompt_BP, *, samples_per_prompt, new_tokens,
         train_dataset=dataset, processing_class=tokenizer,
         callbacks=[StepTimer()])
     trainer.train()
-  if len(step_s) != 1 + repeats:
+  if len(step_s) != warmup + repeats:
     raise RuntimeError(f"TRL ran {len(step_s)} steps instead of "
-                       f"{1 + repeats}; the timings would not match.")
+                       f"{warmup + repeats}; the timings would not match.")
   if set(lengths) != {new_tokens}:
     raise RuntimeError(
         f"TRL generated completions of {sorted(set(lengths))} tokens instead "
         f"of exactly {new_tokens}; the step would not do the work it claims.")
-  rec = {**_spread("step", step_s[1:]), "warmup_s": step_s[0],
+  rec = {**_spread("step", step_s[warmup:]), "warmup_s": step_s[0],
          "logits_max_abs_diff": diff, "trl_version": trl.__version__,
          "transformers_version": transformers.__version__,
          "torch_version": torch.__version__,
@@ -1244,8 +1271,9 @@ def _trl_grpo_step(hf_dir, prompt_BP, *, samples_per_prompt, new_tokens,
   if len(rollout_s) == len(step_s) and len(gen_s) == len(step_s):
     rest = [r - g for r, g in zip(rollout_s, gen_s)]
     upd = [s - r for s, r in zip(step_s, rollout_s)]
-    rec.update({**_spread("generate", gen_s[1:]), **_spread("score", rest[1:]),
-                **_spread("update", upd[1:])})
+    rec.update({**_spread("generate", gen_s[warmup:]),
+                **_spread("score", rest[warmup:]),
+                **_spread("update", upd[warmup:])})
   else:  # this TRL version does not generate where the timers look
     rec.update({"generate_s": None, "score_s": None, "update_s": None})
   return rec
@@ -1253,8 +1281,9 @@ def _trl_grpo_step(hf_dir, prompt_BP, *, samples_per_prompt, new_tokens,
 
 def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
                     new_tokens: int = 64, prompt_len: int = 16,
-                    repeats: int = 3, preset: str | None = None,
-                    seed: int = 0, trl: bool = True, roofline: bool = True,
+                    repeats: int = 3, warmup: int = 3,
+                    preset: str | None = None, seed: int = 0,
+                    trl: bool = True, roofline: bool = True,
                     profile: bool = False) -> dict[str, Any]:
   """One whole GRPO step in rlax_llm and in TRL's GRPOTrainer.
 
@@ -1263,7 +1292,9 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
   and one AdamW update, on the `GRPO_MODEL` policy (or a preset's shape)
   freshly initialised by rlax_llm and exported with
   `rlax_llm.models.hf.save_pretrained` for TRL. Timings are the median
-  (and spread, max - min) of `repeats` steps after one untimed warm-up step.
+  (and spread, max - min) of `repeats` steps after `warmup` untimed ones
+  (the first compiles; on a CPU host the process's heap takes a few steps
+  to reach its steady size: see `rlax_llm.parallel.reuse_host_memory`).
 
   FLOPs (see `update_flops`, `score_forward_flops`):
     update_flops   = 6 W_blk N S + 6 D V N T + 12 L Hq H N S^2, S = P + T,
@@ -1290,7 +1321,7 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
   for name, value in (("prompts", num_prompts),
                       ("samples_per_prompt", samples_per_prompt),
                       ("new_tokens", new_tokens), ("prompt_len", prompt_len),
-                      ("repeats", repeats)):
+                      ("repeats", repeats), ("warmup_steps", warmup)):
     if value < 1:
       raise ValueError(f"--{name} must be a positive integer, got {value}.")
   if samples_per_prompt < 2:
@@ -1304,7 +1335,7 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
       "params": model_cfg.num_params, "vocab": model_cfg.vocab_size,
       "prompts": num_prompts, "samples_per_prompt": samples_per_prompt,
       "sequences": n, "prompt_len": prompt_len, "new_tokens": new_tokens,
-      "repeats": repeats,
+      "repeats": repeats, "warmup_steps": warmup,
       "update_flops": update_flops(model_cfg, n, prompt_len, new_tokens),
       "generate_flops": n * new_tokens * decode_flops_per_token(
           model_cfg, prompt_len, new_tokens),
@@ -1313,7 +1344,7 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
   ours = rlax_grpo_step(model_cfg, prompt_BP,
                         samples_per_prompt=samples_per_prompt,
                         new_tokens=new_tokens, repeats=repeats, seed=seed,
-                        profile=profile)
+                        warmup=warmup, profile=profile)
   params0 = ours.pop("_params")
   graphdef = ours.pop("_graphdef")
   rec["rlax"] = ours
@@ -1325,7 +1356,7 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
         rec["trl"] = trl_grpo_step(
             hf_dir, prompt_BP, samples_per_prompt=samples_per_prompt,
             new_tokens=new_tokens, repeats=repeats, seed=seed,
-            reference=(graphdef, params0))
+            warmup=warmup, reference=(graphdef, params0))
       except ImportError as e:
         rec["trl_unavailable"] = (
             f"{e}; install it with `pip install trl` (the `bench` extra).")
@@ -1402,7 +1433,8 @@ def _run_grpo_step() -> list[dict[str, Any]]:
   return [bench_grpo_step(
       num_prompts=_PROMPTS.value, samples_per_prompt=_SAMPLES.value,
       new_tokens=_NEW_TOKENS.value or 64, prompt_len=_PROMPT_LEN.value,
-      repeats=_REPEATS.value or 3, preset=_PRESET.value, seed=_SEED.value,
+      repeats=_REPEATS.value or 3, warmup=_WARMUP.value, preset=_PRESET.value,
+      seed=_SEED.value,
       trl=_TRL.value, roofline=_ROOFLINE.value, profile=_PROFILE.value)]
 
 
@@ -1522,6 +1554,7 @@ def main(argv):
   from rlax_llm.parallel import distributed
   # pylint: enable=g-import-not-at-top
   distributed.use_host_devices(_HOST_DEVICES.value)
+  _HOST_MEMORY_REUSED[0] = distributed.reuse_host_memory(_HOST_MEMORY.value)
   whats = argv[1:]
   if not whats:
     raise app.UsageError(

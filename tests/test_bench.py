@@ -250,7 +250,8 @@ def _check_spread(side, part, repeats):
 
 def test_grpo_step_json_rlax_only(forks):
   proc = _bench(forks, "grpo_step", "--json", *GRPO_SMOKE, "--repeats=2",
-                "--notrl", "--noroofline", "--profile")
+                "--warmup_steps=2", "--notrl", "--noroofline", "--profile",
+                "--host_devices=0", "--host_memory=reuse")
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == 1  # one object, nothing else on stdout
@@ -259,6 +260,8 @@ def test_grpo_step_json_rlax_only(forks):
   assert (rec["prompts"], rec["samples_per_prompt"], rec["sequences"],
           rec["prompt_len"], rec["new_tokens"], rec["repeats"]) == (
               2, 2, 4, 8, 4, 2)
+  assert rec["warmup_steps"] == 2 and rec["num_devices"] == 1
+  assert rec["host_memory_reused"] is True
   # 2 (128 * 32 * 12 + 3 * 128 * 384 + 2 * 128) + 512 * 128 + 128.
   assert rec["params"] == 459_392 and rec["vocab"] == 512
   assert rec["update_flops"] == SMOKE_UPDATE_FLOPS
@@ -359,7 +362,8 @@ def test_grpo_step_against_trl_on_the_same_model():
   pytest.importorskip("trl")
   rec = bench.bench_grpo_step(num_prompts=2, samples_per_prompt=2,
                               new_tokens=4, prompt_len=8, repeats=1,
-                              preset="tiny", trl=True, roofline=False)
+                              warmup=1, preset="tiny", trl=True,
+                              roofline=False)
   theirs = rec["trl"]
   assert theirs is not None, rec.get("trl_unavailable")
   assert theirs["logits_max_abs_diff"] < 1e-4
@@ -379,7 +383,8 @@ def test_grpo_step_without_trl_reports_null_with_the_reason(monkeypatch):
   monkeypatch.setitem(sys.modules, "trl", None)
   rec = bench.bench_grpo_step(num_prompts=2, samples_per_prompt=2,
                               new_tokens=4, prompt_len=8, repeats=1,
-                              preset="tiny", trl=True, roofline=False)
+                              warmup=1, preset="tiny", trl=True,
+                              roofline=False)
   assert rec["trl"] is None
   assert "trl" in rec["trl_unavailable"]
   assert "pip install trl" in rec["trl_unavailable"]

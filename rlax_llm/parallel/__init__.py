@@ -1,6 +1,7 @@
 """Device meshes, logical-axis sharding rules and multi-process start-up."""
 
 from rlax_llm.parallel.distributed import Plan
+from rlax_llm.parallel.distributed import accelerator_plugins
 from rlax_llm.parallel.distributed import global_batch_to_devices
 from rlax_llm.parallel.distributed import host_core_count
 from rlax_llm.parallel.distributed import host_local_to_global
@@ -8,6 +9,7 @@ from rlax_llm.parallel.distributed import initialize
 from rlax_llm.parallel.distributed import is_primary
 from rlax_llm.parallel.distributed import process_batch_indices
 from rlax_llm.parallel.distributed import process_batch_slice
+from rlax_llm.parallel.distributed import reuse_host_memory
 from rlax_llm.parallel.distributed import use_host_devices
 from rlax_llm.parallel.mesh import DEFAULT_RULES
 from rlax_llm.parallel.mesh import MESH_AXES
@@ -26,10 +28,11 @@ from rlax_llm.parallel.mesh import unsharded_leaves
 
 __all__ = [
     "DEFAULT_RULES", "MESH_AXES", "Plan", "SAMPLE_RULES", "TRAIN_RULES",
-    "batch_sharding", "batch_size_multiple", "get_rules",
+    "accelerator_plugins", "batch_sharding", "batch_size_multiple", "get_rules",
     "global_batch_to_devices", "host_core_count", "host_local_to_global",
     "initialize",
     "is_primary", "logical_constraint", "logical_sharding", "logical_to_spec",
     "make_mesh", "process_batch_indices", "process_batch_slice", "replicated",
+    "reuse_host_memory",
     "tree_shardings", "unsharded_leaves", "use_host_devices",
 ]
