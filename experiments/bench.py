@@ -964,8 +964,8 @@ def grpo_optimizer():
 
 
 def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
-                   new_tokens: int, repeats: int, seed: int,
-                   warmup: int = 1, profile: bool = False) -> dict[str, Any]:
+                   new_tokens: int, repeats: int, warmup: int, seed: int,
+                   profile: bool = False) -> dict[str, Any]:
   """Times rlax_llm's GRPO step as the experiment loop composes it.
 
   One step: `generate_on_mesh_jit` (B prompts x G samples, fetched to the
@@ -1143,7 +1143,7 @@ def profile_rlax_update(graphdef, state, mesh, batch, rl_step,
 
 
 def trl_grpo_step(hf_dir: str, prompt_BP, *, samples_per_prompt: int,
-                  new_tokens: int, repeats: int, seed: int, warmup: int = 1,
+                  new_tokens: int, repeats: int, warmup: int, seed: int,
                   reference=None) -> dict[str, Any]:
   """Times TRL's GRPOTrainer on the same weights, prompts and reward.
 
