@@ -192,6 +192,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                                   # settings; one CPU device only); "auto"
                                   # where that holds on a CPU-only host,
                                   # "default" leaves malloc alone
+      host_layout="shared",       # "split": the updates on the first device
+                                  # alone, rollouts (sample, xrpo engines)
+                                  # and evaluation on a data mesh over every
+                                  # device; with host_devices=-1 a CPU host
+                                  # decodes a device per core and reuses the
+                                  # update's memory. "shared": one mesh
   ))
 
   c.progress = True  # a progress bar with ETA on stderr

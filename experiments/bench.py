@@ -9,7 +9,7 @@
   python -m experiments.bench grpo_step [--json] [--step_prompts=8] \
       [--samples_per_prompt=8] [--new_tokens=64] [--prompt_len=16] \
       [--repeats=3] [--warmup_steps=3] [--preset=...] [--notrl] \
-      [--noroofline] [--profile] [--host_memory=auto]
+      [--noroofline] [--profile] [--host_memory=auto] [--host_layout=split]
 
 What can be measured (the positional argument):
   generate   tokens/s of `rlax_llm.sampling.generate_on_mesh_jit` (prefill +
@@ -31,17 +31,22 @@ What can be measured (the positional argument):
              does) and in TRL's GRPOTrainer on the same exported weights,
              prompts and reward (`bench_grpo_step`): median and spread of
              --repeats steps after --warmup_steps untimed ones (both
-             frameworks, in one process whose malloc reuses XLA's scratch
-             memory with one CPU device, --host_devices=0: --host_memory,
-             `rlax_llm.parallel.reuse_host_memory`), the generate / score /
-             update split, TRL / rlax_llm ratios and each part's fraction of
+             frameworks, in one process), the generate / score / update
+             split, TRL / rlax_llm ratios and each part's fraction of
              the measured matmul roofline. The update's FLOPs are
                F_update = 6 W_blk N S + 6 D V N T + 12 L Hq H N S^2,
              S = P + T (`update_flops`: ~6 x params x tokens plus
              attention). TRL is optional (the `bench` extra): without it
              the record has "trl": null and `trl_unavailable`. --profile
              adds the update's parts (scoring forward, backward, optimiser,
-             the rest), each compiled and timed on its own.
+             the rest), each compiled and timed on its own. By default
+             rlax_llm's step runs in the "split" host layout
+             (--host_layout, `rlax_llm.parallel.layout_meshes`): generate
+             on a mesh of one device per core, the update on the first
+             device alone, whose scratch memory the process's malloc then
+             reuses between calls (--host_memory=auto,
+             `rlax_llm.parallel.reuse_host_memory`); --host_layout=shared
+             runs both on one mesh (--host_devices=0: one device).
   rewards    verifications/s of the GSM8K and MATH verifiers on the
              reference solutions, in-process and through the reward runner's
              process pool (experiments/bench_rewards.py).
@@ -184,6 +189,14 @@ _HOST_MEMORY = flags.DEFINE_enum(
     "(one CPU device only: --host_devices=0), 'auto' does so where that holds "
     "on a CPU-only host, 'default' leaves glibc's malloc alone. It applies to "
     "the whole process (TRL's torch included).")
+_HOST_LAYOUT = flags.DEFINE_enum(
+    "host_layout", "split", ["split", "shared"],
+    "grpo_step: where rlax_llm's step runs (rlax_llm.parallel.layout_meshes, "
+    "the experiment's distributed.host_layout): 'split' generates on a "
+    "'data' mesh over the devices and updates on the first device alone "
+    "(with one device per core, decode runs a device per core and the "
+    "update's memory is reused: --host_memory=auto), 'shared' runs both on "
+    "the one mesh. generate always decodes on a mesh over every device.")
 _DECODE_CHUNK = flags.DEFINE_integer(
     "decode_chunk", -1, "generate: the most sequences decoded at once per "
     "device: -1 generate's default (rlax_llm.sampling.auto_decode_chunk), 0 "
@@ -965,7 +978,7 @@ def grpo_optimizer():
 
 def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
                    new_tokens: int, repeats: int, warmup: int, seed: int,
-                   profile: bool = False) -> dict[str, Any]:
+                   layout: str, profile: bool = False) -> dict[str, Any]:
   """Times rlax_llm's GRPO step as the experiment loop composes it.
 
   One step: `generate_on_mesh_jit` (B prompts x G samples, fetched to the
@@ -975,12 +988,15 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
   epoch, one minibatch, clipped-ratio loss, one AdamW update) whose metrics
   are fetched. The first `warmup` steps are untimed (the first compiles; its
   time is `warmup_s`); then `repeats` steps, each part timed to its
-  blocking fetch.
+  blocking fetch. `layout` ("shared" or "split", `parallel.layout_meshes`)
+  places them: generate on a "data" mesh over the most devices that divide
+  B, the update on that mesh or on its first device alone (then the
+  parameters go to the generate mesh first, counted in `generate_s`).
 
   Returns:
     {"step_s", "generate_s", "score_s" (reward + advantages + batch),
-     "update_s", each with `_all` and `_spread`; "warmup_s", "mesh",
-     "reward_mean", "loss"; "profile" with `profile` (see
+     "update_s", each with `_all` and `_spread`; "warmup_s", "host_layout",
+     "mesh" (the update's), "generate_mesh", "reward_mean", "loss"; "profile" with `profile` (see
      `profile_rlax_update`)}, and the initial parameters and graph under
      "_params" and "_graphdef" (for the export; removed before printing).
   """
@@ -989,6 +1005,7 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
   import jax.numpy as jnp
   import numpy as np
   from rlax_llm.methods import get_method
+  from rlax_llm.parallel import mesh as mesh_lib
   from rlax_llm.sampling.generate import generate_on_mesh_jit
   from rlax_llm.sampling.samplers import SamplerConfig
   from rlax_llm.training import state as state_lib
@@ -996,7 +1013,8 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
   # pylint: enable=g-import-not-at-top
 
   b, g, t = prompt_BP.shape[0], samples_per_prompt, new_tokens
-  mesh = _largest_divisor_mesh(b)
+  devices = list(_largest_divisor_mesh(b).devices.flat)
+  mesh, gen_mesh = mesh_lib.layout_meshes({"data": -1}, layout, devices)
   optimizer = grpo_optimizer()
   state, shardings = state_lib.create_train_state(model_cfg, optimizer, mesh,
                                                   seed=seed)
@@ -1014,9 +1032,10 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
   def step(state, i):
     t0 = time.perf_counter()
     ro = jax.device_get(generate_on_mesh_jit(
-        graphdef, state.params, prompt_BP, mask_BP, jax.random.fold_in(key, i),
-        mesh=mesh, num_samples=g, max_new_tokens=t, eos_id=NO_EOS_ID,
-        pad_id=GRPO_PAD_ID, sampler=sampler, decode_chunk=None))
+        graphdef, mesh_lib.onto_mesh(state.params, gen_mesh), prompt_BP,
+        mask_BP, jax.random.fold_in(key, i), mesh=gen_mesh, num_samples=g,
+        max_new_tokens=t, eos_id=NO_EOS_ID, pad_id=GRPO_PAD_ID,
+        sampler=sampler, decode_chunk=None))
     t1 = time.perf_counter()
     if (np.asarray(ro.lengths) != t).any():
       raise RuntimeError(
@@ -1052,7 +1071,8 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
   steps_s, gen_s, score_s, upd_s = (list(x) for x in zip(*times))
   rec = {**_spread("step", steps_s), **_spread("generate", gen_s),
          **_spread("score", score_s), **_spread("update", upd_s),
-         "warmup_s": warmup_s, "mesh": dict(mesh.shape),
+         "warmup_s": warmup_s, "host_layout": layout,
+         "mesh": dict(mesh.shape), "generate_mesh": dict(gen_mesh.shape),
          "reward_mean": float(reward_N.mean()),
          "loss": float(metrics["loss"]), "_params": params0,
          "_graphdef": graphdef}
@@ -1284,7 +1304,8 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
                     repeats: int = 3, warmup: int = 3,
                     preset: str | None = None, seed: int = 0,
                     trl: bool = True, roofline: bool = True,
-                    profile: bool = False) -> dict[str, Any]:
+                    profile: bool = False,
+                    layout: str = "split") -> dict[str, Any]:
   """One whole GRPO step in rlax_llm and in TRL's GRPOTrainer.
 
   B prompts of P random word tokens x G samples x T new tokens: generate,
@@ -1344,7 +1365,7 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
   ours = rlax_grpo_step(model_cfg, prompt_BP,
                         samples_per_prompt=samples_per_prompt,
                         new_tokens=new_tokens, repeats=repeats, seed=seed,
-                        warmup=warmup, profile=profile)
+                        warmup=warmup, layout=layout, profile=profile)
   params0 = ours.pop("_params")
   graphdef = ours.pop("_graphdef")
   rec["rlax"] = ours
@@ -1435,7 +1456,8 @@ def _run_grpo_step() -> list[dict[str, Any]]:
       new_tokens=_NEW_TOKENS.value or 64, prompt_len=_PROMPT_LEN.value,
       repeats=_REPEATS.value or 3, warmup=_WARMUP.value, preset=_PRESET.value,
       seed=_SEED.value,
-      trl=_TRL.value, roofline=_ROOFLINE.value, profile=_PROFILE.value)]
+      trl=_TRL.value, roofline=_ROOFLINE.value, profile=_PROFILE.value,
+      layout=_HOST_LAYOUT.value)]
 
 
 def _run_rewards() -> list[dict[str, Any]]:
@@ -1554,7 +1576,8 @@ def main(argv):
   from rlax_llm.parallel import distributed
   # pylint: enable=g-import-not-at-top
   distributed.use_host_devices(_HOST_DEVICES.value)
-  _HOST_MEMORY_REUSED[0] = distributed.reuse_host_memory(_HOST_MEMORY.value)
+  _HOST_MEMORY_REUSED[0] = distributed.reuse_host_memory(
+      _HOST_MEMORY.value, layout=_HOST_LAYOUT.value)
   whats = argv[1:]
   if not whats:
     raise app.UsageError(

@@ -249,9 +249,11 @@ def _check_spread(side, part, repeats):
 
 
 def test_grpo_step_json_rlax_only(forks):
+  # The default "split" layout on two CPU devices: generate over both, the
+  # update on the first, whose scratch memory is reused.
   proc = _bench(forks, "grpo_step", "--json", *GRPO_SMOKE, "--repeats=2",
                 "--warmup_steps=2", "--notrl", "--noroofline", "--profile",
-                "--host_devices=0", "--host_memory=reuse")
+                "--host_devices=2", "--host_memory=reuse")
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == 1  # one object, nothing else on stdout
@@ -260,7 +262,7 @@ def test_grpo_step_json_rlax_only(forks):
   assert (rec["prompts"], rec["samples_per_prompt"], rec["sequences"],
           rec["prompt_len"], rec["new_tokens"], rec["repeats"]) == (
               2, 2, 4, 8, 4, 2)
-  assert rec["warmup_steps"] == 2 and rec["num_devices"] == 1
+  assert rec["warmup_steps"] == 2 and rec["num_devices"] == 2
   assert rec["host_memory_reused"] is True
   # 2 (128 * 32 * 12 + 3 * 128 * 384 + 2 * 128) + 512 * 128 + 128.
   assert rec["params"] == 459_392 and rec["vocab"] == 512
@@ -273,7 +275,9 @@ def test_grpo_step_json_rlax_only(forks):
                                    ours["score_s_all"], ours["update_s_all"]):
     assert step == pytest.approx(gen + score + upd)
   assert ours["warmup_s"] > 0 and 0.0 <= ours["reward_mean"] <= 1.0
-  assert ours["mesh"]["data"] >= 1
+  assert ours["host_layout"] == "split"
+  assert ours["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+  assert ours["generate_mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
   assert rec["trl"] is None and "--notrl" in rec["trl_unavailable"]
   assert rec["trl_over_rlax"] is None and "roofline" not in rec
   prof = ours["profile"]

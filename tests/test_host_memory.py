@@ -26,7 +26,7 @@ _PROGRAM = textwrap.dedent("""
     import json, resource, sys
     from rlax_llm.parallel import distributed
     import jax, jax.numpy as jnp
-    reused = distributed.reuse_host_memory(sys.argv[1])
+    reused = distributed.reuse_host_memory(sys.argv[1], layout=sys.argv[2])
 
     def f(x):
       s = x @ x.T  # [4096, 4096] f32: 64 MiB, read twice, so materialised
@@ -56,14 +56,18 @@ def test_second_call_reuses_the_scratch_block(tmp_path):
   base.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   two = " ".join([os.environ.get("XLA_FLAGS", ""),
                   "--xla_force_host_platform_device_count=2"])
-  runs = {"reuse": ("reuse", {}), "default": ("default", {}),
-          "auto": ("auto", {}),
-          "auto_user_tuned": ("auto", {"MALLOC_ARENA_MAX": "4"}),
-          "auto_two_devices": ("auto", {"XLA_FLAGS": two})}
+  # The "split" host layout runs the large programs (the updates) on the
+  # first device alone, as the program here does on two devices.
+  runs = {"reuse": ("reuse", {}, "shared"),
+          "default": ("default", {}, "shared"),
+          "auto": ("auto", {}, "shared"),
+          "auto_user_tuned": ("auto", {"MALLOC_ARENA_MAX": "4"}, "shared"),
+          "auto_two_devices": ("auto", {"XLA_FLAGS": two}, "shared"),
+          "auto_two_devices_split": ("auto", {"XLA_FLAGS": two}, "split")}
   procs = {name: subprocess.Popen(
-      [sys.executable, str(script), mode], env=dict(base, **extra),
+      [sys.executable, str(script), mode, layout], env=dict(base, **extra),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for name, (mode, extra) in runs.items()}
+           for name, (mode, extra, layout) in runs.items()}
   out = {}
   for name, proc in procs.items():
     stdout, stderr = proc.communicate(timeout=300)
@@ -71,11 +75,12 @@ def test_second_call_reuses_the_scratch_block(tmp_path):
     out[name] = json.loads(stdout.strip().splitlines()[-1])
   pages = out["reuse"]["temp"] / os.sysconf("SC_PAGESIZE")
   assert out["reuse"]["temp"] >= 64 * 2**20, out
-  # Applied where asked, and by "auto" on this one-device CPU run, not where
-  # the user tunes malloc through the environment or with two CPU devices.
+  # Applied where asked, by "auto" on this one-device CPU run and on two
+  # devices with the updates on one, not where the user tunes malloc through
+  # the environment or with two CPU devices sharing the updates.
   assert ([out[n]["reused"] for n in runs]
-          == [True, False, True, False, False]), out
-  for name in ("reuse", "auto"):  # the block is found again in the heap
+          == [True, False, True, False, False, True]), out
+  for name in ("reuse", "auto", "auto_two_devices_split"):  # found again
     assert min(out[name]["faults"][1:]) < pages / 20, (name, pages, out)
   for name in ("default", "auto_user_tuned"):  # fresh pages every call
     assert min(out[name]["faults"][1:]) > pages / 2, (name, pages, out)
@@ -97,6 +102,15 @@ def test_modes_and_their_errors(monkeypatch):
   with pytest.raises(RuntimeError, match="with 4 CPU devices"):
     distributed.reuse_host_memory("reuse")
   assert distributed.reuse_host_memory("auto") is False
+  # With the updates on one device the device count is no objection; the
+  # started backends still are.
+  with pytest.raises(RuntimeError, match="before the first JAX operation"):
+    distributed.reuse_host_memory("reuse", layout="split")
+  assert distributed.reuse_host_memory("auto", layout="split") is False
+  with pytest.raises(ValueError, match="'sideways' is not one of"):
+    distributed.reuse_host_memory("auto", layout="sideways")
+  with pytest.raises(ValueError, match=r"distributed.host_layout='both'"):
+    distributed.plan({"host_layout": "both"}, {}, tpu_present=False)
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false")
   assert distributed.planned_cpu_devices() == len(jax.devices("cpu"))
 

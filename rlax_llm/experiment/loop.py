@@ -172,7 +172,13 @@ class Experiment:
     # Refuse prompts longer than the context before any compute.
     check_context(self.prompt_len, self.max_new_tokens,
                   self.model_cfg.max_seq_len)
-    self.mesh = mesh_lib.make_mesh(dict(c.mesh))
+    # The updates' mesh, and the one rollouts and evaluation decode on: the
+    # same mesh, or with distributed.host_layout="split" the first device
+    # and a data mesh over every device (`mesh.layout_meshes`).
+    self.host_layout = str((c.get("distributed") or {}).get("host_layout",
+                                                            "shared"))
+    self.mesh, self.rollout_mesh = mesh_lib.layout_meshes(dict(c.mesh),
+                                                          self.host_layout)
     _check_batch_sizes(c, mesh_lib.batch_size_multiple(self.mesh))
     self.sampler = SamplerConfig(c.rl.temperature, c.rl.top_k, c.rl.top_p,
                                  c.rl.min_p).validate()
@@ -245,7 +251,7 @@ class Experiment:
     """What the rollout engine uses (`rollouts.RolloutContext`)."""
     c = self.config
     return rollouts.RolloutContext(
-        graphdef=self.graphdef, mesh=self.mesh, sampler=self.sampler,
+        graphdef=self.graphdef, mesh=self.rollout_mesh, sampler=self.sampler,
         tokenizer=self.setup.tokenizer, task=self.setup.task,
         score=self.rewards, decode=self.decode, key=self.key,
         prompt_len=self.prompt_len, max_new_tokens=self.max_new_tokens,
@@ -361,14 +367,15 @@ class Experiment:
   def evaluate(self, params, step: int) -> dict[str, float]:
     c = self.config
     return evaluation.evaluate(
-        self.graphdef, params, prompts_BP=self.test_prompts,
+        self.graphdef, mesh_lib.onto_mesh(params, self.rollout_mesh),
+        prompts_BP=self.test_prompts,
         prompt_mask_BP=self.test_mask, answers=self.test_answers,
         decode=self.decode, reward_fn=lambda t, a: self.rewards(t, a)[0],
         rng=jax.random.fold_in(jax.random.fold_in(self.key, 7), step),
         max_new_tokens=self.max_new_tokens,
         eos_id=self.setup.tokenizer.eos_id, pad_id=self.setup.tokenizer.pad_id,
         num_samples=c.eval.num_samples, sampler=self.sampler,
-        batch_size=c.eval.batch_size, mesh=self.mesh,
+        batch_size=c.eval.batch_size, mesh=self.rollout_mesh,
         decode_chunk=self.decode_chunk)
 
   # -- the RL-phase state: TrainState or PPOState, with a reference ----------

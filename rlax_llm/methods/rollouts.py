@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 import jax
 import numpy as np
 
+from rlax_llm.parallel import mesh as mesh_lib
 from rlax_llm.sampling.generate import generate_on_mesh_jit
 from rlax_llm.sampling.samplers import SamplerConfig
 
@@ -47,7 +48,10 @@ class RolloutContext(NamedTuple):
 
   Attributes:
     graphdef: NNX graph of the policy.
-    mesh: the device mesh rollouts are split over.
+    mesh: the device mesh rollouts are split over: the updates' mesh, or
+      with the "split" host layout a data mesh over every device
+      (`parallel.layout_meshes`), where engines that decode on it take the
+      parameters first (`parallel.onto_mesh`).
     sampler: the sampling settings.
     tokenizer: encode_batch/decode_batch, pad_id, eos_id, vocab_size.
     task: the train stream, `train_batch(step, n, draw=0)` -> problems with
@@ -352,8 +356,8 @@ class SampleRollout(Engine):
     ctx, tok = self.ctx, self.ctx.tokenizer
     problems, p, pm = encode_prompts(ctx, step, ctx.num_prompts, draw)
     ro = jax.device_get(generate_on_mesh_jit(
-        ctx.graphdef, params, p, pm, rollout_key(ctx.key, step, draw),
-        mesh=ctx.mesh, num_samples=ctx.num_samples,
+        ctx.graphdef, mesh_lib.onto_mesh(params, ctx.mesh), p, pm,
+        rollout_key(ctx.key, step, draw), mesh=ctx.mesh, num_samples=ctx.num_samples,
         max_new_tokens=ctx.max_new_tokens, eos_id=tok.eos_id,
         pad_id=tok.pad_id, sampler=ctx.sampler,
         decode_chunk=ctx.decode_chunk))

@@ -60,6 +60,7 @@ import numpy as np
 
 from rlax_llm.core import allocation
 from rlax_llm.methods import rollouts
+from rlax_llm.parallel import mesh as mesh_lib
 from rlax_llm.sampling.generate import generate_on_mesh_jit
 
 _DEFAULTS = dict(max_factor=2, base_fraction=0.5, phases=3, alpha=0.05,
@@ -210,7 +211,8 @@ class XrpoRollout(rollouts.Engine):
   def _sample(self, params, prompt, mask, key, num_samples) -> _Rows:
     ctx, tok = self.ctx, self.ctx.tokenizer
     ro = jax.device_get(generate_on_mesh_jit(
-        ctx.graphdef, params, prompt, mask, key, mesh=ctx.mesh,
+        ctx.graphdef, mesh_lib.onto_mesh(params, ctx.mesh), prompt, mask, key,
+        mesh=ctx.mesh,
         num_samples=num_samples, max_new_tokens=ctx.max_new_tokens,
         eos_id=tok.eos_id, pad_id=tok.pad_id, sampler=ctx.sampler,
         decode_chunk=ctx.decode_chunk))

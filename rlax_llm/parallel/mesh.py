@@ -166,6 +166,72 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
   return Mesh(grid, MESH_AXES)
 
 
+def layout_meshes(shape: Mapping[str, int] | Sequence[int] | None = None,
+                  layout: str = "shared",
+                  devices: Sequence[jax.Device] | None = None
+                  ) -> tuple[Mesh, Mesh]:
+  """The (update mesh, rollout mesh) of a host layout.
+
+  "shared": both are `make_mesh(shape, devices)`. "split": the updates (and
+  every other training computation) run on the first device alone, and
+  rollouts and evaluation on a "data" mesh over every device. On a CPU host
+  split into one device per core (`distributed.host_devices=-1`) that runs
+  decoding data-parallel over the cores, while the update's large matmuls
+  use every core as one device's threads and its scratch memory can be
+  reused between calls (`distributed.reuse_host_memory`); the GRPO bench's
+  step is faster that way than with either layout on one mesh.
+
+  Args:
+    shape: the update mesh's sizes (`make_mesh`); "split" needs every axis to
+      be 1 or -1 (one device).
+    layout: "shared" or "split" (`distributed.HOST_LAYOUTS`).
+    devices: defaults to `jax.devices()`; "split" needs them all in this
+      process.
+
+  Raises:
+    ValueError: for an unknown layout, a "split" mesh shape over more than
+      one device, or a "split" run of several processes.
+  """
+  if layout == "shared":
+    mesh = make_mesh(shape, devices)
+    return mesh, mesh
+  if layout != "split":
+    raise ValueError(f"host layout {layout!r} is not one of "
+                     "('shared', 'split').")
+  devices = list(jax.devices() if devices is None else devices)
+  if any(d.process_index != jax.process_index() for d in devices):
+    raise ValueError(
+        "distributed.host_layout='split' runs the updates on one device of "
+        "one process, and this run spans several processes; use "
+        "host_layout='shared' for multi-process runs.")
+  try:
+    update = make_mesh(shape, devices[:1])
+  except ValueError as e:
+    named = dict(shape.items()) if hasattr(shape, "items") else shape
+    raise ValueError(
+        f"distributed.host_layout='split' runs the updates on one device, "
+        f"and the mesh {named} asks for more; set every mesh axis to 1 (or "
+        "-1), or use host_layout='shared'.") from e
+  return update, make_mesh({"data": len(devices)}, devices)
+
+
+def onto_mesh(tree, mesh: Mesh):
+  """`tree` with every array that is not on exactly `mesh`'s devices put
+  there whole (replicated); arrays already there keep their sharding.
+
+  Rollouts of the "split" layout (`layout_meshes`) take the parameters from
+  the update's device to the rollout mesh this way.
+  """
+  devices = set(mesh.devices.flat)
+  target = replicated(mesh)
+
+  def put(x):
+    if isinstance(x, jax.Array) and x.sharding.device_set == devices:
+      return x
+    return jax.device_put(x, target)
+  return jax.tree.map(put, tree)
+
+
 def _axis_size(mesh: Mesh, axes) -> int:
   return math.prod(mesh.shape[a] for a in _names(axes))
 
