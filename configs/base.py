@@ -183,8 +183,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       coordinator_port=0,         # SLURM: 0 derives it from the job id
       initialization_timeout=300,  # seconds to wait for every process
       cpu_collectives="gloo",     # cross-process collectives on CPU
-      host_devices=0,             # CPU hosts: JAX devices per process; -1 one
-                                  # per core (the mesh then spans the cores),
+      host_devices=-1,            # CPU hosts: JAX devices per process; -1 one
+                                  # per core (rollouts decode on every core),
                                   # 0 JAX's default single device
       host_memory="auto",         # "reuse": XLA's CPU programs reuse their
                                   # scratch memory between calls instead of
@@ -192,12 +192,14 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                                   # settings; one CPU device only); "auto"
                                   # where that holds on a CPU-only host,
                                   # "default" leaves malloc alone
-      host_layout="shared",       # "split": the updates on the first device
+      host_layout="auto",         # "split": the updates on the first device
                                   # alone, rollouts (sample, xrpo engines)
                                   # and evaluation on a data mesh over every
-                                  # device; with host_devices=-1 a CPU host
-                                  # decodes a device per core and reuses the
-                                  # update's memory. "shared": one mesh
+                                  # device (a CPU host: decode a device per
+                                  # core, reuse the update's memory);
+                                  # "shared": one mesh for all; "auto": split
+                                  # for one CPU-only process with several
+                                  # devices and fsdp = tensor = 1
   ))
 
   c.progress = True  # a progress bar with ETA on stderr

@@ -42,7 +42,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   # The same devices as training (e.g. distributed.host_devices on a CPU).
   from rlax_llm.parallel import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(_CONFIG.value.get("distributed"))
+  distributed.initialize(_CONFIG.value.get("distributed"),
+                         _CONFIG.value.get("mesh"))
   from rlax_llm import experiment  # pylint: disable=g-import-not-at-top
   try:
     result = experiment.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value,

@@ -159,7 +159,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from rlax_llm.parallel import distributed  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  distributed.initialize(config.get("distributed"))
+  distributed.initialize(config.get("distributed"), config.get("mesh"))
   from rlax_llm import experiment  # pylint: disable=g-import-not-at-top
   try:
     tree = tree_from_flags(_LATR_CONFIG.value, _TREE.value)

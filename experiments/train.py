@@ -39,7 +39,8 @@ def main(argv):
   # Join the other processes of a multi-host run before anything touches
   # devices; a no-op for a single process.
   from rlax_llm.parallel import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(_CONFIG.value.get("distributed"))
+  distributed.initialize(_CONFIG.value.get("distributed"),
+                         _CONFIG.value.get("mesh"))
   from rlax_llm import experiment  # pylint: disable=g-import-not-at-top
   summary = experiment.run(_CONFIG.value, _WORKDIR.value)
   print(f"sft_accuracy={summary['sft_accuracy']:.4f} "

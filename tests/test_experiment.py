@@ -220,9 +220,8 @@ _SPLIT_RUN = textwrap.dedent("""
     from rlax_llm.parallel import distributed
 
     c = smoke.get_config()
-    c.distributed.host_devices = 2
-    c.distributed.host_layout = "split"
-    distributed.initialize(c.distributed)
+    c.distributed.host_devices = 2  # host_layout "auto": split here
+    distributed.initialize(c.distributed, c.mesh)
     import jax
     exp = experiment.Experiment(c, sys.argv[1])
     print(json.dumps({
@@ -240,10 +239,10 @@ _ROUNDED = ("rl/logp_mismatch", "rl/ratio", "rl/approx_kl", "rl/clip",
 @pytest.mark.slow
 def test_split_layout_run_matches_the_one_device_run(smoke_run, tmp_path,
                                                      forks):
-  """distributed.host_layout="split" on two CPU devices: rollouts and
-  evaluations decode over both (the same tokens as one device: the sampling
-  keys are per row), the updates run on the first; the metrics are the
-  one-device run's."""
+  """The default host layout ("auto") on two CPU devices is "split":
+  rollouts and evaluations decode over both (the same tokens as one device:
+  the sampling keys are per row), the updates run on the first; the metrics
+  are those of the module's one-device run."""
   script = tmp_path / "split.py"
   script.write_text(_SPLIT_RUN)
   proc = forks.run([sys.executable, str(script), str(tmp_path / "split")],

@@ -29,6 +29,29 @@ def test_layout_meshes_on_one_device():
     mesh_lib.layout_meshes({"data": 1, "tensor": 2}, "split")
 
 
+@pytest.mark.parametrize("layout, shape, cpu, processes, devices, want", [
+    ("auto", None, True, 1, 2, "split"),
+    ("auto", {"data": -1, "fsdp": 1, "tensor": 1}, True, 1, 8, "split"),
+    ("auto", None, True, 1, 1, "shared"),           # one device
+    ("auto", None, False, 1, 8, "shared"),          # accelerators
+    ("auto", None, True, 2, 2, "shared"),           # several processes
+    ("auto", {"data": 1, "fsdp": 2}, True, 1, 2, "shared"),
+    ("auto", {"data": -1, "tensor": 2}, True, 1, 4, "shared"),
+    ("shared", None, True, 1, 2, "shared"),
+    ("split", None, False, 1, 1, "split"),
+])
+def test_choose_layout(layout, shape, cpu, processes, devices, want):
+  assert mesh_lib.choose_layout(layout, shape, cpu=cpu, processes=processes,
+                                devices=devices) == want
+
+
+def test_auto_layout_of_this_process():
+  # The suite's processes have one CPU device: "auto" is "shared" there.
+  assert len(jax.devices()) == 1
+  update, rollout = mesh_lib.layout_meshes(None, "auto")
+  assert update is rollout and list(update.devices.flat) == jax.devices()
+
+
 def test_onto_mesh_moves_only_what_is_elsewhere():
   mesh = mesh_lib.make_mesh()
   here = jax.device_put(np.arange(6.0), mesh_lib.replicated(mesh))

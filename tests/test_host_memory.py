@@ -107,7 +107,7 @@ def test_modes_and_their_errors(monkeypatch):
   with pytest.raises(RuntimeError, match="before the first JAX operation"):
     distributed.reuse_host_memory("reuse", layout="split")
   assert distributed.reuse_host_memory("auto", layout="split") is False
-  with pytest.raises(ValueError, match="'sideways' is not one of"):
+  with pytest.raises(ValueError, match="'sideways' is not 'shared' or"):
     distributed.reuse_host_memory("auto", layout="sideways")
   with pytest.raises(ValueError, match=r"distributed.host_layout='both'"):
     distributed.plan({"host_layout": "both"}, {}, tpu_present=False)

@@ -173,12 +173,12 @@ class Experiment:
     check_context(self.prompt_len, self.max_new_tokens,
                   self.model_cfg.max_seq_len)
     # The updates' mesh, and the one rollouts and evaluation decode on: the
-    # same mesh, or with distributed.host_layout="split" the first device
-    # and a data mesh over every device (`mesh.layout_meshes`).
-    self.host_layout = str((c.get("distributed") or {}).get("host_layout",
-                                                            "shared"))
-    self.mesh, self.rollout_mesh = mesh_lib.layout_meshes(dict(c.mesh),
-                                                          self.host_layout)
+    # same mesh, or in the "split" host layout (distributed.host_layout;
+    # "auto" on a CPU-only host with several devices) the first device and a
+    # data mesh over every device (`mesh.layout_meshes`).
+    self.mesh, self.rollout_mesh = mesh_lib.layout_meshes(
+        dict(c.mesh), str((c.get("distributed") or {}).get("host_layout",
+                                                            "auto")))
     _check_batch_sizes(c, mesh_lib.batch_size_multiple(self.mesh))
     self.sampler = SamplerConfig(c.rl.temperature, c.rl.top_k, c.rl.top_p,
                                  c.rl.min_p).validate()

@@ -49,16 +49,18 @@ DEFAULTS: dict[str, Any] = dict(
     coordinator_port=0,
     initialization_timeout=300,
     cpu_collectives="gloo",
-    host_devices=0,
+    host_devices=-1,
     host_memory="auto",
-    host_layout="shared",
+    host_layout="auto",
 )
 
 HOST_MEMORY_MODES = ("auto", "reuse", "default")
 # "shared": rollouts, evaluation and updates on one mesh (`config.mesh`);
 # "split": rollouts and evaluation on a data mesh over every device, the
-# updates on the first device alone (`mesh.layout_meshes`).
-HOST_LAYOUTS = ("shared", "split")
+# updates on the first device alone (`mesh.layout_meshes`); "auto": split
+# for one CPU-only process with several devices and a data-only mesh
+# (`mesh.choose_layout`).
+HOST_LAYOUTS = mesh_lib.HOST_LAYOUTS
 
 _SLURM_PORT_BASE = 45000  # SLURM coordinator port: base + job id % 10000
 
@@ -250,17 +252,21 @@ def plan(section=None, environ: Mapping[str, str] | None = None, *,
   return Plan("none")
 
 
-def initialize(section=None) -> Plan:
+def initialize(section=None, mesh=None) -> Plan:
   """Connects the processes of a multi-process run (no-op for one process).
 
   Call it first thing in `main`, before anything creates a device array or
   asks for `jax.devices()`. Calling it again is harmless. It also splits a
   CPU host into `host_devices` devices (`use_host_devices`) and sets how
-  host memory is reused (`host_memory`, see `reuse_host_memory`).
+  host memory is reused (`host_memory`, see `reuse_host_memory`, for the
+  `host_layout` that `mesh` gives: `mesh.choose_layout`).
 
   Args:
     section: the config's `distributed` section, or None to rely on the
       environment (SLURM, TPU, RLAX_* variables) alone.
+    mesh: the config's `mesh` sizes, with which a "auto" host layout is
+      resolved before JAX starts; None counts "auto" as "shared" for the
+      memory settings (the safe side: no reuse with several CPU devices).
 
   Returns:
     The `Plan` that was followed.
@@ -272,7 +278,13 @@ def initialize(section=None) -> Plan:
   values = _section(section)
   p = plan(section)
   use_host_devices(int(values["host_devices"]))
-  reuse_host_memory(values["host_memory"], layout=values["host_layout"])
+  layout = values["host_layout"]
+  if layout == "auto":
+    layout = "shared" if mesh is None else mesh_lib.choose_layout(
+        layout, mesh, processes=1 if p.method == "none" else 2,
+        cpu=cpu_only(jax.config.jax_platforms, accelerator_plugins()),
+        devices=planned_cpu_devices())
+  reuse_host_memory(values["host_memory"], layout=layout)
   if p.method == "none" or jax.distributed.is_initialized():
     return p
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
@@ -460,8 +472,9 @@ def reuse_host_memory(mode: str = "reuse", *,
   if mode not in HOST_MEMORY_MODES:
     raise ValueError(f"host memory mode {mode!r} is not one of "
                      f"{HOST_MEMORY_MODES}.")
-  if layout not in HOST_LAYOUTS:
-    raise ValueError(f"host layout {layout!r} is not one of {HOST_LAYOUTS}.")
+  if layout not in ("shared", "split"):
+    raise ValueError(f"host layout {layout!r} is not 'shared' or 'split' "
+                     "(resolve 'auto' with parallel.choose_layout first).")
   if mode == "default":
     return False
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top

@@ -96,7 +96,8 @@ def check_rules(rules: Mapping[str, Any]) -> None:
                        f"axes {bad}; the mesh axes are {MESH_AXES}.")
 
 
-def _mesh_sizes(shape, n: int) -> list[int]:
+def _given_sizes(shape) -> list[int]:
+  """The sizes per axis as given (-1 still unresolved), checked."""
   if shape is None:
     sizes = [-1, 1, 1]
   elif hasattr(shape, "items"):  # dict or ConfigDict
@@ -111,6 +112,11 @@ def _mesh_sizes(shape, n: int) -> list[int]:
     if len(sizes) != len(MESH_AXES):
       raise ValueError(f"Mesh shape {tuple(sizes)} needs one size per axis "
                        f"{MESH_AXES}.")
+  return sizes
+
+
+def _mesh_sizes(shape, n: int) -> list[int]:
+  sizes = _given_sizes(shape)
   named = dict(zip(MESH_AXES, sizes))
   if any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f"Mesh shape {named}: sizes must be positive, or -1 for "
@@ -166,6 +172,39 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
   return Mesh(grid, MESH_AXES)
 
 
+HOST_LAYOUTS = ("auto", "shared", "split")
+
+
+def choose_layout(layout: str, shape=None, *, cpu: bool, processes: int,
+                  devices: int) -> str:
+  """The host layout ("shared" or "split") that `layout` means for a run.
+
+  "auto" is "split" for one process whose devices are all CPU devices, more
+  than one of them (one per core: `distributed.host_devices=-1`), with a
+  data-only mesh (`shape` None, or fsdp and tensor 1); anything else (an
+  accelerator, several processes, one device, fsdp or tensor sharding) is
+  "shared". "shared" and "split" are themselves.
+
+  Args:
+    layout: "auto", "shared" or "split".
+    shape: the update mesh's sizes as given to `make_mesh`.
+    cpu: whether every device is a CPU device.
+    processes: the run's process count.
+    devices: this process's device count.
+
+  Raises:
+    ValueError: for an unknown layout or mesh shape.
+  """
+  if layout not in HOST_LAYOUTS:
+    raise ValueError(f"host layout {layout!r} is not one of {HOST_LAYOUTS}.")
+  if layout != "auto":
+    return layout
+  sizes = dict(zip(MESH_AXES, _given_sizes(shape)))
+  data_only = sizes["fsdp"] == 1 and sizes["tensor"] == 1
+  return ("split" if cpu and processes == 1 and devices > 1 and data_only
+          else "shared")
+
+
 def layout_meshes(shape: Mapping[str, int] | Sequence[int] | None = None,
                   layout: str = "shared",
                   devices: Sequence[jax.Device] | None = None
@@ -184,7 +223,7 @@ def layout_meshes(shape: Mapping[str, int] | Sequence[int] | None = None,
   Args:
     shape: the update mesh's sizes (`make_mesh`); "split" needs every axis to
       be 1 or -1 (one device).
-    layout: "shared" or "split" (`distributed.HOST_LAYOUTS`).
+    layout: "shared", "split" or "auto" (`choose_layout` on `devices`).
     devices: defaults to `jax.devices()`; "split" needs them all in this
       process.
 
@@ -192,13 +231,14 @@ def layout_meshes(shape: Mapping[str, int] | Sequence[int] | None = None,
     ValueError: for an unknown layout, a "split" mesh shape over more than
       one device, or a "split" run of several processes.
   """
+  devices = list(jax.devices() if devices is None else devices)
+  layout = choose_layout(
+      layout, shape, cpu=all(d.platform == "cpu" for d in devices),
+      processes=len({d.process_index for d in devices}),
+      devices=len(devices))
   if layout == "shared":
     mesh = make_mesh(shape, devices)
     return mesh, mesh
-  if layout != "split":
-    raise ValueError(f"host layout {layout!r} is not one of "
-                     "('shared', 'split').")
-  devices = list(jax.devices() if devices is None else devices)
   if any(d.process_index != jax.process_index() for d in devices):
     raise ValueError(
         "distributed.host_layout='split' runs the updates on one device of "
