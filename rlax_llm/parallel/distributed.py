@@ -39,7 +39,10 @@ from rlax_llm.parallel import mesh as mesh_lib
 METHODS = ("auto", "none", "explicit", "slurm", "tpu")
 ENV_PREFIX = "RLAX_"
 
-# Defaults of the config section `distributed` (configs/base.py).
+# Defaults of the config section `distributed` (configs/base.py) for the
+# fields a section leaves out. One differs: host_devices is 0 here, so that
+# `initialize()` called by a program that has already used JAX keeps its
+# devices; the experiments' configs split a CPU host per core (-1).
 DEFAULTS: dict[str, Any] = dict(
     method="auto",
     coordinator_address="",
@@ -49,7 +52,7 @@ DEFAULTS: dict[str, Any] = dict(
     coordinator_port=0,
     initialization_timeout=300,
     cpu_collectives="gloo",
-    host_devices=-1,
+    host_devices=0,
     host_memory="auto",
     host_layout="auto",
 )
