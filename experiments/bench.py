@@ -996,9 +996,10 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
   Returns:
     {"step_s", "generate_s", "score_s" (reward + advantages + batch),
      "update_s", each with `_all` and `_spread`; "warmup_s", "host_layout",
-     "mesh" (the update's), "generate_mesh", "reward_mean", "loss"; "profile" with `profile` (see
-     `profile_rlax_update`)}, and the initial parameters and graph under
-     "_params" and "_graphdef" (for the export; removed before printing).
+     "mesh" (the update's), "generate_mesh", "reward_mean", "loss";
+     "profile" with `profile` (see `profile_rlax_update`)}, and the initial
+     parameters and graph under "_params" and "_graphdef" (for the export;
+     removed before printing).
   """
   # pylint: disable=g-import-not-at-top
   import jax

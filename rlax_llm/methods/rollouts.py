@@ -357,7 +357,8 @@ class SampleRollout(Engine):
     problems, p, pm = encode_prompts(ctx, step, ctx.num_prompts, draw)
     ro = jax.device_get(generate_on_mesh_jit(
         ctx.graphdef, mesh_lib.onto_mesh(params, ctx.mesh), p, pm,
-        rollout_key(ctx.key, step, draw), mesh=ctx.mesh, num_samples=ctx.num_samples,
+        rollout_key(ctx.key, step, draw), mesh=ctx.mesh,
+        num_samples=ctx.num_samples,
         max_new_tokens=ctx.max_new_tokens, eos_id=tok.eos_id,
         pad_id=tok.pad_id, sampler=ctx.sampler,
         decode_chunk=ctx.decode_chunk))

@@ -212,8 +212,8 @@ class XrpoRollout(rollouts.Engine):
     ctx, tok = self.ctx, self.ctx.tokenizer
     ro = jax.device_get(generate_on_mesh_jit(
         ctx.graphdef, mesh_lib.onto_mesh(params, ctx.mesh), prompt, mask, key,
-        mesh=ctx.mesh,
-        num_samples=num_samples, max_new_tokens=ctx.max_new_tokens,
+        mesh=ctx.mesh, num_samples=num_samples,
+        max_new_tokens=ctx.max_new_tokens,
         eos_id=tok.eos_id, pad_id=tok.pad_id, sampler=ctx.sampler,
         decode_chunk=ctx.decode_chunk))
     return _Rows(np.asarray(ro.tokens), np.asarray(ro.mask, bool),

@@ -267,7 +267,7 @@ def initialize(section=None, mesh=None) -> Plan:
   Args:
     section: the config's `distributed` section, or None to rely on the
       environment (SLURM, TPU, RLAX_* variables) alone.
-    mesh: the config's `mesh` sizes, with which a "auto" host layout is
+    mesh: the config's `mesh` sizes, with which an "auto" host layout is
       resolved before JAX starts; None counts "auto" as "shared" for the
       memory settings (the safe side: no reuse with several CPU devices).
 
@@ -283,6 +283,7 @@ def initialize(section=None, mesh=None) -> Plan:
   use_host_devices(int(values["host_devices"]))
   layout = values["host_layout"]
   if layout == "auto":
+    # (Several processes count as 2: "auto" asks only whether there is one.)
     layout = "shared" if mesh is None else mesh_lib.choose_layout(
         layout, mesh, processes=1 if p.method == "none" else 2,
         cpu=cpu_only(jax.config.jax_platforms, accelerator_plugins()),
