@@ -1456,9 +1456,8 @@ def _run_grpo_step() -> list[dict[str, Any]]:
       num_prompts=_PROMPTS.value, samples_per_prompt=_SAMPLES.value,
       new_tokens=_NEW_TOKENS.value or 64, prompt_len=_PROMPT_LEN.value,
       repeats=_REPEATS.value or 3, warmup=_WARMUP.value, preset=_PRESET.value,
-      seed=_SEED.value,
-      trl=_TRL.value, roofline=_ROOFLINE.value, profile=_PROFILE.value,
-      layout=_HOST_LAYOUT.value)]
+      seed=_SEED.value, trl=_TRL.value, roofline=_ROOFLINE.value,
+      profile=_PROFILE.value, layout=_HOST_LAYOUT.value)]
 
 
 def _run_rewards() -> list[dict[str, Any]]:
@@ -1577,9 +1576,12 @@ def main(argv):
   from rlax_llm.parallel import distributed
   # pylint: enable=g-import-not-at-top
   distributed.use_host_devices(_HOST_DEVICES.value)
-  _HOST_MEMORY_REUSED[0] = distributed.reuse_host_memory(
-      _HOST_MEMORY.value, layout=_HOST_LAYOUT.value)
   whats = argv[1:]
+  # Only grpo_step runs the split layout's one-device update; the other
+  # benchmarks run every program on the whole mesh.
+  _HOST_MEMORY_REUSED[0] = distributed.reuse_host_memory(
+      _HOST_MEMORY.value,
+      layout=_HOST_LAYOUT.value if whats == ["grpo_step"] else "shared")
   if not whats:
     raise app.UsageError(
         f"Say what to benchmark: python -m experiments.bench WHAT [--json]; "

@@ -13,6 +13,22 @@ import pytest
 from rlax_llm.parallel import mesh as mesh_lib
 
 
+def test_shared_layout_leaves_the_device_order_to_make_mesh(monkeypatch):
+  # make_mesh given no devices lays a TPU slice out by its topology; the
+  # shared layout must not take that away by passing jax.devices() itself.
+  calls = []
+  real = mesh_lib.make_mesh
+  monkeypatch.setattr(mesh_lib, "make_mesh",
+                      lambda shape=None, devices=None: calls.append(devices)
+                      or real(shape, devices))
+  mesh_lib.layout_meshes({"data": -1}, "shared")
+  mesh_lib.layout_meshes({"data": -1}, "auto")
+  assert calls == [None, None]
+  devices = jax.devices()
+  mesh_lib.layout_meshes({"data": -1}, "shared", devices)
+  assert calls[-1] == devices
+
+
 def test_layout_meshes_on_one_device():
   shared = mesh_lib.layout_meshes({"data": -1}, "shared")
   assert shared[0] is shared[1] and shared[0].devices.size == len(

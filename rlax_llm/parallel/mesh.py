@@ -231,13 +231,15 @@ def layout_meshes(shape: Mapping[str, int] | Sequence[int] | None = None,
     ValueError: for an unknown layout, a "split" mesh shape over more than
       one device, or a "split" run of several processes.
   """
+  given = devices
   devices = list(jax.devices() if devices is None else devices)
   layout = choose_layout(
       layout, shape, cpu=all(d.platform == "cpu" for d in devices),
       processes=len({d.process_index for d in devices}),
       devices=len(devices))
   if layout == "shared":
-    mesh = make_mesh(shape, devices)
+    # `make_mesh` with no devices given lays a TPU slice out by topology.
+    mesh = make_mesh(shape, given)
     return mesh, mesh
   if any(d.process_index != jax.process_index() for d in devices):
     raise ValueError(
