@@ -77,3 +77,5 @@ def test_onto_mesh_moves_only_what_is_elsewhere():
   assert isinstance(out["b"], jax.Array)
   assert out["b"].sharding == mesh_lib.replicated(mesh)
   np.testing.assert_array_equal(out["b"], tree["b"])
+  # No mesh: the tree itself, nothing moved.
+  assert mesh_lib.onto_mesh(tree, None) is tree

@@ -211,7 +211,7 @@ class XrpoRollout(rollouts.Engine):
   def _sample(self, params, prompt, mask, key, num_samples) -> _Rows:
     ctx, tok = self.ctx, self.ctx.tokenizer
     ro = jax.device_get(generate_on_mesh_jit(
-        ctx.graphdef, mesh_lib.onto_mesh(params, ctx.mesh), prompt, mask, key,
+        ctx.graphdef, params, prompt, mask, key,
         mesh=ctx.mesh, num_samples=num_samples,
         max_new_tokens=ctx.max_new_tokens,
         eos_id=tok.eos_id, pad_id=tok.pad_id, sampler=ctx.sampler,
@@ -235,6 +235,8 @@ class XrpoRollout(rollouts.Engine):
     ctx, s = self.ctx, self.settings
     tok = ctx.tokenizer
     b, m, t = ctx.num_prompts, self.slots, ctx.max_new_tokens
+    # Onto the rollout mesh once for all phases (the "split" host layout).
+    params = mesh_lib.onto_mesh(params, ctx.mesh)
     problems = ctx.task.train_batch(step, b, draw=draw)
     texts_B = [q.prompt for q in problems]
     key = rollouts.rollout_key(ctx.key, step, draw)

@@ -257,13 +257,16 @@ def layout_meshes(shape: Mapping[str, int] | Sequence[int] | None = None,
   return update, make_mesh({"data": len(devices)}, devices)
 
 
-def onto_mesh(tree, mesh: Mesh):
+def onto_mesh(tree, mesh: Mesh | None):
   """`tree` with every array that is not on exactly `mesh`'s devices put
-  there whole (replicated); arrays already there keep their sharding.
+  there whole (replicated); arrays already there keep their sharding. With
+  no mesh (None), `tree` itself.
 
   Rollouts of the "split" layout (`layout_meshes`) take the parameters from
   the update's device to the rollout mesh this way.
   """
+  if mesh is None:
+    return tree
   devices = set(mesh.devices.flat)
   target = replicated(mesh)
 
