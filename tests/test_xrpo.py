@@ -207,6 +207,29 @@ def test_masked_group_advantages_match_numpy_loop(method):
   assert np.all(batch.weights.reshape(5, 6, -1)[~valid] == 0)
 
 
+def test_advantage_transform_compiles_once_per_estimator_and_settings():
+  """The advantage transform runs the estimator jitted, one program per
+  estimator and settings: experiments built in one process (a new
+  `get_method` each) share it; other settings get their own, with their own
+  values."""
+  a, b = get_method("grpo"), get_method("grpo")
+  assert a.advantage_fn is not b.advantage_fn
+  assert tf._jitted(a.advantage_fn) is tf._jitted(b.advantage_fn)  # pylint: disable=protected-access
+  dr = get_method("grpo", scale_by_std=False)
+  assert tf._jitted(dr.advantage_fn) is not tf._jitted(a.advantage_fn)  # pylint: disable=protected-access
+  reward = np.array([[1., 0., 0., 1.], [1., 1., 1., 0.], [1., 1., 1., 1.]],
+                    np.float32)
+  g = _groups(reward, np.ones((3, 4), bool))._replace(valid=None)
+  ctx = tf.StepContext(_Eng(), None, None, 0, 0)
+  got = {m.name + str(i): tf.advantage(m)(tf.Work(groups=g, stats={}), ctx).adv
+         for i, m in enumerate((a, dr))}
+  centred = reward - reward.mean(-1, keepdims=True)
+  std = reward.std(-1, ddof=1, keepdims=True)
+  np.testing.assert_allclose(got["grpo1"], centred, atol=1e-6)
+  np.testing.assert_allclose(got["grpo0"], centred / (std + 1e-6), atol=1e-5)
+  assert np.all(got["grpo0"][2] == 0)  # all rewards equal: exactly 0
+
+
 def test_masked_reward_stats_and_dynamic_sampling():
   reward = np.array([[1., 1., 0., 0.], [0., 1., 0., 0.]], np.float32)
   valid = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)
