@@ -456,7 +456,8 @@ def logits_max_abs_diff(graphdef, params, hf_model, prompt_BP,
   # pylint: enable=g-import-not-at-top
   prompt_BP, mask_BP = np.asarray(prompt_BP), np.asarray(mask_BP, bool)
   positions_BP = np.maximum(np.cumsum(mask_BP, axis=-1) - 1, 0)
-  ours = np.asarray(nnx.merge(graphdef, params)(prompt_BP, None, mask_BP))
+  forward = nnx.jit(lambda m, tok, mask: m(tok, None, mask))  # one program
+  ours = np.asarray(forward(nnx.merge(graphdef, params), prompt_BP, mask_BP))
   with torch.inference_mode():
     theirs = hf_model(input_ids=torch.from_numpy(prompt_BP.astype(np.int64)),
                       attention_mask=torch.from_numpy(mask_BP.astype(np.int64)),

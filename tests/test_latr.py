@@ -65,6 +65,9 @@ def _synthetic(table_fn, b, g, t):
   return step_fn, first, cache
 
 
+# The reference draws, compiled as in decoding (not an eager compile per op).
+_sample_token = jax.jit(sample_token, static_argnums=2)
+
 # One compilation per (synthetic table, sizes, settings).
 _decode_jit = jax.jit(latr.latr_decode, static_argnums=(0,), static_argnames=(
     "num_tree", "max_new_tokens", "eos_id", "pad_id", "sampler", "tree",
@@ -91,8 +94,9 @@ def _assert_sampled(table_fn, ro, *, rows, start, key, b, g, t,
   lengths = ro.lengths
   checked = 0
   for i in range(t):
-    want = np.asarray(sample_token(jax.random.fold_in(jax.random.key(key), i),
-                                   logits.reshape(b * g, V), sampler).token)
+    want = np.asarray(_sample_token(
+        jax.random.fold_in(jax.random.key(key), i), logits.reshape(b * g, V),
+        sampler).token)
     got = tokens[:, :, i].reshape(-1)
     for r in rows:
       if start <= i < lengths[r]:

@@ -173,6 +173,10 @@ def naive_from_hidden(hidden_NTD, kernel_DV, targets_NT, temperature=1.0):
                                              temperature=temperature)
 
 
+# The reference, compiled: one program per shape, not one per operation.
+_naive_from_hidden = jax.jit(naive_from_hidden)
+
+
 def random_hidden(rng, n_rows, n_cols, width, vocab):
   hidden_NTD = rng.normal(size=(n_rows, n_cols, width)).astype(np.float32)
   kernel_DV = (rng.normal(size=(width, vocab)) / math.sqrt(width) * 3).astype(
@@ -209,7 +213,7 @@ def test_chunked_matches_naive(variant, temperature, n, t, d, v, chunk_size,
       logprobs.chunked_token_logprobs_and_entropy, temperature=temperature,
       chunk_size=chunk_size, vocab_chunk=vocab_chunk)
   got = variant(chunked)(hidden_NTD, kernel_DV, targets_NT)
-  want = naive_from_hidden(hidden_NTD, kernel_DV, targets_NT, temperature)
+  want = _naive_from_hidden(hidden_NTD, kernel_DV, targets_NT, temperature)
   assert isinstance(got, logprobs.LogprobsAndEntropy)
   for g, w in [(got.logp, want.logp), (got.entropy, want.entropy)]:
     assert g.dtype == jnp.float32 and g.shape == (n, t)
@@ -235,7 +239,7 @@ def test_chunked_gradients_match_naive(variant, vocab_chunk):
   naive = lambda h, k: weighted_total(
       naive_from_hidden(h, k, targets_NT, 0.7))
   got = variant(jax.grad(chunked, argnums=(0, 1)))(hidden_NTD, kernel_DV)
-  want = jax.grad(naive, argnums=(0, 1))(hidden_NTD, kernel_DV)
+  want = jax.jit(jax.grad(naive, argnums=(0, 1)))(hidden_NTD, kernel_DV)
   for g, w in zip(got, want):
     assert g.shape == w.shape
     # Relative to the largest entry: single entries near 0 carry f32 noise.

@@ -72,8 +72,8 @@ def test_loaded_policy_matches_transformers_then_trains(hf_dir, tmp_path):
   exp = experiment.Experiment(c, str(tmp_path))  # a fresh stream
   state, _ = exp.initial_state()
   ids = exp.setup.tokenizer.encode(prompt)
-  ours = np.asarray(nnx.merge(exp.graphdef, state.params)(
-      np.asarray([ids], np.int32)))
+  ours = np.asarray(nnx.jit(lambda m, x: m(x))(  # one program
+      nnx.merge(exp.graphdef, state.params), np.asarray([ids], np.int32)))
   with torch.no_grad():
     theirs = hf_model(torch.tensor([ids])).logits.numpy()
   assert ours.shape == theirs.shape == (1, len(ids), hf_model.config.vocab_size)

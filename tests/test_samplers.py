@@ -8,6 +8,10 @@ import pytest
 from rlax_llm.sampling import samplers
 from rlax_llm.sampling.samplers import SamplerConfig
 
+# The draws run compiled, as in decoding (one program per shape and
+# settings instead of an eager compile per operation).
+_sample_token = jax.jit(samplers.sample_token, static_argnums=2)
+
 
 def _np_filter(logits, *, top_k=0, top_p=1.0, min_p=0.0):
   """Reference: returns the kept-token mask of one row, with plain loops."""
@@ -70,7 +74,7 @@ def test_sampled_frequencies_match_filtered_softmax(kw):
   logits = jnp.log(jnp.array([0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05]))
   cfg = SamplerConfig(**kw)
   n = 40_000
-  draws = samplers.sample_token(jax.random.key(3),
+  draws = _sample_token(jax.random.key(3),
                                 jnp.broadcast_to(logits, (n, 7)), cfg)
   counts = np.bincount(np.asarray(draws.token), minlength=7)
   p = np.asarray(jax.nn.softmax(samplers.filtered_logits(logits[None], cfg)))[0]
@@ -85,7 +89,7 @@ def test_sampled_frequencies_match_filtered_softmax(kw):
 def test_logp_is_tempered_unfiltered_log_softmax_and_greedy_is_argmax():
   rng = np.random.default_rng(1)
   logits = rng.normal(size=(5, 9)).astype(np.float32)
-  s = samplers.sample_token(jax.random.key(0), logits,
+  s = _sample_token(jax.random.key(0), logits,
                             SamplerConfig(temperature=0.5, top_k=2))
   ref = jax.nn.log_softmax(logits / 0.5, axis=-1)
   np.testing.assert_allclose(
@@ -93,7 +97,7 @@ def test_logp_is_tempered_unfiltered_log_softmax_and_greedy_is_argmax():
       atol=1e-6)
   top2 = np.argsort(-logits, axis=-1)[:, :2]
   assert all(t in row for t, row in zip(np.asarray(s.token), top2))
-  g = samplers.sample_token(jax.random.key(0), logits, SamplerConfig(0.0))
+  g = _sample_token(jax.random.key(0), logits, SamplerConfig(0.0))
   np.testing.assert_array_equal(np.asarray(g.token), logits.argmax(-1))
   np.testing.assert_allclose(
       np.asarray(g.logp),
@@ -165,7 +169,7 @@ def test_large_vocabulary_frequencies_match_softmax():
   probs[support] = [0.05, 0.1, 0.2, 0.05, 0.15, 0.1, 0.25, 0.1]
   logits = jnp.log(jnp.asarray(probs, jnp.float32))
   n = 40_000
-  draws = samplers.sample_token(jax.random.key(7),
+  draws = _sample_token(jax.random.key(7),
                                 jnp.broadcast_to(logits, (n, v)))
   counts = np.bincount(np.asarray(draws.token), minlength=v)
   assert counts[probs == 0].sum() == 0
@@ -177,7 +181,7 @@ def test_large_vocabulary_frequencies_match_softmax():
 def test_unfiltered_logp_is_tempered_log_softmax():
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(6, 300)).astype(np.float32) * 3
-  s = samplers.sample_token(jax.random.key(1), logits,
+  s = _sample_token(jax.random.key(1), logits,
                             SamplerConfig(temperature=0.8))
   ref = np.asarray(jax.nn.log_softmax(logits / 0.8, axis=-1))
   np.testing.assert_allclose(np.asarray(s.logp),
