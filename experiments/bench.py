@@ -1030,6 +1030,7 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
   sampler = SamplerConfig(1.0, 0, 1.0, 0.0).validate()
   mask_BP = np.ones(prompt_BP.shape, bool)
   key = jax.random.key(seed)
+  advantage_fn = jax.jit(method.advantage_fn)  # as the experiment layer runs it
 
   def step(state, i):
     t0 = time.perf_counter()
@@ -1045,7 +1046,7 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
           f"instead of exactly {t}; the step would not do the work it claims.")
     reward_N = np.asarray(synthetic_reward(ro.tokens.tolist()), np.float32)
     adv_BG = np.asarray(
-        method.advantage_fn(jnp.asarray(reward_N.reshape(b, g))))
+        advantage_fn(jnp.asarray(reward_N.reshape(b, g))))
     # The RL batch as the experiment layer flattens groups: N = B * G rows,
     # each prompt repeated per sample, sequence advantages over the tokens.
     mask_NT = np.asarray(ro.mask, bool)
