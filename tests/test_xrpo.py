@@ -144,6 +144,69 @@ class AllocateTest(chex.TestCase):
       assert np.all(count + got <= cap)
 
 
+def _primitives_in_while_bodies(jaxpr, inside=False):
+  """Names of the primitives inside `while` loop bodies of a jaxpr."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    if inside:
+      found.add(eqn.primitive.name)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          inner = inner if hasattr(inner, "eqns") else inner.jaxpr
+          found |= _primitives_in_while_bodies(
+              inner, inside or eqn.primitive.name == "while")
+  return found
+
+
+def _allocate_without_table(std_B, count_B, budget, *, capacity, alpha, coef):
+  """The greedy loop with `xrpo_priority` evaluated in every iteration."""
+  t0 = jnp.sum(count_B)
+
+  def body(i, extra_B):
+    n = count_B + extra_B
+    pri = allocation.xrpo_priority(std_B, n, t0 + i, alpha=alpha, coef=coef)
+    open_B = n < capacity
+    pri = jnp.where(open_B, pri, -jnp.inf)
+    return extra_B.at[jnp.argmax(pri)].add(jnp.any(open_B).astype(jnp.int32))
+
+  return jax.lax.fori_loop(0, jnp.asarray(budget, jnp.int32), body,
+                           jnp.zeros_like(count_B))
+
+
+def test_allocate_tables_the_critical_values_and_matches_the_priorities():
+  """The loop looks the t critical values up (no incomplete beta function
+  inside it) and gives out exactly what `xrpo_priority` in every iteration
+  gives out, ties included (rewards of 0/1: few distinct stds)."""
+  go = lambda s, c: allocation.xrpo_allocate(s, c, 7, capacity=9)
+  jaxpr = jax.make_jaxpr(go)(jnp.ones(4), jnp.full(4, 2, jnp.int32)).jaxpr
+  assert "regularized_incomplete_beta" not in _primitives_in_while_bodies(
+      jaxpr)
+  untabled = jax.make_jaxpr(
+      lambda c: _allocate_without_table(jnp.ones(4), c, 7, capacity=9,
+                                        alpha=ALPHA, coef=COEF))(
+                                            jnp.full(4, 2, jnp.int32)).jaxpr
+  assert "regularized_incomplete_beta" in _primitives_in_while_bodies(
+      untabled)  # what the check finds in the loop of the untabled form
+  rng = np.random.default_rng(5)
+  ours = jax.jit(allocation.xrpo_allocate,
+                 static_argnames=("budget", "capacity", "alpha", "coef"))
+  theirs = jax.jit(_allocate_without_table,
+                   static_argnames=("budget", "capacity", "alpha", "coef"))
+  for trial in range(8):
+    b, cap = 12, int(rng.integers(4, 17))
+    count = rng.integers(0, cap + 1, b)
+    reward = rng.integers(0, 2, (b, cap)).astype(np.float32)
+    std, _ = allocation.group_reward_std(reward, np.arange(cap) < count[:, None])
+    budget = int(rng.integers(1, 3 * b))
+    kw = dict(budget=budget, capacity=cap, alpha=ALPHA, coef=COEF)
+    got = np.asarray(ours(std, jnp.asarray(count, jnp.int32), **kw))
+    want = np.asarray(theirs(std, jnp.asarray(count, jnp.int32), **kw))
+    np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}")
+    assert np.all(count + got <= cap)
+
+
 def test_novelty_mean_and_sum():
   logp = np.array([[-1., -1., 0.], [-3., 0., 0.], [-.5, -.5, -.5],
                    [0., 0., 0.]], np.float32)
