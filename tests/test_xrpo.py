@@ -190,21 +190,23 @@ def test_allocate_tables_the_critical_values_and_matches_the_priorities():
   assert "regularized_incomplete_beta" in _primitives_in_while_bodies(
       untabled)  # what the check finds in the loop of the untabled form
   rng = np.random.default_rng(5)
-  ours = jax.jit(allocation.xrpo_allocate,
-                 static_argnames=("budget", "capacity", "alpha", "coef"))
+  # Budgets are traced in both (one program per capacity).
   theirs = jax.jit(_allocate_without_table,
-                   static_argnames=("budget", "capacity", "alpha", "coef"))
+                   static_argnames=("capacity", "alpha", "coef"))
+  std_fn = jax.jit(allocation.group_reward_std)
   for trial in range(8):
-    b, cap = 12, int(rng.integers(4, 17))
+    b, cap = 12, (5, 16)[trial % 2]
     count = rng.integers(0, cap + 1, b)
     reward = rng.integers(0, 2, (b, cap)).astype(np.float32)
-    std, _ = allocation.group_reward_std(reward, np.arange(cap) < count[:, None])
+    std, _ = std_fn(reward, np.arange(cap) < count[:, None])
     budget = int(rng.integers(1, 3 * b))
-    kw = dict(budget=budget, capacity=cap, alpha=ALPHA, coef=COEF)
-    got = np.asarray(ours(std, jnp.asarray(count, jnp.int32), **kw))
-    want = np.asarray(theirs(std, jnp.asarray(count, jnp.int32), **kw))
+    count = jnp.asarray(count, jnp.int32)
+    got = np.asarray(allocation.xrpo_allocate(std, count, budget, capacity=cap,
+                                              alpha=ALPHA, coef=COEF))
+    want = np.asarray(theirs(std, count, budget, capacity=cap, alpha=ALPHA,
+                             coef=COEF))
     np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}")
-    assert np.all(count + got <= cap)
+    assert np.all(np.asarray(count) + got <= cap)
 
 
 def test_novelty_mean_and_sum():
