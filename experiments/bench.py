@@ -6,6 +6,7 @@
   python -m experiments.bench logprobs [--json] [--tokens=2048] \
       [--vocab=32768] [--width=256] [--chunk_size=1024] [--vocab_chunk=8192] \
       [--repeats=5] [--nofull_size]
+  python -m experiments.bench xrpo_allocate [--json] [--repeats=5]
   python -m experiments.bench grpo_step [--json] [--step_prompts=8] \
       [--samples_per_prompt=8] [--new_tokens=64] [--prompt_len=16] \
       [--repeats=3] [--warmup_steps=3] [--preset=...] [--notrl] \
@@ -47,6 +48,12 @@ What can be measured (the positional argument):
              reuses between calls (--host_memory=auto,
              `rlax_llm.parallel.reuse_host_memory`); --host_layout=shared
              runs both on one mesh (--host_devices=0: one device).
+  xrpo_allocate
+             milliseconds of one phase of XRPO's rollout allocator
+             (`rlax_llm.core.allocation.xrpo_allocate`) at the XRPO config's
+             size (16 prompts, 16 slots, 64 rollouts) and at a large one (512
+             prompts, 32 slots, 4,096 rollouts): compile time and the median
+             and spread of --repeats calls (`bench_xrpo_allocate`).
   rewards    verifications/s of the GSM8K and MATH verifiers on the
              reference solutions, in-process and through the reward runner's
              process pool (experiments/bench_rewards.py).
@@ -1462,6 +1469,47 @@ def _run_grpo_step() -> list[dict[str, Any]]:
       profile=_PROFILE.value, layout=_HOST_LAYOUT.value)]
 
 
+# XRPO's allocator -----------------------------------------------------------------
+XRPO_ALLOCATE_SIZES = ((16, 16, 64), (512, 32, 4096))  # prompts, slots, budget
+
+
+def bench_xrpo_allocate(sizes=XRPO_ALLOCATE_SIZES, *, repeats: int = 5,
+                        seed: int = 0) -> list[dict[str, Any]]:
+  """Times one allocator phase per (prompts, capacity, budget) of `sizes`:
+  reward stds uniform in [0, 0.5), counts in [2, capacity / 2)."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from rlax_llm.core import allocation
+  # pylint: enable=g-import-not-at-top
+  out = []
+  for prompts, capacity, budget in sizes:
+    rng = np.random.default_rng(seed)
+    std = jnp.asarray(rng.uniform(0.0, 0.5, prompts), jnp.float32)
+    count = jnp.asarray(rng.integers(2, max(3, capacity // 2), prompts),
+                        jnp.int32)
+    call = lambda: allocation.xrpo_allocate(std, count, budget,  # noqa: E731
+                                            capacity=capacity)
+    t0 = time.perf_counter()
+    given = np.asarray(jax.block_until_ready(call()))
+    compile_s = time.perf_counter() - t0
+    seconds = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(call())
+      seconds.append(time.perf_counter() - t0)
+    out.append({"bench": "xrpo_allocate", "prompts": prompts,
+                "capacity": capacity, "budget": budget,
+                "given_out": int(given.sum()), "compile_s": compile_s,
+                **_spread("call", seconds)})
+  return out
+
+
+def _run_xrpo_allocate() -> list[dict[str, Any]]:
+  return bench_xrpo_allocate(repeats=_REPEATS.value or 5, seed=_SEED.value)
+
+
 def _run_rewards() -> list[dict[str, Any]]:
   from experiments import bench_rewards  # pylint: disable=g-import-not-at-top
   return bench_rewards.run()
@@ -1472,7 +1520,16 @@ BENCHES: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "grpo_step": _run_grpo_step,
     "logprobs": _run_logprobs,
     "rewards": _run_rewards,
+    "xrpo_allocate": _run_xrpo_allocate,
 }
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> str:
+  """Right-aligned columns, the first row a header underlined with dashes."""
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
 
 
 def _table(records: list[dict[str, Any]]) -> str:
@@ -1495,9 +1552,7 @@ def _table(records: list[dict[str, Any]]) -> str:
        num(r, "transformers_roofline_fraction", ".2f"),
        {True: "met", False: "missed"}.get(r.get("targets_met"), "-"))
       for r in records]
-  widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-  lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-  lines.insert(1, "  ".join("-" * w for w in widths))
+  lines = _aligned(rows).splitlines()
   if records:
     r = records[0]
     lines.append(f"model {r['model']} ({r['params']:,} params) on "
@@ -1513,10 +1568,7 @@ def _logprobs_table(records: list[dict[str, Any]]) -> str:
       (r["path"], r["mode"], f"{r['tokens']} x {r['vocab']} x {r['width']}",
        f"{r['seconds_median']:.4f}" if r["executed"] else "(not run)",
        mb(r["temp_bytes"]), mb(r["peak_bytes"])) for r in records]
-  widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-  lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-  lines.insert(1, "  ".join("-" * w for w in widths))
-  return "\n".join(lines)
+  return _aligned(rows)
 
 
 def _rewards_table(records: list[dict[str, Any]]) -> str:
@@ -1525,10 +1577,16 @@ def _rewards_table(records: list[dict[str, Any]]) -> str:
       (str(r.get("workload")), str(r.get("mode")), str(r.get("items")),
        f"{r.get('verifications_per_s', 0):,.0f}", f"{r.get('accuracy', 0):.3f}")
       for r in records]
-  widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-  lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-  lines.insert(1, "  ".join("-" * w for w in widths))
-  return "\n".join(lines)
+  return _aligned(rows)
+
+
+def _allocate_table(records: list[dict[str, Any]]) -> str:
+  head = ("prompts", "slots", "budget", "compile s", "call ms", "spread ms")
+  rows = [head] + [
+      (str(r["prompts"]), str(r["capacity"]), str(r["budget"]),
+       f"{r['compile_s']:.2f}", f"{r['call_s'] * 1e3:.2f}",
+       f"{r['call_s_spread'] * 1e3:.2f}") for r in records]
+  return _aligned(rows)
 
 
 def _grpo_table(records: list[dict[str, Any]]) -> str:
@@ -1566,10 +1624,7 @@ def _grpo_table(records: list[dict[str, Any]]) -> str:
           f"{k[:-2]} {prof[k]:.4f}" for k in (
               "forward_s", "backward_s", "optimizer_s", "other_s",
               "update_s")))
-  widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-  lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-  lines.insert(1, "  ".join("-" * w for w in widths))
-  return "\n".join(lines + notes)
+  return "\n".join([_aligned(rows)] + notes)
 
 
 def main(argv):
@@ -1607,10 +1662,12 @@ def main(argv):
     logprobs = [r for r in records if r["bench"] == "logprobs"]
     rewards = [r for r in records if r["bench"] == "rewards"]
     grpo = [r for r in records if r["bench"] == "grpo_step"]
+    alloc = [r for r in records if r["bench"] == "xrpo_allocate"]
     print("\n\n".join(([_table(generate)] if generate else []) +
                        ([_grpo_table(grpo)] if grpo else []) +
                        ([_logprobs_table(logprobs)] if logprobs else []) +
-                       ([_rewards_table(rewards)] if rewards else [])))
+                       ([_rewards_table(rewards)] if rewards else []) +
+                       ([_allocate_table(alloc)] if alloc else [])))
 
 
 if __name__ == "__main__":

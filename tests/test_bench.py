@@ -395,3 +395,18 @@ def test_grpo_step_without_trl_reports_null_with_the_reason(monkeypatch):
   assert rec["trl_over_rlax"] is None and rec["trl_over_rlax_update"] is None
   assert rec["rlax"]["step_s"] > 0
   assert rec["update_flops"] == SMOKE_UPDATE_FLOPS
+
+
+def test_xrpo_allocate_records_and_table():
+  # 3 prompts x 4 slots holding 2 rollouts each leave 6 to give out of 20;
+  # 4 prompts x 6 slots (counts 2) have room for all 5.
+  recs = bench.bench_xrpo_allocate(((4, 6, 5), (3, 4, 20)), repeats=2)
+  assert [(r["prompts"], r["capacity"], r["budget"], r["given_out"])
+          for r in recs] == [(4, 6, 5, 5), (3, 4, 20, 6)]
+  for r in recs:
+    assert r["bench"] == "xrpo_allocate" and len(r["call_s_all"]) == 2
+    assert 0 < r["call_s"] and r["call_s_spread"] >= 0 and r["compile_s"] > 0
+  lines = bench._allocate_table(recs).splitlines()  # pylint: disable=protected-access
+  assert lines[0].split()[:3] == ["prompts", "slots", "budget"]
+  assert lines[3].split()[:3] == ["3", "4", "20"]
+  assert lines[3].split()[4] == f"{recs[1]['call_s'] * 1e3:.2f}"

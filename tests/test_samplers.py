@@ -74,8 +74,8 @@ def test_sampled_frequencies_match_filtered_softmax(kw):
   logits = jnp.log(jnp.array([0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05]))
   cfg = SamplerConfig(**kw)
   n = 40_000
-  draws = _sample_token(jax.random.key(3),
-                                jnp.broadcast_to(logits, (n, 7)), cfg)
+  draws = _sample_token(jax.random.key(3), jnp.broadcast_to(logits, (n, 7)),
+                        cfg)
   counts = np.bincount(np.asarray(draws.token), minlength=7)
   p = np.asarray(jax.nn.softmax(samplers.filtered_logits(logits[None], cfg)))[0]
   assert np.all(counts[p == 0] == 0)
@@ -90,7 +90,7 @@ def test_logp_is_tempered_unfiltered_log_softmax_and_greedy_is_argmax():
   rng = np.random.default_rng(1)
   logits = rng.normal(size=(5, 9)).astype(np.float32)
   s = _sample_token(jax.random.key(0), logits,
-                            SamplerConfig(temperature=0.5, top_k=2))
+                    SamplerConfig(temperature=0.5, top_k=2))
   ref = jax.nn.log_softmax(logits / 0.5, axis=-1)
   np.testing.assert_allclose(
       np.asarray(s.logp), np.asarray(ref)[np.arange(5), np.asarray(s.token)],
@@ -169,8 +169,7 @@ def test_large_vocabulary_frequencies_match_softmax():
   probs[support] = [0.05, 0.1, 0.2, 0.05, 0.15, 0.1, 0.25, 0.1]
   logits = jnp.log(jnp.asarray(probs, jnp.float32))
   n = 40_000
-  draws = _sample_token(jax.random.key(7),
-                                jnp.broadcast_to(logits, (n, v)))
+  draws = _sample_token(jax.random.key(7), jnp.broadcast_to(logits, (n, v)))
   counts = np.bincount(np.asarray(draws.token), minlength=v)
   assert counts[probs == 0].sum() == 0
   expected = n * probs[support]
@@ -181,8 +180,7 @@ def test_large_vocabulary_frequencies_match_softmax():
 def test_unfiltered_logp_is_tempered_log_softmax():
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(6, 300)).astype(np.float32) * 3
-  s = _sample_token(jax.random.key(1), logits,
-                            SamplerConfig(temperature=0.8))
+  s = _sample_token(jax.random.key(1), logits, SamplerConfig(temperature=0.8))
   ref = np.asarray(jax.nn.log_softmax(logits / 0.8, axis=-1))
   np.testing.assert_allclose(np.asarray(s.logp),
                              ref[np.arange(6), np.asarray(s.token)], atol=1e-6)
