@@ -107,6 +107,41 @@ def test_half_width_reduction_and_bonus_hand_computed():
   np.testing.assert_array_equal(n, [3, 1])
 
 
+def test_reward_std_is_exact_for_binary_rewards_so_ties_are_real():
+  """k correct of n and n - k correct of n: bitwise the same std, equal to
+  the ddof-1 std; real-valued rewards still match NumPy's two-pass std."""
+  std_fn = jax.jit(allocation.group_reward_std)
+  for n in (2, 3, 5, 7, 8, 13, 16, 31):
+    reward = (np.arange(32)[None, :] < np.arange(n + 1)[:, None]).astype(
+        np.float32)  # row k: k correct rewards, then wrong ones
+    reward = np.roll(reward, 3, axis=1)  # the first valid slot varies
+    valid = np.broadcast_to(np.roll(np.arange(32) < n, 3), reward.shape)
+    std, count = map(np.asarray, std_fn(reward, valid))
+    np.testing.assert_array_equal(count, n)
+    np.testing.assert_array_equal(std, std[::-1], err_msg=f"n={n}")
+    want = [np.std(np.r_[np.ones(k), np.zeros(n - k)], ddof=1)
+            for k in range(n + 1)]
+    np.testing.assert_allclose(std, want, rtol=1e-6)
+  # What this removes: two prompts of 2 and 3 correct of 5 had std one bit
+  # apart (0.5477226 vs 0.5477225), and the next rollout went to one or the
+  # other by the CPU's rounding; now both priorities tie and the lower index
+  # gets it, whatever the order of the two prompts.
+  std, _ = std_fn(np.array([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], np.float32),
+                  None)
+  got = allocation.xrpo_allocate(std, jnp.array([5, 5]), 1, capacity=8)
+  np.testing.assert_array_equal(got, [1, 0])
+  got = allocation.xrpo_allocate(std[::-1], jnp.array([5, 5]), 1, capacity=8)
+  np.testing.assert_array_equal(got, [1, 0])
+  rng = np.random.default_rng(3)
+  reward = (rng.normal(size=(40, 24)) * 3.0 + 50.0).astype(np.float32)
+  valid = rng.random((40, 24)) < 0.6
+  valid[:, :2] = True
+  std, _ = std_fn(reward, valid)
+  want = [np.std(reward[i][valid[i]].astype(np.float64), ddof=1)
+          for i in range(40)]
+  np.testing.assert_allclose(std, want, rtol=2e-6)
+
+
 def test_allocate_hand_computed():
   # No bonus: Delta(s=.5, n=2) = 3.25 > Delta(.5, 3) = 0.446 > Delta(.5, 4)
   # = 0.175 = prompt 2's (a tie, the lower index wins) > prompt 1's 0.

@@ -90,6 +90,15 @@ def group_reward_std(reward_BG: jax.typing.ArrayLike,
 
   s is 0 for groups with fewer than two valid rewards.
 
+  The variance is the shifted-data form (n sum d^2 - (sum d)^2) / (n (n - 1))
+  with d = r - c, c the group's first valid reward. For 0/1 rewards every
+  term is an integer, exact in f32 (n up to 4096), so a group with k correct
+  rewards and one with n - k have bitwise the same s: the allocator's ties
+  between them are real ties, broken by the lower index, not by how the
+  compiler rounded k / n. (A two-pass form, mean first, gives the two s that
+  differ in the last bit, and which prompt gets the next rollout then
+  depends on the CPU and the XLA flags.)
+
   Args:
     reward_BG: [B, G] rewards.
     valid_BG: optional [B, G] mask of the slots that hold a rollout.
@@ -103,9 +112,11 @@ def group_reward_std(reward_BG: jax.typing.ArrayLike,
            else agg.as_bool_mask(valid_BG))
   chex.assert_equal_shape([reward_BG, valid])
   n = jnp.sum(valid, -1)
-  mean = jnp.sum(jnp.where(valid, reward_BG, 0.0), -1) / jnp.maximum(n, 1)
-  dev = jnp.where(valid, reward_BG - mean[:, None], 0.0)
-  var = jnp.sum(dev * dev, -1) / jnp.maximum(n - 1, 1)
+  first = jnp.take_along_axis(reward_BG, jnp.argmax(valid, -1)[:, None], -1)
+  dev = jnp.where(valid, reward_BG - first, 0.0)
+  nf = n.astype(jnp.float32)
+  ss = nf * jnp.sum(dev * dev, -1) - jnp.square(jnp.sum(dev, -1))
+  var = jnp.maximum(ss, 0.0) / jnp.maximum(nf * (nf - 1.0), 1.0)
   return jnp.where(n >= 2, jnp.sqrt(var), 0.0), n.astype(jnp.int32)
 
 
