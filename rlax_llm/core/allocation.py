@@ -139,8 +139,12 @@ def uncertainty_reduction(std: jax.typing.ArrayLike,
                           alpha: float = 0.05) -> jax.Array:
   """Delta(n) = h(n) - h(n + 1) at a fixed std (0 where n < 2)."""
   n = jnp.asarray(n, jnp.float32)
-  return jnp.where(n >= 2, interval_half_width(std, n, alpha=alpha)
-                   - interval_half_width(std, n + 1.0, alpha=alpha), 0.0)
+  return _reduction(lambda m: interval_half_width(std, m, alpha=alpha), n)
+
+
+def _reduction(half_width, n):
+  """Delta(n) = h(n) - h(n + 1) for the half-width function `half_width`."""
+  return jnp.where(n >= 2, half_width(n) - half_width(n + 1), 0.0)
 
 
 def exploration_bonus(n: jax.typing.ArrayLike, total: jax.typing.ArrayLike,
@@ -209,7 +213,10 @@ def _allocate_phase(std_B, count_B, budget, total, *, capacity, alpha, coef):
   of h(n) and h(n + 1) are computed once, for n = 0 .. capacity + 1, and
   looked up: each rollout handed out then costs a few operations per prompt
   instead of two bisections over the incomplete beta function per prompt.
-  The priorities are those of `xrpo_priority`, value for value.
+  The priorities are `xrpo_priority`'s formula; compiled in another program
+  they may differ from its values in the last bit, so two prompts within
+  rounding of each other could swap, but exact ties (equal std and count:
+  `group_reward_std` is exact for 0/1 rewards) stay ties.
   """
   t0 = jnp.sum(count_B) if total is None else total
   table = t_critical(jnp.arange(capacity + 2, dtype=jnp.float32) - 1.0,
@@ -221,8 +228,7 @@ def _allocate_phase(std_B, count_B, budget, total, *, capacity, alpha, coef):
 
   def body(i, extra_B):
     n = count_B + extra_B
-    delta = jnp.where(n >= 2, half_width(n) - half_width(n + 1), 0.0)
-    pri = delta + exploration_bonus(n, t0 + i, coef=coef)
+    pri = _reduction(half_width, n) + exploration_bonus(n, t0 + i, coef=coef)
     open_B = n < capacity
     pri = jnp.where(open_B, pri, -jnp.inf)
     j = jnp.argmax(pri)
