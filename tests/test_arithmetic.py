@@ -135,6 +135,19 @@ def test_test_set_is_a_fixed_prefix(kwargs):
   short = ArithmeticTask(seed=2, **kwargs).test_set(40)
   assert short == long[:40]
   assert len({p.prompt for p in long}) == 500
+  growing = ArithmeticTask(seed=2, **kwargs)  # one task asked for more
+  assert [growing.test_set(n) for n in (40, 39, 500)] == [short, short[:39],
+                                                          long]
+
+
+def test_tasks_of_one_config_share_a_read_only_enumeration():
+  a, b = ArithmeticTask(seed=12), ArithmeticTask(ArithmeticConfig(seed=12))
+  c = ArithmeticTask(seed=13)
+  enum = a._enumeration()  # pylint: disable=protected-access
+  assert b._enumeration() is enum  # pylint: disable=protected-access
+  assert c._enumeration() is not enum  # pylint: disable=protected-access
+  assert not any(array.flags.writeable for array in enum.values())
+  assert a.train_batch(5, 8) == b.train_batch(5, 8) != c.train_batch(5, 8)
 
 
 def test_split_does_not_depend_on_python_hash_seed():

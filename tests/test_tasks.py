@@ -1,14 +1,14 @@
 """Task setups in the experiment loop: countdown, gsm8k, resumable streams,
 process-isolated rewards that hang or raise.
 
-The reward functions are top-level so reward worker processes can unpickle
-them.
+The misbehaving reward is in tests/broken_rewards.py, a module with light
+imports: each reward worker, and each replacement of one killed after a
+timeout, imports its function's module when it starts.
 """
 
 import functools
 import json
 import os
-import time
 import zlib
 
 import numpy as np
@@ -18,10 +18,10 @@ from configs import countdown as countdown_config
 from configs import gsm8k as gsm8k_config
 from configs import smoke
 from rlax_llm.data import CountdownTask
-from rlax_llm.rewards import countdown as countdown_rewards
 from rlax_llm import experiment
 from rlax_llm.data import tasks
 from rlax_llm.training.metrics import read_metrics
+from tests import broken_rewards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GSM8K = os.path.join(REPO, "..", "shared", "data", "gsm8k")
@@ -119,16 +119,6 @@ def test_unknown_task_is_named(tmp_path):
     experiment.Experiment(c, str(tmp_path))
 
 
-def reward_that_hangs_or_raises(completion, numbers, target, *,
-                                hang=(), fail=()):
-  if target in hang:
-    while True:
-      time.sleep(1.0)
-  if target in fail:
-    raise RuntimeError("a broken reward")
-  return countdown_rewards.verify(completion, numbers, target)
-
-
 def test_hanging_and_raising_rewards_never_stop_training(tmp_path):
   c = _shrunk(countdown_config)
   c.eval.num_problems, c.eval.num_samples = 4, 0
@@ -139,7 +129,8 @@ def test_hanging_and_raising_rewards_never_stop_training(tmp_path):
   hang, fail = {batches[0][0].target}, {batches[1][2].target}
   exp = experiment.Experiment(c, str(tmp_path))
   exp.setup.reward_item_fn = functools.partial(
-      reward_that_hangs_or_raises, hang=frozenset(hang),
+      broken_rewards.countdown_reward_that_hangs_or_raises,
+      hang=frozenset(hang),
       fail=frozenset(fail) - frozenset(hang))
   exp.run()
   assert exp._runner is None  # closed at the end  # pylint: disable=protected-access

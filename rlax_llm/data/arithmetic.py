@@ -33,6 +33,7 @@ step)``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import re
@@ -159,6 +160,11 @@ class ArithmeticConfig:
     if op == "*" and self.mul_max_digits is not None:
       hi = min(hi, self.mul_max_digits)
     return self.min_digits, hi
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_enumeration(config: ArithmeticConfig) -> dict[str, np.ndarray]:
+  return ArithmeticTask(config)._enumerate()  # pylint: disable=protected-access
 
 
 def _lowest(digits: int) -> int:
@@ -348,9 +354,10 @@ class ArithmeticTask:
           "test_fraction, or widen the problem space (max_digits, ops).")
     if n <= len(self._test_cache):
       return self._test_cache[:n]
-    if self.is_enumerated:
-      enum = self._enumeration()
-      self._test_cache = [self._problem_at(i) for i in enum["test_order"]]
+    if self.is_enumerated:  # extended as far as asked: orders are prefixes
+      order = self._enumeration()["test_order"]
+      self._test_cache += [self._problem_at(i)
+                           for i in order[len(self._test_cache):n]]
     else:
       self._test_cache = self._sample_test(n)
     return self._test_cache[:n]
@@ -424,9 +431,19 @@ class ArithmeticTask:
     return values, 1.0 / ((hi - lo + 1) * per_digit)
 
   def _enumeration(self) -> dict[str, np.ndarray]:
-    """Enumerates the space once: operands, weights, split and orders."""
-    if self._enum is not None:
-      return self._enum
+    """Operands, weights, split and orders of the whole space (read-only).
+
+    Made once per configuration in a process (`_shared_enumeration`): tasks
+    of the same config share it.
+    """
+    if self._enum is None:
+      try:
+        self._enum = _shared_enumeration(self.config)
+      except TypeError:  # a config holding an unhashable value
+        self._enum = self._enumerate()
+    return self._enum
+
+  def _enumerate(self) -> dict[str, np.ndarray]:
     cfg = self.config
     op_idx, a_all, b_all, w_all = [], [], [], []
     for k, op in enumerate(cfg.ops):
@@ -453,10 +470,11 @@ class ArithmeticTask:
     rng = np.random.default_rng([cfg.seed, _TEST_STREAM])
     keys = np.log1p(-rng.random(len(test_idx))) / weight[test_idx]
     test_order = test_idx[np.argsort(-keys, kind="stable")]
-    self._enum = dict(op_idx=op_idx, a=a_all, b=b_all, is_test=is_test,
-                      train_idx=train_idx, train_p=train_p,
-                      test_order=test_order)
-    return self._enum
+    enum = dict(op_idx=op_idx, a=a_all, b=b_all, is_test=is_test,
+                train_idx=train_idx, train_p=train_p, test_order=test_order)
+    for array in enum.values():
+      array.setflags(write=False)
+    return enum
 
   def _problem_at(self, i: int) -> Problem:
     enum = self._enum

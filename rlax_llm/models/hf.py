@@ -63,7 +63,9 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from rlax_llm.models import lora as lora_lib
 from rlax_llm.models.config import ModelConfig
-from rlax_llm.models.transformer import Transformer, logical_axes
+from rlax_llm.models.transformer import Transformer
+from rlax_llm.models.transformer import abstract_model
+from rlax_llm.models.transformer import logical_axes
 from rlax_llm.parallel import mesh as mesh_lib
 
 __all__ = ["config_from_hf", "config_to_hf", "hf_tensor_specs", "load_params",
@@ -698,16 +700,12 @@ def _to_hf(kind: str, w: np.ndarray) -> np.ndarray:
   raise AssertionError(kind)
 
 
-def _abstract_model(cfg: ModelConfig):
-  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-
-
 def hf_tensor_specs(cfg: ModelConfig, dtype=None) -> list[tuple[str, tuple,
                                                                  np.dtype]]:
   """(HF name, HF shape, dtype) of every tensor of `cfg`'s checkpoint (of
   its merged `lora_rank=0` model when `cfg` has adapters)."""
   cfg = lora_lib.base_config(cfg)
-  _, abstract = _abstract_model(cfg)
+  _, abstract = abstract_model(cfg)
   dtype = np.dtype(cfg.param_dtype if dtype is None else dtype)
   pmap = _param_map(cfg)
   specs = []
@@ -804,7 +802,7 @@ def _load(path, dtype, param_dtype, mesh, rules, overrides, lora_seed=0):
   path, hf, files = _check_dir(path)
   param_dtype = dtype if param_dtype is None else param_dtype
   cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, **overrides)
-  graphdef, abstract = _abstract_model(cfg)
+  graphdef, abstract = abstract_model(cfg)
   pmap = _param_map(cfg)
   wanted = {name for name, _ in pmap.values()}
   missing = sorted(wanted - set(files), key=_natural_key)
@@ -967,7 +965,7 @@ def save_pretrained(model_or_params, path, *, max_shard_size: int | str = "5GB",
   adapters: dict[tuple, tuple[tuple, tuple]] = {}  # weight -> (A, B) paths
   scale = cfg.lora_scale
   if cfg.lora_rank:
-    _, abstract = _abstract_model(cfg)
+    _, abstract = abstract_model(cfg)
     want = {tuple(p) for p, _ in nnx.to_flat_state(abstract)
             if lora_lib.is_adapter_name(p[-1])}
     got = {p for p in flat if lora_lib.is_adapter_name(p[-1])}
@@ -994,7 +992,7 @@ def save_pretrained(model_or_params, path, *, max_shard_size: int | str = "5GB",
   hf_config = config_to_hf(cfg, dtype=dtype)
   out_dtype = np.dtype(cfg.param_dtype if dtype is None else dtype)
   by_name = {name: (p, kind) for p, (name, kind) in pmap.items()}
-  _, abstract = _abstract_model(cfg)
+  _, abstract = abstract_model(cfg)
   for p, var in nnx.to_flat_state(abstract):
     want, got = tuple(var.get_value().shape), tuple(np.shape(flat[tuple(p)]))
     if want != got:

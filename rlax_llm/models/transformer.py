@@ -56,9 +56,9 @@ merges and zeroes them.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
+import functools
 import math
+from typing import NamedTuple
 
 import flax.nnx as nnx
 import jax
@@ -880,6 +880,30 @@ class Transformer(nnx.Module):
       x = layer.mlp_residual(x, fused=True)
     logits = self.logits_from_hidden(self.final_norm(x))
     return logits, cache._replace(k=tuple(new_k), v=tuple(new_v))
+
+
+def abstract_model(cfg: ModelConfig, *, copy: bool = True):
+  """(graph, parameter state of `jax.ShapeDtypeStruct`s) of a `Transformer`.
+
+  Nothing is allocated. The model's initialisation is traced once per config
+  and process (a `ModelConfig` is a frozen dataclass); with `copy` each call
+  returns a fresh copy of the state, which the caller may change (without,
+  the shared one: read it only).
+  """
+  try:
+    graphdef, state = _abstract_model_cached(cfg)
+  except TypeError:  # a config holding an unhashable value: trace it again
+    graphdef, state = _trace_abstract_model(cfg)
+  return graphdef, (jax.tree.map(lambda x: x, state) if copy else state)
+
+
+def _trace_abstract_model(cfg: ModelConfig):
+  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg,
+                                                       rngs=nnx.Rngs(0))))
+
+
+_abstract_model_cached = functools.lru_cache(maxsize=32)(
+    _trace_abstract_model)
 
 
 def logical_axes(state) -> object:

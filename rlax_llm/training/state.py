@@ -1,8 +1,12 @@
 """Train state: parameters, optimiser state, step and PRNG key, created sharded.
 
-The state is created with `jax.eval_shape` -> shardings -> `jax.jit(init,
-out_shardings=...)`, so each device only ever materialises its own shard of
-the parameters and of the optimiser state (which is sharded like them).
+The state is created abstractly (`abstract_model`, `jax.eval_shape`) ->
+shardings -> jitted initialisers with those output shardings, so each device
+only ever materialises its own shard of the parameters and of the optimiser
+state (which is sharded like them). The model's abstract state and its
+parameter initialiser (the seed's key an argument) are traced and compiled
+once per config and layout in a process, so states for other seeds or
+optimisers reuse them.
 
 Rollouts may use another layout of the same parameters
 (`param_shardings(cfg, mesh, mesh_lib.SAMPLE_RULES)`); `reshard` moves them.
@@ -10,6 +14,7 @@ Rollouts may use another layout of the same parameters
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.nnx as nnx
@@ -20,7 +25,9 @@ from jax.sharding import Mesh
 
 from rlax_llm.models import lora as lora_lib
 from rlax_llm.models.config import ModelConfig
-from rlax_llm.models.transformer import Transformer, logical_axes
+from rlax_llm.models.transformer import Transformer
+from rlax_llm.models.transformer import abstract_model
+from rlax_llm.models.transformer import logical_axes
 from rlax_llm.parallel import mesh as mesh_lib
 
 
@@ -41,20 +48,21 @@ class TrainState(NamedTuple):
 
 def model_graphdef(cfg: ModelConfig) -> nnx.GraphDef:
   """The NNX graph of a `Transformer` with config `cfg` (no weights allocated)."""
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(
-      cfg, rngs=nnx.Rngs(0))))
-  return graphdef
+  return abstract_model(cfg, copy=False)[0]
 
 
-def init_params(cfg: ModelConfig, seed: int):
-  """Parameter state of a freshly initialised `Transformer`."""
+def init_params(cfg: ModelConfig, seed):
+  """Parameter state of a freshly initialised `Transformer`.
+
+  `seed`: an int, or the `jax.random.key_data` of a key (traced or not);
+  the two give the same parameters for the same key.
+  """
   return nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1]
 
 
 def param_logical_axes(cfg: ModelConfig):
   """Logical-axis names of each parameter, as a tree like the param state."""
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  return logical_axes(nnx.split(model)[1])
+  return logical_axes(abstract_model(cfg, copy=False)[1])
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh,
@@ -64,7 +72,7 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh,
   Pass `mesh_lib.SAMPLE_RULES` for the layout rollouts use (weights whole
   along "embed", still split over "tensor").
   """
-  abstract = jax.eval_shape(lambda: init_params(cfg, 0))
+  _, abstract = abstract_model(cfg, copy=False)
   return mesh_lib.tree_shardings(param_logical_axes(cfg), abstract, mesh,
                                  rules)
 
@@ -118,7 +126,13 @@ def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation,
   Optimiser leaves that mirror a parameter take that parameter's sharding;
   the rest (counters, scalars) are replicated. Nothing is allocated.
   """
-  abstract = jax.eval_shape(lambda: init_state(cfg, optimizer, seed))
+  # As jax.eval_shape(lambda: init_state(cfg, optimizer, seed)), with the
+  # model's part traced once per config (`abstract_model`).
+  _, params = abstract_model(cfg)
+  abstract = TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+      opt_state=jax.eval_shape(optimizer.init, params),
+      rng=jax.eval_shape(lambda: _key_data(seed)))
   param_sh = mesh_lib.tree_shardings(param_logical_axes(cfg), abstract.params,
                                      mesh, rules)
   rep = mesh_lib.replicated(mesh)
@@ -137,8 +151,11 @@ def init_state(cfg: ModelConfig, optimizer: optax.GradientTransformation,
   """
   params = init_params(cfg, seed)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed)))
+                    opt_state=optimizer.init(params), rng=_key_data(seed))
+
+
+def _key_data(seed: int) -> jax.Array:
+  return jax.random.key_data(jax.random.key(seed))
 
 
 def create_train_state(cfg: ModelConfig, optimizer: optax.GradientTransformation,
@@ -150,9 +167,36 @@ def create_train_state(cfg: ModelConfig, optimizer: optax.GradientTransformation
     (state, shardings), the shardings a TrainState of the same structure.
   """
   _, shardings = state_shardings(cfg, optimizer, mesh, rules, seed)
-  init = jax.jit(lambda: init_state(cfg, optimizer, seed),
-                 out_shardings=shardings)
-  return init(), shardings
+  # The values of `init_state(cfg, optimizer, seed)`, in two programs: the
+  # parameters' (compiled once per config and layout, the seed's key an
+  # argument), then the optimiser state's from them.
+  key = _key_program(shardings.rng)(seed)
+  params = _param_init_program(cfg, shardings.params)(key)
+  step, opt_state = jax.jit(
+      lambda p: (jnp.zeros((), jnp.int32), optimizer.init(p)),
+      out_shardings=(shardings.step, shardings.opt_state))(params)
+  return TrainState(step=step, params=params, opt_state=opt_state,
+                    rng=key), shardings
+
+
+def _param_init_program(cfg: ModelConfig, param_sh):
+  """jit(key data -> `init_params(cfg, key)`) with outputs on `param_sh`."""
+  leaves, treedef = jax.tree.flatten(param_sh)
+  try:
+    return _param_init_cached(cfg, treedef, tuple(leaves))
+  except TypeError:  # unhashable config: a program of its own
+    return jax.jit(functools.partial(init_params, cfg), out_shardings=param_sh)
+
+
+@functools.lru_cache(maxsize=16)
+def _key_program(sharding):
+  return jax.jit(_key_data, static_argnums=0, out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=16)
+def _param_init_cached(cfg: ModelConfig, treedef, leaves):
+  return jax.jit(functools.partial(init_params, cfg),
+                 out_shardings=jax.tree.unflatten(treedef, leaves))
 
 
 def reshard(tree, shardings):
