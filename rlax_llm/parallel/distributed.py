@@ -438,7 +438,9 @@ def reuse_host_memory(mode: str = "reuse", *,
   blocks (they come from the heap), and up to 2 GiB of free heap kept
   instead of returned to the OS. The block is then allocated once and
   reused: the process keeps its peak heap for its lifetime, and its threads
-  share one allocator lock.
+  share one allocator lock. Now and then a call still gets fresh heap, when
+  small allocations made between two calls have split the freed block
+  (tests/test_host_memory.py's program: about 1 call in 13 after the first).
 
   Only where the large programs run on one CPU device: several CPU devices
   running an update allocate their blocks concurrently from the one heap,
