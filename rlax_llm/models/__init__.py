@@ -13,6 +13,7 @@ from rlax_llm.models.config import get_model_config
 from rlax_llm.models.transformer import KVCache
 from rlax_llm.models.transformer import LoRAParam
 from rlax_llm.models.transformer import Transformer
+from rlax_llm.models.transformer import abstract_model
 from rlax_llm.models.transformer import decode_cache_from_kv
 from rlax_llm.models.transformer import logical_axes
 from rlax_llm.models.transformer import prefix_cache_from_kv
@@ -21,6 +22,6 @@ from rlax_llm.models.transformer import rope_frequencies
 
 __all__ = ["KVCache", "LORA_TARGETS", "LoRAParam", "ModelConfig", "PRESETS",
            "REMAT_POLICIES", "lora",
-           "Transformer", "decode_cache_from_kv", "get_model_config",
+           "Transformer", "abstract_model", "decode_cache_from_kv", "get_model_config",
            "logical_axes", "prefix_cache_from_kv", "resize_decode_cache",
            "rope_frequencies"]
