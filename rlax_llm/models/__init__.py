@@ -21,7 +21,6 @@ from rlax_llm.models.transformer import resize_decode_cache
 from rlax_llm.models.transformer import rope_frequencies
 
 __all__ = ["KVCache", "LORA_TARGETS", "LoRAParam", "ModelConfig", "PRESETS",
-           "REMAT_POLICIES", "lora",
-           "Transformer", "abstract_model", "decode_cache_from_kv", "get_model_config",
-           "logical_axes", "prefix_cache_from_kv", "resize_decode_cache",
-           "rope_frequencies"]
+           "REMAT_POLICIES", "lora", "Transformer", "abstract_model",
+           "decode_cache_from_kv", "get_model_config", "logical_axes",
+           "prefix_cache_from_kv", "resize_decode_cache", "rope_frequencies"]
