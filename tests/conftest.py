@@ -42,25 +42,45 @@ if _OPT_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = " ".join(
       f for f in (os.environ.get("XLA_FLAGS", ""), f"{_OPT_FLAG}=0") if f)
 
-# XLA's MLIR fusion emitters for the CPU take about half of the suite's
-# compilation time; the classic elemental emitters compile the same fusions
-# in about half the time (tests/test_latr.py 97 s -> 53 s, most of it
-# compiling LATR's decode loop; tests/test_learning.py 189 s -> 170 s). The
-# program and its results are the same up to float rounding. A jaxlib that
-# no longer knows the flag would abort on it, so it is added only after a
-# subprocess accepted it (once, in the process that starts the workers).
-_EMITTER_FLAG = "--xla_cpu_use_fusion_emitters"
-if (_EMITTER_FLAG not in os.environ.get("XLA_FLAGS", "")
-    and "RLAX_TEST_XLA_FLAGS_PROBED" not in os.environ):
-  os.environ["RLAX_TEST_XLA_FLAGS_PROBED"] = "1"
-  _flags = f"{os.environ['XLA_FLAGS']} {_EMITTER_FLAG}=false"
-  _probe = subprocess.run(
+# Two more compile-time settings, each added only where XLA_FLAGS does not
+# already name it, and only after a subprocess accepted them (a jaxlib that
+# no longer knows a flag would abort on it; probed once, in the process that
+# starts the workers):
+# * XLA's MLIR fusion emitters for the CPU take about half of the suite's
+#   compilation time; the classic elemental emitters compile the same fusions
+#   in about half the time (tests/test_latr.py 97 s -> 53 s, most of it
+#   compiling LATR's decode loop; tests/test_learning.py 189 s -> 170 s).
+#   The program and its results are the same up to float rounding.
+# * XLA splits a program's LLVM module into parts compiled on several threads;
+#   the two xdist workers already keep both cores busy, so the split only
+#   adds work. One part: the GRPO smoke update step compiles in 0.36 s
+#   instead of 0.43 s, and tests/test_steps.py, test_latr.py,
+#   test_hf_gemma.py and test_tree_advantages.py took 71.7 and 73.0 s
+#   instead of 77.2 and 79.9 s. The same machine code, in one object file.
+_OPTIONAL_FLAGS = ("--xla_cpu_use_fusion_emitters=false",
+                   "--xla_cpu_parallel_codegen_split_count=1")
+
+
+def _accepted(flags: str) -> bool:
+  probe = subprocess.run(
       [sys.executable, "-c",
        "import jax, jax.numpy as jnp; jax.jit(jnp.sin)(jnp.ones(2))"],
-      env=dict(os.environ, XLA_FLAGS=_flags, JAX_PLATFORMS="cpu"),
+      env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"),
       capture_output=True, check=False, timeout=300)
-  if _probe.returncode == 0:
-    os.environ["XLA_FLAGS"] = _flags
+  return probe.returncode == 0
+
+
+if "RLAX_TEST_XLA_FLAGS_PROBED" not in os.environ:
+  os.environ["RLAX_TEST_XLA_FLAGS_PROBED"] = "1"
+  _wanted = [f for f in _OPTIONAL_FLAGS
+             if f.split("=")[0] not in os.environ["XLA_FLAGS"]]
+  _all = " ".join([os.environ["XLA_FLAGS"], *_wanted])
+  if _wanted and _accepted(_all):
+    os.environ["XLA_FLAGS"] = _all
+  else:  # one at a time: keep those this jaxlib knows
+    for _flag in _wanted:
+      if _accepted(f"{os.environ['XLA_FLAGS']} {_flag}"):
+        os.environ["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {_flag}"
 
 
 def pytest_unconfigure(config):
