@@ -1,21 +1,24 @@
 """Core functions give the same numbers with the batch sharded over 8 devices.
 
-Runs in a subprocess with 8 fake CPU devices (the flag must be set before JAX
-starts). Each public core function is jitted twice: once with its inputs on
+Runs in a process of its own (forked, tests/forkrun.py) with 8 fake CPU
+devices (the flag must be set before JAX starts). Each public core function is jitted twice: once with its inputs on
 one device, once with the batch axis sharded over a mesh of all 8 devices;
 values and gradients must agree to float32 rounding.
 """
 
 import os
-import subprocess
 import sys
 import textwrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
+import os
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
 import functools
 import jax
+jax.config.update("jax_platforms", "cpu")
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -106,12 +109,7 @@ print("CHECKED", checked)
 """)
 
 
-def test_core_functions_sharded_equal_one_device():
-  env = dict(os.environ,
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                        + " --xla_force_host_platform_device_count=8"),
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+def test_core_functions_sharded_equal_one_device(forks):
+  out = forks.run([sys.executable, "-c", SCRIPT], cwd=REPO, timeout=600)
   assert out.returncode == 0, out.stderr[-4000:]
   assert "CHECKED 21" in out.stdout, out.stdout

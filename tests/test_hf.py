@@ -7,7 +7,6 @@ here; nothing is downloaded.
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -322,14 +321,16 @@ def test_remat_rejects_unknown_policy():
     ModelConfig(vocab_size=5, remat="everything")
 
 
-def test_sharded_loading_on_a_mesh(saved):
+def test_sharded_loading_on_a_mesh(saved, forks):
   """Parameters land on their logical-axis shardings; logits are unchanged."""
   path = saved["qwen3"][1]
   code = textwrap.dedent(f"""
     import os
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=4")
-    import jax, jax.numpy as jnp, numpy as np
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    import jax.numpy as jnp, numpy as np
     from rlax_llm.models import hf
     from rlax_llm.parallel.mesh import make_mesh
     mesh = make_mesh(dict(fsdp=2, tensor=2))
@@ -345,10 +346,8 @@ def test_sharded_loading_on_a_mesh(saved):
                                np.asarray(single(tok)), atol=1e-5)
     print("OK")
   """)
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                       text=True, env=env, timeout=300,
-                       cwd=os.path.dirname(os.path.dirname(__file__)))
+  out = forks.run([sys.executable, "-c", code], timeout=300,
+                  cwd=os.path.dirname(os.path.dirname(__file__)))
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 

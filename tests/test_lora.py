@@ -4,7 +4,6 @@ optimiser, HF export/import through transformers, optimiser-state size."""
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -222,13 +221,15 @@ def test_adapters_carry_their_base_weights_logical_axes():
   assert axes[layer + ("mlp", "down_lora_a")] == ("mlp", None)
 
 
-def test_sharded_lora_train_state_on_a_mesh():
+def test_sharded_lora_train_state_on_a_mesh(forks):
   """Adapters and their Adam moments are sharded like their base weights."""
   code = textwrap.dedent(f"""
     import os
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8")
-    import jax, optax
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    import optax
     from jax.sharding import PartitionSpec as P
     from rlax_llm.models.config import ModelConfig
     from rlax_llm.parallel.mesh import make_mesh
@@ -249,10 +250,8 @@ def test_sharded_lora_train_state_on_a_mesh():
     assert mu_b.shape == (4, 4, 8)
     print("OK")
   """)
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                       text=True, env=env, timeout=300,
-                       cwd=os.path.dirname(os.path.dirname(__file__)))
+  out = forks.run([sys.executable, "-c", code], timeout=300,
+                  cwd=os.path.dirname(os.path.dirname(__file__)))
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 

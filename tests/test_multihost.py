@@ -281,6 +281,7 @@ _HOST_DEVICES = textwrap.dedent("""
         if "device_count" not in f)
     from rlax_llm.parallel import distributed
     import jax
+    jax.config.update("jax_platforms", "cpu")
     n = distributed.use_host_devices(3)
     out = {"n": n, "devices": len(jax.devices()),
            "platform": jax.devices()[0].platform,
@@ -293,12 +294,12 @@ _HOST_DEVICES = textwrap.dedent("""
 """)
 
 
-def test_use_host_devices_splits_the_cpu_before_first_use(tmp_path):
+def test_use_host_devices_splits_the_cpu_before_first_use(tmp_path, forks):
   script, out = tmp_path / "host.py", tmp_path / "out.json"
   script.write_text(_HOST_DEVICES)
-  subprocess.run([sys.executable, str(script), str(out)], check=True,
-                 env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"),
-                 timeout=TIMEOUT_S)
+  proc = forks.run([sys.executable, str(script), str(out)], cwd=REPO,
+                   timeout=TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads(out.read_text())
   assert res["n"] == 3 and res["devices"] == 3 and res["platform"] == "cpu"
   assert res["again_same"] == 3
