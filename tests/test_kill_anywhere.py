@@ -191,15 +191,30 @@ def test_no_intact_checkpoint_left_stops_with_directory_and_fix(forks,
   assert "No intact checkpoint is left under" in again.stderr
 
 
-def _kill_when(proc, workdir, step, delay_s, deadline_s=600):
-  """SIGKILLs `proc` `delay_s` after its metrics reach `step`."""
+def _metrics_file_id(workdir):
+  """The inode of workdir/metrics.jsonl, None when there is none."""
+  try:
+    return os.stat(os.path.join(workdir, "metrics.jsonl")).st_ino
+  except FileNotFoundError:
+    return None
+
+
+def _kill_when(proc, workdir, step, delay_s, file_id, deadline_s=600):
+  """SIGKILLs `proc` `delay_s` after its metrics reach `step`.
+
+  Only the run's own metrics file counts: a run replaces metrics.jsonl when
+  it starts (keeping the records up to its checkpoint), so the records a
+  killed attempt left (inode `file_id`, taken before the launch) cannot
+  trigger the kill while the run is still starting.
+  """
   path = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + deadline_s
   while proc.poll() is None and time.time() < deadline:
-    records = read_metrics(path)
-    if records and records[-1]["step"] >= step:
-      time.sleep(delay_s)
-      break
+    if _metrics_file_id(workdir) != file_id:
+      records = read_metrics(path)
+      if records and records[-1]["step"] >= step:
+        time.sleep(delay_s)
+        break
     time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -241,8 +256,9 @@ def test_kill_anywhere_then_rerun_matches_uninterrupted(forks, reference,
   before = _copy(workdir, tmp_path / "before_rerun")
   summary = os.path.join(workdir, "summary.json")
   for _ in range(5):
+    file_id = _metrics_file_id(workdir)
     killed = forks.popen(_command(engine, workdir), cwd=REPO)
-    _kill_when(killed, workdir, at, delay)
+    _kill_when(killed, workdir, at, delay, file_id)
     if killed.returncode != 0 and not os.path.exists(summary):
       break
     shutil.rmtree(workdir)
