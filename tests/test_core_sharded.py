@@ -1,9 +1,10 @@
 """Core functions give the same numbers with the batch sharded over 8 devices.
 
 Runs in a process of its own (forked, tests/forkrun.py) with 8 fake CPU
-devices (the flag must be set before JAX starts). Each public core function is jitted twice: once with its inputs on
-one device, once with the batch axis sharded over a mesh of all 8 devices;
-values and gradients must agree to float32 rounding.
+devices (the flag must be set before JAX starts). Each public core function
+is jitted twice: once with its inputs on one device, once with the batch axis
+sharded over a mesh of all 8 devices; values and gradients must agree to
+float32 rounding.
 """
 
 import os
