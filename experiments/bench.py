@@ -10,7 +10,8 @@
   python -m experiments.bench grpo_step [--json] [--step_prompts=8] \
       [--samples_per_prompt=8] [--new_tokens=64] [--prompt_len=16] \
       [--repeats=3] [--warmup_steps=3] [--preset=...] [--notrl] \
-      [--noroofline] [--profile] [--host_memory=auto] [--host_layout=split]
+      [--noroofline] [--profile] [--host_memory=auto] [--host_layout=split] \
+      [--precision=bfloat16]
 
 What can be measured (the positional argument):
   generate   tokens/s of `rlax_llm.sampling.generate_on_mesh_jit` (prefill +
@@ -32,9 +33,16 @@ What can be measured (the positional argument):
              does) and in TRL's GRPOTrainer on the same exported weights,
              prompts and reward (`bench_grpo_step`): median and spread of
              --repeats steps after --warmup_steps untimed ones (both
-             frameworks, in one process), the generate / score / update
-             split, TRL / rlax_llm ratios and each part's fraction of
-             the measured matmul roofline. The update's FLOPs are
+             frameworks; TRL in a fresh process of its own), the generate /
+             score / update split, TRL / rlax_llm ratios and each part's
+             fraction of the measured matmul roofline. Both compute in
+             --precision: bfloat16 (default) is both frameworks' usual
+             mixed precision (f32 parameters and optimiser, bfloat16
+             activations; TRL's own default bf16=True), float32 computes
+             in f32 throughout; the roofline is measured with operands of
+             that precision. TRL keeps every activation for the backward,
+             as rlax_llm does (gradient_checkpointing=False; TRL's default
+             recomputes them). The update's FLOPs are
                F_update = 6 W_blk N S + 6 D V N T + 12 L Hq H N S^2,
              S = P + T (`update_flops`: ~6 x params x tokens plus
              attention). TRL is optional (the `bench` extra): without it
@@ -168,6 +176,12 @@ _PROMPT_LEN = flags.DEFINE_integer(
 _TRL = flags.DEFINE_bool(
     "trl", True, "grpo_step: also time TRL's GRPOTrainer on the same weights "
     "(reported as null when trl cannot be imported).")
+_PRECISION = flags.DEFINE_enum(
+    "precision", "bfloat16", ["float32", "bfloat16"],
+    "grpo_step: compute precision of both frameworks' steps: float32, or "
+    "bfloat16 mixed precision (f32 parameters and optimiser; rlax_llm's "
+    "ModelConfig.dtype, TRL's bf16=True, its default). The roofline is "
+    "measured in the same precision.")
 _PROFILE = flags.DEFINE_bool(
     "profile", False, "grpo_step: also time the parts of rlax_llm's update "
     "(scoring forward, backward, optimiser), each compiled on its own.")
@@ -291,7 +305,12 @@ def decode_matmul_shapes(cfg, sequences: int) -> list[tuple[str, int, int,
 
 
 def _matmul_loop(iters: int):
-  """f(a, w): `iters` chained [M, K] x [K, N] products in one fori_loop."""
+  """f(a, w): `iters` chained [M, K] x [K, N] products in one fori_loop.
+
+  Products accumulate and return in f32, whatever the operands' dtype (for
+  bfloat16 operands the form XLA:CPU runs on bfloat16 kernels; see
+  `rlax_llm.models.transformer.dense`).
+  """
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
@@ -300,10 +319,10 @@ def _matmul_loop(iters: int):
   def loop(a, w):
     def body(_, carry):
       a, _ = carry
-      out = jnp.dot(a, w)
+      out = jnp.dot(a, w, preferred_element_type=jnp.float32)
       # A dependency on the product keeps XLA from hoisting it out of the
       # loop; it costs M x K adds against M x K x N multiply-adds.
-      return a + 1e-30 * out[:, :1], out
+      return a + (1e-30 * out[:, :1]).astype(a.dtype), out
     zeros = jnp.zeros((a.shape[0], w.shape[1]), jnp.float32)
     return jax.lax.fori_loop(0, iters, body, (a, zeros))[1]
   return loop
@@ -321,27 +340,31 @@ def _median_seconds(fn, args, repeats: int) -> float:
   return statistics.median(seconds)
 
 
-def _jax_matmul_rate(m: int, k: int, n: int, iters: int,
-                     repeats: int) -> float:
-  """FLOP/s of an f32 [M, K] x [K, N] jnp.dot, `iters` per jitted call."""
+def _jax_matmul_rate(m: int, k: int, n: int, iters: int, repeats: int,
+                     dtype: str = "float32") -> float:
+  """FLOP/s of a [M, K] x [K, N] jnp.dot of `dtype` operands, `iters` per
+  jitted call."""
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
   # pylint: enable=g-import-not-at-top
-  a = jax.random.normal(jax.random.key(1), (m, k), jnp.float32)
-  w = jax.random.normal(jax.random.key(2), (k, n), jnp.float32) / k**0.5
+  a = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(dtype)
+  w = (jax.random.normal(jax.random.key(2), (k, n), jnp.float32)
+       / k**0.5).astype(dtype)
   loop = jax.jit(_matmul_loop(iters))
   return 2 * m * k * n * iters / _median_seconds(loop, (a, w), repeats)
 
 
-def _torch_matmul_rate(m: int, k: int, n: int, iters: int,
-                       repeats: int) -> float:
-  """FLOP/s of an f32 [M, K] x [K, N] torch.mm, `iters` calls per timing."""
+def _torch_matmul_rate(m: int, k: int, n: int, iters: int, repeats: int,
+                       dtype: str = "float32") -> float:
+  """FLOP/s of a [M, K] x [K, N] torch.mm of `dtype` tensors, `iters` calls
+  per timing."""
   import torch  # pylint: disable=g-import-not-at-top
+  tdt = getattr(torch, dtype)
   gen = torch.Generator().manual_seed(0)
-  a = torch.randn(m, k, generator=gen)
-  w = torch.randn(k, n, generator=gen) / k**0.5
-  out = torch.empty(m, n)
+  a = torch.randn(m, k, generator=gen).to(tdt)
+  w = (torch.randn(k, n, generator=gen) / k**0.5).to(tdt)
+  out = torch.empty(m, n, dtype=tdt)
   with torch.inference_mode():
     torch.mm(a, w, out=out)
     seconds = []
@@ -353,8 +376,8 @@ def _torch_matmul_rate(m: int, k: int, n: int, iters: int,
   return 2 * m * k * n * iters / statistics.median(seconds)
 
 
-def _jax_mesh_matmul_rate(m: int, k: int, n: int, iters: int,
-                          repeats: int) -> float | None:
+def _jax_mesh_matmul_rate(m: int, k: int, n: int, iters: int, repeats: int,
+                          dtype: str = "float32") -> float | None:
   """FLOP/s of the [M, K] x [K, N] matmul split by rows over every device.
 
   Each device multiplies its M / devices rows (`jax.shard_map` over a 1-D
@@ -372,10 +395,11 @@ def _jax_mesh_matmul_rate(m: int, k: int, n: int, iters: int,
     return None
   mesh = Mesh(np.asarray(devices), ("data",))
   a = jax.device_put(
-      jax.random.normal(jax.random.key(1), (m, k), jnp.float32),
+      jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(dtype),
       NamedSharding(mesh, P("data")))
   w = jax.device_put(
-      jax.random.normal(jax.random.key(2), (k, n), jnp.float32) / k**0.5,
+      (jax.random.normal(jax.random.key(2), (k, n), jnp.float32)
+       / k**0.5).astype(dtype),
       NamedSharding(mesh, P()))
 
   loop = jax.jit(jax.shard_map(_matmul_loop(iters), mesh=mesh,
@@ -387,9 +411,12 @@ def _jax_mesh_matmul_rate(m: int, k: int, n: int, iters: int,
 def matmul_roofline(cfg, sequences: int, *, repeats: int = 5,
                     square: int = 1024,
                     with_torch: bool = True,
-                    shapes: list[tuple[str, int, int, int, int]] | None = None
-                    ) -> dict[str, Any]:
-  """Measures f32 matmul FLOP/s on this machine for the decode step's shapes.
+                    shapes: list[tuple[str, int, int, int, int]] | None = None,
+                    dtype: str = "float32") -> dict[str, Any]:
+  """Measures matmul FLOP/s on this machine for the decode step's shapes.
+
+  Operands are `dtype` ("float32", or "bfloat16": JAX accumulates in and
+  returns f32, torch returns bfloat16).
 
   `shapes` (name, M, K, N, count) replaces the decode step's
   (`decode_matmul_shapes(cfg, sequences)`), e.g. `update_matmul_shapes`.
@@ -414,12 +441,12 @@ def matmul_roofline(cfg, sequences: int, *, repeats: int = 5,
   for name, m, k, n, count in shapes:
     iters = max(1, min(2000, int(target / (2 * m * k * n))))
     rate = {"shape": [m, k, n],
-            "jax": _jax_matmul_rate(m, k, n, iters, repeats)}
-    mesh_rate = _jax_mesh_matmul_rate(m, k, n, iters, repeats)
+            "jax": _jax_matmul_rate(m, k, n, iters, repeats, dtype)}
+    mesh_rate = _jax_mesh_matmul_rate(m, k, n, iters, repeats, dtype)
     if mesh_rate is not None:
       rate["jax_mesh"] = mesh_rate
     if with_torch:
-      rate["torch"] = _torch_matmul_rate(m, k, n, iters, repeats)
+      rate["torch"] = _torch_matmul_rate(m, k, n, iters, repeats, dtype)
     rates[name] = rate
     best = max(v for key, v in rate.items() if key != "shape")
     flops += 2 * m * k * n * count
@@ -428,7 +455,7 @@ def matmul_roofline(cfg, sequences: int, *, repeats: int = 5,
   return {"roofline_flops_per_s": flops / time_s,
           "peak_flops_per_s": max(v for key, v in square_rate.items()
                                   if key != "shape"),
-          "matmul_flops_per_s": rates}
+          "matmul_flops_per_s": rates, "dtype": dtype}
 
 
 # transformers on the same weights -----------------------------------------------
@@ -456,20 +483,35 @@ def logits_max_abs_diff(graphdef, params, hf_model, prompt_BP,
   Both models see the same padded prompts, mask and positions (valid tokens
   counted from 0, as `rlax_llm.models.transformer.default_positions`).
   """
+  ours = rlax_prompt_logits(graphdef, params, prompt_BP, mask_BP)
+  return _max_abs_diff_to_transformers(ours, hf_model, prompt_BP, mask_BP)
+
+
+def rlax_prompt_logits(graphdef, params, prompt_BP, mask_BP):
+  """rlax_llm's full-sequence logits [B, P, V] of the padded prompts."""
   # pylint: disable=g-import-not-at-top
   import flax.nnx as nnx
+  import numpy as np
+  # pylint: enable=g-import-not-at-top
+  forward = nnx.jit(lambda m, tok, mask: m(tok, None, mask))  # one program
+  return np.asarray(forward(nnx.merge(graphdef, params), np.asarray(prompt_BP),
+                            np.asarray(mask_BP, bool)))
+
+
+def _max_abs_diff_to_transformers(ours_BPV, hf_model, prompt_BP,
+                                  mask_BP) -> float:
+  """Max |ours - transformers' logits| over the valid prompt positions."""
+  # pylint: disable=g-import-not-at-top
   import numpy as np
   import torch
   # pylint: enable=g-import-not-at-top
   prompt_BP, mask_BP = np.asarray(prompt_BP), np.asarray(mask_BP, bool)
   positions_BP = np.maximum(np.cumsum(mask_BP, axis=-1) - 1, 0)
-  forward = nnx.jit(lambda m, tok, mask: m(tok, None, mask))  # one program
-  ours = np.asarray(forward(nnx.merge(graphdef, params), prompt_BP, mask_BP))
   with torch.inference_mode():
     theirs = hf_model(input_ids=torch.from_numpy(prompt_BP.astype(np.int64)),
                       attention_mask=torch.from_numpy(mask_BP.astype(np.int64)),
                       position_ids=torch.from_numpy(positions_BP)).logits
-  diff = np.abs(ours - theirs.float().numpy())
+  diff = np.abs(ours_BPV - theirs.float().numpy())
   return float(diff[mask_BP].max())
 
 
@@ -834,6 +876,7 @@ GRPO_MODEL = dict(num_layers=4, embed_dim=256, num_heads=8, num_kv_heads=2,
                   head_dim=32, mlp_dim=1024, qkv_bias=True,
                   tie_embeddings=True, rope_theta=1_000_000.0)
 GRPO_MODEL_NAME = "qwen2_3.9m"
+GRPO_PRECISIONS = ("float32", "bfloat16")  # --precision
 GRPO_VOCAB = 512
 # Token ids of the synthetic vocabulary: "<pad>" 0, "<eos>" 1, words "t2" ..
 # "t511". Prompts draw from the words; every rollout decodes exactly
@@ -845,8 +888,10 @@ GRPO_PAD_ID, GRPO_EOS_ID, GRPO_FIRST_WORD = 0, 1, 2
 GRPO_LEARNING_RATE, GRPO_BETAS, GRPO_GRAD_CLIP = 1e-6, (0.9, 0.99), 1.0
 
 
-def grpo_model_config(preset: str | None, prompt_len: int, new_tokens: int):
-  """The benchmark policy's ModelConfig (or a preset's shape), context P + T."""
+def grpo_model_config(preset: str | None, prompt_len: int, new_tokens: int,
+                      dtype: str = "float32"):
+  """The benchmark policy's ModelConfig (or a preset's shape), context P + T,
+  computing in `dtype` (parameters stay f32)."""
   # pylint: disable=g-import-not-at-top
   from rlax_llm.models.config import ModelConfig, PRESETS
   # pylint: enable=g-import-not-at-top
@@ -859,6 +904,8 @@ def grpo_model_config(preset: str | None, prompt_len: int, new_tokens: int):
                      f"{sorted(PRESETS)} (or none for the {GRPO_MODEL_NAME} "
                      "policy).")
   fields["max_seq_len"] = prompt_len + new_tokens
+  fields["dtype"] = dtype
+  fields["param_dtype"] = "float32"
   return ModelConfig(vocab_size=GRPO_VOCAB, **fields)
 
 
@@ -1174,7 +1221,7 @@ def profile_rlax_update(graphdef, state, mesh, batch, rl_step,
 
 def trl_grpo_step(hf_dir: str, prompt_BP, *, samples_per_prompt: int,
                   new_tokens: int, repeats: int, warmup: int, seed: int,
-                  reference=None) -> dict[str, Any]:
+                  reference=None, bf16: bool = False) -> dict[str, Any]:
   """Times TRL's GRPOTrainer on the same weights, prompts and reward.
 
   The checkpoint in `hf_dir` (rlax_llm's initial parameters) is loaded in
@@ -1183,9 +1230,11 @@ def trl_grpo_step(hf_dir: str, prompt_BP, *, samples_per_prompt: int,
   with num_generations = G (one generation batch per optimiser step, no
   gradient accumulation, so no old-log-prob pass), sampling at temperature
   1 with no top-k/top-p, exactly `new_tokens` tokens (min_new_tokens),
-  beta 0 (no reference model), loss_type "grpo" (sequence mean of token
-  means, rlax_llm's default aggregation), epsilon 0.2, group-std scaling,
-  and AdamW with rlax_llm's rate, betas, clipping and no decay. It trains
+  beta 0 (no reference model), no gradient checkpointing (rlax_llm keeps
+  the activations for the backward; TRL's default recomputes them),
+  loss_type "grpo" (sequence mean of token means, rlax_llm's default
+  aggregation), epsilon 0.2, group-std scaling, and AdamW with rlax_llm's
+  rate, betas, clipping and no decay. It trains
   `warmup` + `repeats` steps; the first `warmup` are untimed. `step_s` spans
   a step from the trainer's on_step_begin to on_step_end callback,
   `generate_s` the model's `generate`, `score_s` the rest of
@@ -1193,24 +1242,56 @@ def trl_grpo_step(hf_dir: str, prompt_BP, *, samples_per_prompt: int,
   (tokenising, decoding, reward, advantages) and `update_s` the remainder
   (forward, backward, optimiser). With `reference` = (graphdef, params) of
   rlax_llm's model, both models' logits on the prompts must agree within
-  LOGITS_ATOL (`logits_max_abs_diff`) before anything is timed. Whatever
-  the trainer prints goes to stderr, so stdout keeps only the JSON.
+  LOGITS_ATOL (`logits_max_abs_diff`) before anything is timed. `bf16`
+  trains in TRL's bfloat16 mixed precision (GRPOConfig(bf16=True), TRL's
+  default: the f32 model runs under torch's bfloat16 autocast).
+
+  The trainer runs in a fresh process (multiprocessing "spawn"): torch
+  there has glibc's default malloc and no JAX runtime beside it, whatever
+  this process set up for rlax_llm (`rlax_llm.parallel.reuse_host_memory`
+  keeps one malloc arena for all threads, which slowed TRL's bfloat16
+  step from 1.33 to 2.0 s in one process). Whatever the trainer prints
+  goes to stderr, so stdout keeps only the JSON.
 
   Raises:
     ImportError: when trl, transformers, datasets or torch are missing.
   """
-  with contextlib.redirect_stdout(sys.stderr):
-    return _trl_grpo_step(hf_dir, prompt_BP,
-                          samples_per_prompt=samples_per_prompt,
-                          new_tokens=new_tokens, repeats=repeats, seed=seed,
-                          warmup=warmup, reference=reference)
+  # pylint: disable=g-import-not-at-top,unused-import
+  import multiprocessing
+  import numpy as np
+  import datasets  # noqa: F401  (fail here, not in the child, when missing)
+  import torch  # noqa: F401
+  import transformers  # noqa: F401
+  import trl  # noqa: F401
+  # pylint: enable=g-import-not-at-top,unused-import
+  prompt_BP = np.asarray(prompt_BP)
+  ours = (None if reference is None else
+          rlax_prompt_logits(*reference, prompt_BP,
+                             np.ones(prompt_BP.shape, bool)))
+  ctx = multiprocessing.get_context("spawn")
+  with ctx.Pool(1) as pool:
+    return pool.apply(_trl_grpo_step, (hf_dir, prompt_BP), dict(
+        samples_per_prompt=samples_per_prompt, new_tokens=new_tokens,
+        repeats=repeats, seed=seed, warmup=warmup, reference_logits=ours,
+        bf16=bf16))
 
 
 def _trl_grpo_step(hf_dir, prompt_BP, *, samples_per_prompt, new_tokens,
-                   repeats, seed, warmup, reference):
+                   repeats, seed, warmup, reference_logits, bf16):
+  with contextlib.redirect_stdout(sys.stderr):
+    return _trl_grpo_step_here(
+        hf_dir, prompt_BP, samples_per_prompt=samples_per_prompt,
+        new_tokens=new_tokens, repeats=repeats, seed=seed, warmup=warmup,
+        reference_logits=reference_logits, bf16=bf16)
+
+
+def _trl_grpo_step_here(hf_dir, prompt_BP, *, samples_per_prompt,
+                        new_tokens, repeats, seed, warmup, reference_logits,
+                        bf16):
   # pylint: disable=g-import-not-at-top
   import tempfile
   import datasets
+  import numpy as np
   import torch
   import transformers
   import trl
@@ -1220,10 +1301,10 @@ def _trl_grpo_step(hf_dir, prompt_BP, *, samples_per_prompt, new_tokens,
   model = transformers.AutoModelForCausalLM.from_pretrained(
       hf_dir, dtype=torch.float32)
   diff = None
-  if reference is not None:
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    diff = logits_max_abs_diff(*reference, model.eval(), prompt_BP,
-                               np.ones(prompt_BP.shape, bool))
+  if reference_logits is not None:
+    diff = _max_abs_diff_to_transformers(reference_logits, model.eval(),
+                                         prompt_BP,
+                                         np.ones(prompt_BP.shape, bool))
     if not diff <= LOGITS_ATOL:
       raise RuntimeError(
           f"TRL's model (transformers) gives logits {diff:.3g} away from "
@@ -1279,7 +1360,8 @@ def _trl_grpo_step(hf_dir, prompt_BP, *, samples_per_prompt, new_tokens,
         warmup_steps=0, max_steps=warmup + repeats, shuffle_dataset=False,
         logging_steps=10 * (warmup + repeats), save_strategy="no",
         report_to="none",
-        use_cpu=not torch.cuda.is_available(), bf16=False, seed=seed,
+        use_cpu=not torch.cuda.is_available(), bf16=bf16, seed=seed,
+        gradient_checkpointing=False,
         disable_tqdm=True, dataloader_num_workers=0, log_completions=False)
     trainer = TimedGRPOTrainer(
         model=model, reward_funcs=[even_token_reward], args=args,
@@ -1297,7 +1379,9 @@ def _trl_grpo_step(hf_dir, prompt_BP, *, samples_per_prompt, new_tokens,
          "logits_max_abs_diff": diff, "trl_version": trl.__version__,
          "transformers_version": transformers.__version__,
          "torch_version": torch.__version__,
-         "torch_threads": torch.get_num_threads(), "optim": str(args.optim)}
+         "torch_threads": torch.get_num_threads(), "optim": str(args.optim),
+         "bf16": bool(args.bf16),
+         "gradient_checkpointing": bool(args.gradient_checkpointing)}
   if len(rollout_s) == len(step_s) and len(gen_s) == len(step_s):
     rest = [r - g for r, g in zip(rollout_s, gen_s)]
     upd = [s - r for s, r in zip(step_s, rollout_s)]
@@ -1315,7 +1399,8 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
                     preset: str | None = None, seed: int = 0,
                     trl: bool = True, roofline: bool = True,
                     profile: bool = False,
-                    layout: str = "split") -> dict[str, Any]:
+                    layout: str = "split",
+                    precision: str = "bfloat16") -> dict[str, Any]:
   """One whole GRPO step in rlax_llm and in TRL's GRPOTrainer.
 
   B prompts of P random word tokens x G samples x T new tokens: generate,
@@ -1326,6 +1411,12 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
   (and spread, max - min) of `repeats` steps after `warmup` untimed ones
   (the first compiles; on a CPU host the process's heap takes a few steps
   to reach its steady size: see `rlax_llm.parallel.reuse_host_memory`).
+
+  `precision` "float32" computes in f32 in both; "bfloat16" is mixed
+  precision in both: f32 parameters and optimiser, bfloat16 activations and
+  matmul operands (rlax_llm: ModelConfig.dtype; TRL: `bf16=True`, its
+  default, i.e. torch autocast), f32 log-probs and loss; the roofline is
+  then measured with bfloat16 operands.
 
   FLOPs (see `update_flops`, `score_forward_flops`):
     update_flops   = 6 W_blk N S + 6 D V N T + 12 L Hq H N S^2, S = P + T,
@@ -1348,6 +1439,7 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
   # pylint: disable=g-import-not-at-top
   import tempfile
   from rlax_llm.models import hf
+  from rlax_llm.training import state as state_lib
   # pylint: enable=g-import-not-at-top
   for name, value in (("prompts", num_prompts),
                       ("samples_per_prompt", samples_per_prompt),
@@ -1358,7 +1450,13 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
   if samples_per_prompt < 2:
     raise ValueError("--samples_per_prompt must be at least 2: GRPO's group "
                      "advantages need two samples per prompt.")
-  model_cfg = grpo_model_config(preset, prompt_len, new_tokens)
+  if precision not in GRPO_PRECISIONS:
+    raise ValueError(f"--precision must be one of {GRPO_PRECISIONS}, got "
+                     f"{precision!r}.")
+  model_cfg = grpo_model_config(preset, prompt_len, new_tokens, precision)
+  # The export, and the check that TRL's model gives rlax_llm's logits, use
+  # the same weights computing in f32.
+  f32_cfg = grpo_model_config(preset, prompt_len, new_tokens)
   n = num_prompts * samples_per_prompt
   prompt_BP = grpo_prompts(num_prompts, prompt_len, seed)
   rec = {
@@ -1366,7 +1464,7 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
       "params": model_cfg.num_params, "vocab": model_cfg.vocab_size,
       "prompts": num_prompts, "samples_per_prompt": samples_per_prompt,
       "sequences": n, "prompt_len": prompt_len, "new_tokens": new_tokens,
-      "repeats": repeats, "warmup_steps": warmup,
+      "repeats": repeats, "warmup_steps": warmup, "precision": precision,
       "update_flops": update_flops(model_cfg, n, prompt_len, new_tokens),
       "generate_flops": n * new_tokens * decode_flops_per_token(
           model_cfg, prompt_len, new_tokens),
@@ -1377,17 +1475,19 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
                         new_tokens=new_tokens, repeats=repeats, seed=seed,
                         warmup=warmup, layout=layout, profile=profile)
   params0 = ours.pop("_params")
-  graphdef = ours.pop("_graphdef")
+  ours.pop("_graphdef")
+  graphdef = state_lib.model_graphdef(f32_cfg)
   rec["rlax"] = ours
   rec["trl"] = None
   if trl:
     with tempfile.TemporaryDirectory() as hf_dir:
-      hf.save_pretrained((model_cfg, params0), hf_dir)
+      hf.save_pretrained((f32_cfg, params0), hf_dir)
       try:
         rec["trl"] = trl_grpo_step(
             hf_dir, prompt_BP, samples_per_prompt=samples_per_prompt,
             new_tokens=new_tokens, repeats=repeats, seed=seed,
-            warmup=warmup, reference=(graphdef, params0))
+            warmup=warmup, reference=(graphdef, params0),
+            bf16=precision == "bfloat16")
       except ImportError as e:
         rec["trl_unavailable"] = (
             f"{e}; install it with `pip install trl` (the `bench` extra).")
@@ -1401,14 +1501,17 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
 
   if roofline:
     rr = min(repeats, 3)
-    gen = matmul_roofline(model_cfg, n, repeats=rr, with_torch=trl)
+    gen = matmul_roofline(model_cfg, n, repeats=rr, with_torch=trl,
+                          dtype=precision)
     upd = matmul_roofline(model_cfg, n, repeats=rr, with_torch=trl,
                           shapes=update_matmul_shapes(model_cfg, n, prompt_len,
-                                                      new_tokens))
+                                                      new_tokens),
+                          dtype=precision)
     g_rate, u_rate = gen["roofline_flops_per_s"], upd["roofline_flops_per_s"]
     g_flops, u_flops = rec["generate_flops"], rec["update_flops"]
     step_rate = (g_flops + u_flops) / (g_flops / g_rate + u_flops / u_rate)
     rec["roofline"] = {
+        "dtype": precision,
         "generate_flops_per_s": g_rate, "update_flops_per_s": u_rate,
         "step_flops_per_s": step_rate,
         "peak_flops_per_s": max(gen["peak_flops_per_s"],
@@ -1466,7 +1569,8 @@ def _run_grpo_step() -> list[dict[str, Any]]:
       new_tokens=_NEW_TOKENS.value or 64, prompt_len=_PROMPT_LEN.value,
       repeats=_REPEATS.value or 3, warmup=_WARMUP.value, preset=_PRESET.value,
       seed=_SEED.value, trl=_TRL.value, roofline=_ROOFLINE.value,
-      profile=_PROFILE.value, layout=_HOST_LAYOUT.value)]
+      profile=_PROFILE.value, layout=_HOST_LAYOUT.value,
+      precision=_PRECISION.value)]
 
 
 # XRPO's allocator -----------------------------------------------------------------

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import bench
@@ -338,6 +340,27 @@ def test_grpo_bad_settings_are_clear_errors():
     bench.bench_grpo_step(samples_per_prompt=1, trl=False, roofline=False)
   with pytest.raises(ValueError, match="Unknown model preset"):
     bench.bench_grpo_step(preset="nope", trl=False, roofline=False)
+  with pytest.raises(ValueError, match="--precision must be one of"):
+    bench.bench_grpo_step(precision="float16", trl=False, roofline=False)
+
+
+def test_grpo_step_in_bfloat16_and_its_roofline():
+  rec = bench.bench_grpo_step(num_prompts=2, samples_per_prompt=2,
+                              new_tokens=4, prompt_len=8, repeats=1,
+                              warmup=1, preset="tiny", trl=False,
+                              roofline=False, precision="bfloat16")
+  assert rec["precision"] == "bfloat16" and rec["rlax"]["step_s"] > 0
+  assert rec["update_flops"] == SMOKE_UPDATE_FLOPS  # FLOPs do not change
+  assert np.isfinite(rec["rlax"]["loss"])
+  cfg = bench.grpo_model_config("tiny", 8, 4, "bfloat16")
+  assert (cfg.dtype, cfg.param_dtype) == (jnp.bfloat16, jnp.float32)
+  roof = bench.matmul_roofline(cfg, 4, repeats=1, with_torch=False,
+                               shapes=[("a", 64, 32, 16, 2)],
+                               dtype="bfloat16")
+  assert roof["dtype"] == "bfloat16"
+  rates = roof["matmul_flops_per_s"]["a"]
+  assert roof["roofline_flops_per_s"] == pytest.approx(max(  # one shape
+      v for k, v in rates.items() if k != "shape"))
 
 
 def test_grpo_table():
@@ -380,6 +403,11 @@ def test_grpo_step_against_trl_on_the_same_model():
   assert rec["trl_over_rlax_update"] == pytest.approx(
       theirs["update_s"] / rec["rlax"]["update_s"])
   assert theirs["trl_version"] and theirs["torch_threads"] >= 1
+  # As rlax_llm's step: bfloat16 mixed precision (the default --precision),
+  # and no recomputation in the backward (TRL's default turns gradient
+  # checkpointing on).
+  assert rec["precision"] == "bfloat16"
+  assert theirs["bf16"] and not theirs["gradient_checkpointing"]
 
 
 def test_grpo_step_without_trl_reports_null_with_the_reason(monkeypatch):
