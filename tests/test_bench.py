@@ -265,6 +265,7 @@ def test_grpo_step_json_rlax_only(forks):
           rec["prompt_len"], rec["new_tokens"], rec["repeats"]) == (
               2, 2, 4, 8, 4, 2)
   assert rec["warmup_steps"] == 2 and rec["num_devices"] == 2
+  assert rec["precision"] == "bfloat16"  # the default
   assert rec["host_memory_reused"] is True
   # 2 (128 * 32 * 12 + 3 * 128 * 384 + 2 * 128) + 512 * 128 + 128.
   assert rec["params"] == 459_392 and rec["vocab"] == 512
@@ -344,14 +345,7 @@ def test_grpo_bad_settings_are_clear_errors():
     bench.bench_grpo_step(precision="float16", trl=False, roofline=False)
 
 
-def test_grpo_step_in_bfloat16_and_its_roofline():
-  rec = bench.bench_grpo_step(num_prompts=2, samples_per_prompt=2,
-                              new_tokens=4, prompt_len=8, repeats=1,
-                              warmup=1, preset="tiny", trl=False,
-                              roofline=False, precision="bfloat16")
-  assert rec["precision"] == "bfloat16" and rec["rlax"]["step_s"] > 0
-  assert rec["update_flops"] == SMOKE_UPDATE_FLOPS  # FLOPs do not change
-  assert np.isfinite(rec["rlax"]["loss"])
+def test_grpo_bfloat16_policy_and_roofline():
   cfg = bench.grpo_model_config("tiny", 8, 4, "bfloat16")
   assert (cfg.dtype, cfg.param_dtype) == (jnp.bfloat16, jnp.float32)
   roof = bench.matmul_roofline(cfg, 4, repeats=1, with_torch=False,
@@ -413,10 +407,13 @@ def test_grpo_step_against_trl_on_the_same_model():
 def test_grpo_step_without_trl_reports_null_with_the_reason(monkeypatch):
   # `import trl` raises ImportError while sys.modules holds None for it.
   monkeypatch.setitem(sys.modules, "trl", None)
+  # In f32 (the command line's default, bfloat16, runs in
+  # test_grpo_step_json_rlax_only).
   rec = bench.bench_grpo_step(num_prompts=2, samples_per_prompt=2,
                               new_tokens=4, prompt_len=8, repeats=1,
                               warmup=1, preset="tiny", trl=True,
-                              roofline=False)
+                              roofline=False, precision="float32")
+  assert rec["precision"] == "float32" and np.isfinite(rec["rlax"]["loss"])
   assert rec["trl"] is None
   assert "trl" in rec["trl_unavailable"]
   assert "pip install trl" in rec["trl_unavailable"]

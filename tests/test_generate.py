@@ -313,3 +313,46 @@ def test_generate_on_mesh_equals_one_device(tmp_path, forks):
     assert r["tokens"] and r["mask"] and r["lengths"] and r["finished"], r
     assert r["logp_diff"] < 1e-5 and r["steps"][0] == r["steps"][1], r
   assert res["d2t2"]["mlp_sharded"]  # the weights stayed tensor-sharded
+
+
+# -- bfloat16 cache writes -----------------------------------------------------
+
+
+def test_bf16_cache_slots_are_written_bit_exactly_and_in_place():
+  # `_store_bits` writes 16-bit floats as their uint16 bits: the same values,
+  # without the f32 copy of the whole cache XLA:CPU makes for a bfloat16
+  # dynamic-update-slice or scatter.
+  from rlax_llm.models.transformer import _store_bits  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7)
+  bf = jnp.bfloat16
+  cache = jnp.asarray(rng.normal(size=(2, 3, 2, 4, 6)), bf)
+  new = jnp.asarray(rng.normal(size=(2, 3, 2, 4)), bf)
+
+  def slot(c, u, index):
+    return jax.lax.dynamic_update_slice_in_dim(c, u[..., None], index, axis=4)
+
+  fn = jax.jit(lambda c, u, i: _store_bits(
+      lambda a, b: slot(a, b, i), c, u))
+  got = np.asarray(fn(cache, new, 2), np.float32)
+  want = np.asarray(cache, np.float32).copy()
+  want[..., 2] = np.asarray(new, np.float32)
+  np.testing.assert_array_equal(got, want)
+  hlo = fn.lower(cache, new, 2).compile().as_text()
+  assert "f32[2,3,2,4,6]" not in hlo  # no f32 copy of the cache
+  # Per-row slots; a slot past the end is dropped (APRIL's finished rows).
+  index = jnp.asarray([[0, 5, 6], [3, 3, 9]])
+  bi, gi = jnp.arange(2)[:, None], jnp.arange(3)[None, :]
+  got = np.asarray(jax.jit(lambda c, u: _store_bits(
+      lambda a, b: a.at[bi, gi, :, :, index].set(b, mode="drop"), c, u))(
+          cache, new), np.float32)
+  want = np.asarray(cache, np.float32).copy()
+  for b in range(2):
+    for g in range(3):
+      if index[b, g] < 6:
+        want[b, g, :, :, int(index[b, g])] = np.asarray(new[b, g], np.float32)
+  np.testing.assert_array_equal(got, want)
+  # Other dtypes are written as they are.
+  f = jnp.zeros((2, 3), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(_store_bits(
+      lambda a, b: a.at[0].set(b), f, jnp.ones(3, jnp.float32))),
+                                [[1, 1, 1], [0, 0, 0]])
