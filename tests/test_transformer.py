@@ -323,6 +323,14 @@ def test_bias_and_scale_gradients_sum_the_rows_in_f32_in_a_bf16_model():
   np.testing.assert_array_equal(np.asarray(ds), np.full(8, rows * v))
   np.testing.assert_array_equal(np.asarray(dy, np.float64),
                                 np.broadcast_to(_bf16(s), (rows, 8)))
+  # Forward mode: the directional derivatives, rounded once to bfloat16.
+  dxt, dbt = jnp.full((rows, 8), 0.5, bf), jnp.full((8,), 0.25, f32)
+  _, tangent = jax.jvp(add_bias, (x, b), (dxt, dbt))
+  np.testing.assert_array_equal(np.asarray(tangent, np.float32), 0.75)
+  _, tangent = jax.jvp(scale_rows, (s, x), (dbt, dxt))
+  np.testing.assert_array_equal(
+      np.asarray(tangent, np.float64),
+      np.broadcast_to(_bf16(0.25 * v + _bf16(s) * 0.5), (rows, 8)))
   # f32 activations: the plain expressions.
   x32 = jnp.full((3, 8), 2.0, f32)
   np.testing.assert_array_equal(np.asarray(add_bias(x32, b)),
