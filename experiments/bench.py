@@ -1053,8 +1053,7 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
      "update_s", each with `_all` and `_spread`; "warmup_s", "host_layout",
      "mesh" (the update's), "generate_mesh", "reward_mean", "loss";
      "profile" with `profile` (see `profile_rlax_update`)}, and the initial
-     parameters and graph under "_params" and "_graphdef" (for the export;
-     removed before printing).
+     parameters under "_params" (for the export; removed before printing).
   """
   # pylint: disable=g-import-not-at-top
   import jax
@@ -1131,8 +1130,7 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
          "warmup_s": warmup_s, "host_layout": layout,
          "mesh": dict(mesh.shape), "generate_mesh": dict(gen_mesh.shape),
          "reward_mean": float(reward_N.mean()),
-         "loss": float(metrics["loss"]), "_params": params0,
-         "_graphdef": graphdef}
+         "loss": float(metrics["loss"]), "_params": params0}
   if profile:
     rec["profile"] = profile_rlax_update(
         graphdef, state, mesh, batch, rl_step, optimizer,
@@ -1475,7 +1473,6 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
                         new_tokens=new_tokens, repeats=repeats, seed=seed,
                         warmup=warmup, layout=layout, profile=profile)
   params0 = ours.pop("_params")
-  ours.pop("_graphdef")
   graphdef = state_lib.model_graphdef(f32_cfg)
   rec["rlax"] = ours
   rec["trl"] = None

@@ -118,18 +118,20 @@ def dense(x: jax.Array, w: jax.Array, *, in_dims: int = 1,
   """
   lead = x.shape[:x.ndim - in_dims]
   out = w.shape[in_dims:]
-  m = math.prod(lead)
+  x2 = x.reshape(math.prod(lead), -1)
   w2 = w.reshape(math.prod(w.shape[:in_dims]), -1)
-  if (x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16
-      and preferred_element_type in (None, jnp.bfloat16)
-      and jax.default_backend() == "cpu"):
-    a = (math.prod(lead[:-1]) if len(lead) > 1 and lead[-1] > 1
-         and m > lead[-1] else _row_split(m))
-    y = _bf16_cpu_dot(x.reshape(a, m // a, w2.shape[0]), w2)
+  if (_bf16_on_cpu(x, w)
+      and preferred_element_type in (None, jnp.bfloat16)):
+    y = _bf16_cpu_dot(x2, w2)
   else:
-    y = jnp.dot(x.reshape(m, -1), w2,
-                preferred_element_type=preferred_element_type)
+    y = jnp.dot(x2, w2, preferred_element_type=preferred_element_type)
   return y.reshape(*lead, *out)
+
+
+def _bf16_on_cpu(*arrays) -> bool:
+  """Whether `arrays` are all bfloat16 and the default backend is the CPU."""
+  return (all(a.dtype == jnp.bfloat16 for a in arrays)
+          and jax.default_backend() == "cpu")
 
 
 def _row_split(m: int) -> int:
@@ -140,9 +142,32 @@ def _row_split(m: int) -> int:
   return 1
 
 
+def _kept_transpose(x: jax.Array, perm, split: int) -> jax.Array:
+  """`jnp.transpose(x, perm)` as a materialised row-major array.
+
+  Axis `split` of x is split in two (`_row_split` of its size) for the
+  transpose and merged back after it, so XLA:CPU sees a reshape at the
+  consumer, not a transpose it folds into a dot's dimensions or reads in
+  place (its bfloat16 kernels take neither: the dot would run on f32
+  copies). When the axis has no split, this is the plain transpose.
+  """
+  n = x.shape[split]
+  a = _row_split(n)
+  split_perm = []
+  for i in perm:
+    if i < split:
+      split_perm.append(i)
+    elif i == split:
+      split_perm += [split, split + 1]
+    else:
+      split_perm.append(i + 1)
+  y = x.reshape(*x.shape[:split], a, n // a, *x.shape[split + 1:])
+  return jnp.transpose(y, split_perm).reshape([x.shape[i] for i in perm])
+
+
 @jax.custom_vjp
-def _bf16_cpu_dot(x_ASK: jax.Array, w_KN: jax.Array) -> jax.Array:
-  """[A, S, K] x [K, N] -> [A S, N] in bfloat16, accumulated in f32.
+def _bf16_cpu_dot(x_MK: jax.Array, w_KN: jax.Array) -> jax.Array:
+  """[M, K] x [K, N] -> [M, N] in bfloat16, accumulated in f32.
 
   XLA:CPU runs a bfloat16 dot on bfloat16 operands (AMX or AVX512-BF16
   kernels, where the host has them) only when its output is f32 and both
@@ -153,34 +178,31 @@ def _bf16_cpu_dot(x_ASK: jax.Array, w_KN: jax.Array) -> jax.Array:
   product has an f32 output rounded to bfloat16 (the value XLA computes for
   a bfloat16 dot, which accumulates in f32), dx = g w^T contracts the last
   axes of both (a form the kernels take), and the weight gradient multiplies
-  a materialised x^T: [A, S, K] -> [K, A, S] -> [K, A S]. A plain 2-D
-  transpose would not do; XLA folds it into the dot's dimensions. The GRPO
+  a materialised x^T (`_kept_transpose`; XLA folds a plain one into the
+  dot's dimensions). The GRPO
   bench's update (4 layers, 5,120 tokens, width 256, MLP 1,024) in
   bfloat16: 0.72 -> 0.47 s on a 2-core Xeon with AMX.
   """
-  return jnp.dot(x_ASK.reshape(-1, x_ASK.shape[-1]), w_KN,
-                 preferred_element_type=jnp.float32).astype(x_ASK.dtype)
+  return jnp.dot(x_MK, w_KN,
+                 preferred_element_type=jnp.float32).astype(x_MK.dtype)
 
 
-def _bf16_cpu_dot_fwd(x_ASK, w_KN):
-  return _bf16_cpu_dot(x_ASK, w_KN), (x_ASK, w_KN)
+def _bf16_cpu_dot_fwd(x_MK, w_KN):
+  return _bf16_cpu_dot(x_MK, w_KN), (x_MK, w_KN)
 
 
 def _bf16_cpu_dot_bwd(res, g_MN):
-  x_ASK, w_KN = res
-  a, s, k = x_ASK.shape
+  x_MK, w_KN = res
   f32 = jnp.float32
   dx = jax.lax.dot_general(g_MN, w_KN, (((1,), (1,)), ((), ())),
                            preferred_element_type=f32)
-  if a > 1 and s > 1:
-    x_KM = jnp.transpose(x_ASK, (2, 0, 1)).reshape(k, a * s)
-    dw = jnp.dot(x_KM, g_MN, preferred_element_type=f32)
-  else:  # no 3-D split of the rows: XLA converts this one to f32
-    dw = jax.lax.dot_general(x_ASK.reshape(a * s, k), g_MN,
-                             (((0,), (0,)), ((), ())),
+  if _row_split(x_MK.shape[0]) > 1:
+    dw = jnp.dot(_kept_transpose(x_MK, (1, 0), split=0), g_MN,
+                 preferred_element_type=f32)
+  else:  # a prime row count: XLA converts this one to f32
+    dw = jax.lax.dot_general(x_MK, g_MN, (((0,), (0,)), ((), ())),
                              preferred_element_type=f32)
-  return (dx.astype(x_ASK.dtype).reshape(x_ASK.shape),
-          dw.astype(w_KN.dtype))
+  return dx.astype(x_MK.dtype), dw.astype(w_KN.dtype)
 
 
 _bf16_cpu_dot.defvjp(_bf16_cpu_dot_fwd, _bf16_cpu_dot_bwd)
@@ -745,14 +767,14 @@ def full_attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, *,
   # one copy each and ran the block's attention about 1.4x faster on a CPU,
   # forward and backward.)
   q = _group(q_BTNH, kh).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * r, h)
-  k = k_BSKH.transpose(0, 2, 1, 3)
-  v = v_BSKH.transpose(0, 2, 1, 3)
-  if (q.dtype == k.dtype == v.dtype == jnp.bfloat16
-      and jax.default_backend() == "cpu"):
-    k, v = _heads_first(k_BSKH), _heads_first(v_BSKH)
+  if _bf16_on_cpu(q_BTNH, k_BSKH, v_BSKH):
+    k, v = (_kept_transpose(x, (0, 2, 1, 3), split=1)
+            for x in (k_BSKH, v_BSKH))
     o = _bf16_cpu_attention(q, k, v, allowed_BTS, scale, softcap)
     return o.reshape(b, kh, t, r, h).transpose(0, 2, 1, 3, 4).reshape(
         q_BTNH.shape)
+  k = k_BSKH.transpose(0, 2, 1, 3)
+  v = v_BSKH.transpose(0, 2, 1, 3)
   s = jnp.einsum("bkqh,bksh->bkqs", q, k,
                  preferred_element_type=jnp.float32) * scale
   s = _softcap(s, softcap).reshape(b, kh, t, r, -1)
@@ -770,27 +792,12 @@ def _bkqs_mask(allowed_BTS, r: int):
                           (b, 1, t, r, s)).reshape(b, 1, t * r, s)
 
 
-def _heads_first(x_BSKH: jax.Array) -> jax.Array:
-  """[B, S, K, H] -> [B, K, S, H] as a materialised row-major array: S is
-  split in two and merged back after the transpose, so XLA:CPU sees a
-  reshape (a row-major operand) at the dot, not a transpose it would read
-  in place (and then run the dot on f32 copies)."""
-  b, s, k, h = x_BSKH.shape
-  a = _row_split(s)
-  return jnp.transpose(x_BSKH.reshape(b, a, s // a, k, h),
-                       (0, 3, 1, 2, 4)).reshape(b, k, s, h)
+_BATCH2 = ((0, 1), (0, 1))
 
 
 def _swap_last(x_BKQS: jax.Array) -> jax.Array:
-  """[B, K, Q, S] -> [B, K, S, Q] as a materialised array (see
-  `_bf16_cpu_dot`: Q is split in two so that XLA keeps the copy)."""
-  b, k, q, s = x_BKQS.shape
-  a = _row_split(q)
-  return jnp.transpose(x_BKQS.reshape(b, k, a, q // a, s),
-                       (0, 1, 4, 2, 3)).reshape(b, k, s, q)
-
-
-_BATCH2 = ((0, 1), (0, 1))
+  """[B, K, Q, S] -> [B, K, S, Q], materialised (`_kept_transpose`)."""
+  return _kept_transpose(x_BKQS, (0, 1, 3, 2), split=2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -799,7 +806,7 @@ def _bf16_cpu_attention(q_BKQH, k_BKSH, v_BKSH, allowed_BTS, scale, softcap):
   on a CPU backend, with every product in a form XLA:CPU runs on bfloat16
   operands (see `_bf16_cpu_dot`): q k^T and dO v^T contract the last axes
   of both, P V, dS K are plain, and P^T dO, dS^T Q multiply materialised
-  transposes. Scores, softmax and its derivative are f32; P and dS are
+  transposes (as are k and v, moved head-first by the caller). Scores, softmax and its derivative are f32; P and dS are
   rounded to bfloat16 for the products, as autodiff of `full_attention`
   rounds P. The GRPO bench's bfloat16 update: 0.42 -> 0.40 s.
   """
@@ -959,9 +966,7 @@ class Transformer(nnx.Module):
       mask_BT = jnp.ones((b, t), bool)
     mask_BT = mask_BT.astype(bool)
     idx = jnp.arange(t)
-    kinds = {}
-    for layer in self.layers:
-      kinds.setdefault(layer.attn.local_rope, layer.attn)
+    kinds = self._rope_kinds()
     if positions_BT is None:
       positions_BT = default_positions(mask_BT)
       # Counted positions lie in [0, T): their cos/sin are rows of a table
@@ -993,6 +998,14 @@ class Transformer(nnx.Module):
       kvs.append(kv)
     h = self.final_norm(x)
     return (h, kvs) if return_kv else h
+
+  def _rope_kinds(self) -> dict:
+    """{`Attention.local_rope`: one layer's attention} per kind of rotary
+    frequencies among the layers (their `rope_angles` are shared)."""
+    kinds = {}
+    for layer in self.layers:
+      kinds.setdefault(layer.attn.local_rope, layer.attn)
+    return kinds
 
   def __call__(self, tokens_BT, positions_BT=None, mask_BT=None) -> jax.Array:
     """Returns f32 logits [B, T, V]; see `hidden_states` for the arguments."""
@@ -1065,9 +1078,7 @@ class Transformer(nnx.Module):
     # The rotary angles of this step, once for all layers (once per kind when
     # sliding layers have their own base); the barrier keeps XLA from
     # recomputing cos/sin inside every fusion that reads them.
-    kinds = {}
-    for layer in self.layers:
-      kinds.setdefault(layer.attn.local_rope, layer.attn)
+    kinds = self._rope_kinds()
     angles = jax.lax.optimization_barrier(
         {kind: attn.rope_angles(positions_BG) for kind, attn in kinds.items()})
     pmask, pmask_local = cache.prefix_mask, None
@@ -1119,8 +1130,7 @@ def _store_bits(write, cache: jax.Array, new: jax.Array) -> jax.Array:
   back) instead of in place: the GRPO bench's bfloat16 decoding spent 95 us
   per layer and step on it, against 10 us in f32. A bit copy stores the
   same values."""
-  if jnp.dtype(cache.dtype).itemsize != 2 or not jnp.issubdtype(
-      cache.dtype, jnp.floating):
+  if not _low_precision(cache.dtype):
     return write(cache, new)
   bits = jax.lax.bitcast_convert_type
   return bits(write(bits(cache, jnp.uint16), bits(new, jnp.uint16)),
