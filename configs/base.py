@@ -84,6 +84,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                              # micro-batch run at the smallest of this many
                              # widths holding its rows (same update, fewer
                              # padded tokens; most with num_microbatches > 1)
+      share_prompt="auto",   # run each group's prompt once in the update's
+                             # scoring passes: "auto" where the layout allows
+                             # (num_minibatches=1, no length buckets, whole
+                             # groups per micro-batch), "on" (refused where
+                             # it does not), "off"
       clip_low=0.2,
       clip_high=0.2,
       dual_clip=0.0,         # 0 disables

@@ -11,7 +11,7 @@
       [--samples_per_prompt=8] [--new_tokens=64] [--prompt_len=16] \
       [--repeats=3] [--warmup_steps=3] [--preset=...] [--notrl] \
       [--noroofline] [--profile] [--host_memory=auto] [--host_layout=split] \
-      [--precision=bfloat16]
+      [--precision=bfloat16] [--noshare_prompt]
 
 What can be measured (the positional argument):
   generate   tokens/s of `rlax_llm.sampling.generate_on_mesh_jit` (prefill +
@@ -45,7 +45,11 @@ What can be measured (the positional argument):
              recomputes them). The update's FLOPs are
                F_update = 6 W_blk N S + 6 D V N T + 12 L Hq H N S^2,
              S = P + T (`update_flops`: ~6 x params x tokens plus
-             attention). TRL is optional (the `bench` extra): without it
+             attention). rlax_llm's update runs each prompt once for its G
+             samples, as the experiment loop does (rl.share_prompt "auto";
+             --noshare_prompt: once per sample), so it computes
+             `rlax_update_flops` (fewer), against which its roofline
+             fraction is taken. TRL is optional (the `bench` extra): without it
              the record has "trl": null and `trl_unavailable`. --profile
              adds the update's parts (scoring forward, backward, optimiser,
              the rest), each compiled and timed on its own. By default
@@ -182,6 +186,11 @@ _PRECISION = flags.DEFINE_enum(
     "bfloat16 mixed precision (f32 parameters and optimiser; rlax_llm's "
     "ModelConfig.dtype, TRL's bf16=True, its default). The roofline is "
     "measured in the same precision.")
+_SHARE_PROMPT = flags.DEFINE_bool(
+    "share_prompt", True, "grpo_step: rlax_llm's update runs each prompt's "
+    "layers once for its G samples (make_rl_step(prompt_group=G), what the "
+    "experiment loop's rl.share_prompt='auto' does here); --noshare_prompt "
+    "runs them once per sample, as TRL does.")
 _PROFILE = flags.DEFINE_bool(
     "profile", False, "grpo_step: also time the parts of rlax_llm's update "
     "(scoring forward, backward, optimiser), each compiled on its own.")
@@ -931,7 +940,7 @@ def update_matmul_shapes(cfg, sequences: int, prompt_len: int,
 
 
 def score_forward_flops(cfg, sequences: int, prompt_len: int,
-                        new_tokens: int) -> int:
+                        new_tokens: int, prompt_group: int = 1) -> int:
   """Model FLOPs of scoring N rollouts once (the update's forward).
 
     F_fwd = 2 W_blk N S + 2 D V N T + 4 L Hq H N S^2,   S = P + T,
@@ -942,17 +951,28 @@ def score_forward_flops(cfg, sequences: int, prompt_len: int,
   token is predicted (N T rows); attention q.k and p.v over all S positions
   of each sequence (2 FLOPs per multiply-add, the causal mask not
   subtracted, as PaLM's MFU counts it).
+
+  With `prompt_group` G > 1 (`score_completions(prompt_group=G)`) the
+  blocks run each of the B = N / G prompts once and the N completions
+  without their last token (it predicts nothing), whose queries see the
+  prompt's P keys and their own:
+    F_fwd = 2 W_blk (B P + N T') + 2 D V N T
+            + 4 L Hq H (B P^2 + N T' (P + T')),   T' = T - 1.
   """
-  s = prompt_len + new_tokens
   w_blk = decode_matmul_params(cfg) - cfg.embed_dim * cfg.vocab_size
-  attention = (4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
-               * sequences * s * s)
-  return (2 * w_blk * sequences * s
-          + 2 * cfg.embed_dim * cfg.vocab_size * sequences * new_tokens
-          + attention)
+  head = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+  output = 2 * cfg.embed_dim * cfg.vocab_size * sequences * new_tokens
+  p = prompt_len
+  if prompt_group > 1:
+    b, t1 = sequences // prompt_group, new_tokens - 1
+    return (2 * w_blk * (b * p + sequences * t1) + output
+            + head * (b * p * p + sequences * t1 * (p + t1)))
+  s = p + new_tokens
+  return 2 * w_blk * sequences * s + output + head * sequences * s * s
 
 
-def update_flops(cfg, sequences: int, prompt_len: int, new_tokens: int) -> int:
+def update_flops(cfg, sequences: int, prompt_len: int, new_tokens: int,
+                 prompt_group: int = 1) -> int:
   """FLOPs of one update's forward + backward: 3 x `score_forward_flops`.
 
     F_update = 6 W_blk N S + 6 D V N T + 12 L Hq H N S^2
@@ -960,7 +980,8 @@ def update_flops(cfg, sequences: int, prompt_len: int, new_tokens: int) -> int:
   (~6 x params x tokens plus attention); the backward is twice the forward.
   The optimiser's elementwise work is not counted.
   """
-  return 3 * score_forward_flops(cfg, sequences, prompt_len, new_tokens)
+  return 3 * score_forward_flops(cfg, sequences, prompt_len, new_tokens,
+                                prompt_group)
 
 
 def synthetic_reward(completion_ids) -> list[float]:
@@ -1033,7 +1054,8 @@ def grpo_optimizer():
 
 def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
                    new_tokens: int, repeats: int, warmup: int, seed: int,
-                   layout: str, profile: bool = False) -> dict[str, Any]:
+                   layout: str, profile: bool = False,
+                   share_prompt: bool = True) -> dict[str, Any]:
   """Times rlax_llm's GRPO step as the experiment loop composes it.
 
   One step: `generate_on_mesh_jit` (B prompts x G samples, fetched to the
@@ -1047,10 +1069,14 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
   places them: generate on a "data" mesh over the most devices that divide
   B, the update on that mesh or on its first device alone (then the
   parameters go to the generate mesh first, counted in `generate_s`).
+  With `share_prompt` the update scores each prompt once for its G samples
+  (`make_rl_step(prompt_group=G)`, as the experiment loop does for this
+  layout), else once per sample.
 
   Returns:
     {"step_s", "generate_s", "score_s" (reward + advantages + batch),
      "update_s", each with `_all` and `_spread`; "warmup_s", "host_layout",
+     "prompt_group",
      "mesh" (the update's), "generate_mesh", "reward_mean", "loss";
      "profile" with `profile` (see `profile_rlax_update`)}, and the initial
      parameters under "_params" (for the export; removed before printing).
@@ -1076,9 +1102,10 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
   params0 = jax.device_get(state.params)
   graphdef = state_lib.model_graphdef(model_cfg)
   method = get_method("grpo", max_new_tokens=t)
+  prompt_group = g if share_prompt else 1
   rl_step = steps_lib.jit_step(
       steps_lib.make_rl_step(graphdef, optimizer, method.policy_loss,
-                             mesh=mesh),
+                             mesh=mesh, prompt_group=prompt_group),
       shardings, mesh)
   sampler = SamplerConfig(1.0, 0, 1.0, 0.0).validate()
   mask_BP = np.ones(prompt_BP.shape, bool)
@@ -1128,23 +1155,25 @@ def rlax_grpo_step(model_cfg, prompt_BP, *, samples_per_prompt: int,
   rec = {**_spread("step", steps_s), **_spread("generate", gen_s),
          **_spread("score", score_s), **_spread("update", upd_s),
          "warmup_s": warmup_s, "host_layout": layout,
+         "prompt_group": prompt_group,
          "mesh": dict(mesh.shape), "generate_mesh": dict(gen_mesh.shape),
          "reward_mean": float(reward_N.mean()),
          "loss": float(metrics["loss"]), "_params": params0}
   if profile:
     rec["profile"] = profile_rlax_update(
         graphdef, state, mesh, batch, rl_step, optimizer,
-        method.policy_loss, repeats=repeats)
+        method.policy_loss, repeats=repeats, prompt_group=prompt_group)
   return rec
 
 
 def profile_rlax_update(graphdef, state, mesh, batch, rl_step,
-                        optimizer, policy_loss, *,
-                        repeats: int) -> dict[str, Any]:
+                        optimizer, policy_loss, *, repeats: int,
+                        prompt_group: int = 1) -> dict[str, Any]:
   """Times the parts of rlax_llm's update, each compiled on its own.
 
   On the step's batch and parameters, on the same mesh: `forward_s` the
-  scoring forward and the policy loss (`training.score_completions` +
+  scoring forward (with the step's `prompt_group`) and the policy loss
+  (`training.score_completions` +
   the GRPO loss), `forward_backward_s` its `jax.value_and_grad`,
   `backward_s` their difference, `optimizer_s` the clipped AdamW update
   and `apply_updates` on those gradients, and `update_s` the whole jitted
@@ -1171,7 +1200,8 @@ def profile_rlax_update(graphdef, state, mesh, batch, rl_step,
 
   def loss(params, b):
     scores = score_completions(graphdef, params, b.prompt, b.prompt_mask,
-                               b.completion, b.completion_mask)
+                               b.completion, b.completion_mask,
+                               prompt_group=prompt_group)
     return policy_loss(scores.logp, b.old_logp, b.advantages,
                        b.completion_mask.astype(bool), num_tokens=num_tokens,
                        num_seqs=num_seqs)[0]
@@ -1398,7 +1428,8 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
                     trl: bool = True, roofline: bool = True,
                     profile: bool = False,
                     layout: str = "split",
-                    precision: str = "bfloat16") -> dict[str, Any]:
+                    precision: str = "bfloat16",
+                    share_prompt: bool = True) -> dict[str, Any]:
   """One whole GRPO step in rlax_llm and in TRL's GRPOTrainer.
 
   B prompts of P random word tokens x G samples x T new tokens: generate,
@@ -1464,6 +1495,9 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
       "sequences": n, "prompt_len": prompt_len, "new_tokens": new_tokens,
       "repeats": repeats, "warmup_steps": warmup, "precision": precision,
       "update_flops": update_flops(model_cfg, n, prompt_len, new_tokens),
+      "rlax_update_flops": update_flops(
+          model_cfg, n, prompt_len, new_tokens,
+          samples_per_prompt if share_prompt else 1),
       "generate_flops": n * new_tokens * decode_flops_per_token(
           model_cfg, prompt_len, new_tokens),
       **_device_info(),
@@ -1471,7 +1505,8 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
   ours = rlax_grpo_step(model_cfg, prompt_BP,
                         samples_per_prompt=samples_per_prompt,
                         new_tokens=new_tokens, repeats=repeats, seed=seed,
-                        warmup=warmup, layout=layout, profile=profile)
+                        warmup=warmup, layout=layout, profile=profile,
+                        share_prompt=share_prompt)
   params0 = ours.pop("_params")
   graphdef = state_lib.model_graphdef(f32_cfg)
   rec["rlax"] = ours
@@ -1505,21 +1540,25 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
                                                       new_tokens),
                           dtype=precision)
     g_rate, u_rate = gen["roofline_flops_per_s"], upd["roofline_flops_per_s"]
-    g_flops, u_flops = rec["generate_flops"], rec["update_flops"]
-    step_rate = (g_flops + u_flops) / (g_flops / g_rate + u_flops / u_rate)
+    g_flops = rec["generate_flops"]
+
+    def step_rate(u_flops):  # the FLOP-weighted roofline of both parts
+      return (g_flops + u_flops) / (g_flops / g_rate + u_flops / u_rate)
+
     rec["roofline"] = {
         "dtype": precision,
         "generate_flops_per_s": g_rate, "update_flops_per_s": u_rate,
-        "step_flops_per_s": step_rate,
+        "step_flops_per_s": step_rate(rec["update_flops"]),
         "peak_flops_per_s": max(gen["peak_flops_per_s"],
                                 upd["peak_flops_per_s"]),
         "generate_matmul_flops_per_s": gen["matmul_flops_per_s"],
         "update_matmul_flops_per_s": upd["matmul_flops_per_s"]}
-    for side in (ours, theirs):
+    for side, u_flops in ((ours, rec["rlax_update_flops"]),
+                          (theirs, rec["update_flops"])):
       if side is None:
         continue
       side["step_roofline_fraction"] = (
-          (g_flops + u_flops) / side["step_s"] / step_rate)
+          (g_flops + u_flops) / side["step_s"] / step_rate(u_flops))
       for part, flops, rate in (("generate", g_flops, g_rate),
                                 ("update", u_flops, u_rate)):
         side[f"{part}_roofline_fraction"] = (
@@ -1527,7 +1566,8 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
             if side.get(f"{part}_s") is not None else None)
     prof = ours.get("profile")
     if prof:
-      fwd = score_forward_flops(model_cfg, n, prompt_len, new_tokens)
+      fwd = score_forward_flops(model_cfg, n, prompt_len, new_tokens,
+                                ours["prompt_group"])
       prof["forward_roofline_fraction"] = fwd / prof["forward_s"] / u_rate
       prof["backward_roofline_fraction"] = (
           2 * fwd / prof["backward_s"] / u_rate
@@ -1567,7 +1607,7 @@ def _run_grpo_step() -> list[dict[str, Any]]:
       repeats=_REPEATS.value or 3, warmup=_WARMUP.value, preset=_PRESET.value,
       seed=_SEED.value, trl=_TRL.value, roofline=_ROOFLINE.value,
       profile=_PROFILE.value, layout=_HOST_LAYOUT.value,
-      precision=_PRECISION.value)]
+      precision=_PRECISION.value, share_prompt=_SHARE_PROMPT.value)]
 
 
 # XRPO's allocator -----------------------------------------------------------------

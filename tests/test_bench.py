@@ -238,6 +238,13 @@ GRPO_SMOKE = ("--preset=tiny", "--step_prompts=2", "--samples_per_prompt=2",
 #   6 D V N T         = 6 * 128 * 512 * 4 * 4    =   6,291,456
 #   12 L Hq H N S^2   = 12 * 2 * 4 * 32 * 4 * 144 =   1,769,472
 SMOKE_UPDATE_FLOPS = 113_246_208 + 6_291_456 + 1_769_472  # 121,307,136
+# rlax_llm's update with each prompt run once for its G = 2 samples: B = 2
+# prompts of P = 8 tokens and N = 4 completions of T' = 3 tokens (the last
+# completion token predicts nothing):
+#   6 W_blk (B P + N T')              = 6 * 393216 * 28        = 66,060,288
+#   6 D V N T                         =                           6,291,456
+#   12 L Hq H (B P^2 + N T' (P + T')) = 3072 * (128 + 132)     =    798,720
+SMOKE_SHARED_UPDATE_FLOPS = 66_060_288 + 6_291_456 + 798_720  # 73,150,464
 # Decode: 2 (393,216 + 128 * 512) + 4 * 2 * 4 * 32 * (8 + 2.5) = 928,256 per
 # token, 16 tokens.
 SMOKE_GENERATE_FLOPS = 16 * 928_256
@@ -270,8 +277,10 @@ def test_grpo_step_json_rlax_only(forks):
   # 2 (128 * 32 * 12 + 3 * 128 * 384 + 2 * 128) + 512 * 128 + 128.
   assert rec["params"] == 459_392 and rec["vocab"] == 512
   assert rec["update_flops"] == SMOKE_UPDATE_FLOPS
+  assert rec["rlax_update_flops"] == SMOKE_SHARED_UPDATE_FLOPS
   assert rec["generate_flops"] == SMOKE_GENERATE_FLOPS
   ours = rec["rlax"]
+  assert ours["prompt_group"] == 2  # each prompt once for its 2 samples
   for part in ("step", "generate", "score", "update"):
     _check_spread(ours, part, 2)
   for step, gen, score, upd in zip(ours["step_s_all"], ours["generate_s_all"],
@@ -290,8 +299,8 @@ def test_grpo_step_json_rlax_only(forks):
       prof["update_s"] - prof["forward_backward_s"] - prof["optimizer_s"])
   # XLA's own count of the compiled forward: the model FLOPs plus a little
   # elementwise work (norms, softmax, rotary, the loss).
-  assert (SMOKE_UPDATE_FLOPS / 3 <= prof["forward_xla_flops"]
-          <= 1.2 * SMOKE_UPDATE_FLOPS / 3)
+  assert (SMOKE_SHARED_UPDATE_FLOPS / 3 <= prof["forward_xla_flops"]
+          <= 1.2 * SMOKE_SHARED_UPDATE_FLOPS / 3)
 
 
 def test_grpo_flops_of_the_benchmark_policy():
@@ -306,6 +315,13 @@ def test_grpo_flops_of_the_benchmark_policy():
               + 12 * 4 * 8 * 32 * 64 * 80 * 80)
   assert expected == 125_023_813_632
   assert bench.update_flops(cfg, 64, 16, 64) == expected
+  # Each of the 8 prompts once for its 8 samples: 8 x 16 prompt tokens and
+  # 64 x 63 completion tokens through the blocks; the completions' queries
+  # see 16 + 63 keys.
+  shared = (6 * 3_801_088 * (8 * 16 + 64 * 63) + 6 * 256 * 512 * 64 * 64
+            + 12 * 4 * 8 * 32 * (8 * 16 * 16 + 64 * 63 * 79))
+  assert shared == 102_035_619_840  # 18% fewer
+  assert bench.update_flops(cfg, 64, 16, 64, prompt_group=8) == shared
   # The matmuls the roofline times carry all but the attention FLOPs.
   shapes = bench.update_matmul_shapes(cfg, 64, 16, 64)
   matmul = sum(2 * m * k * n * c for _, m, k, n, c in shapes)
@@ -412,8 +428,11 @@ def test_grpo_step_without_trl_reports_null_with_the_reason(monkeypatch):
   rec = bench.bench_grpo_step(num_prompts=2, samples_per_prompt=2,
                               new_tokens=4, prompt_len=8, repeats=1,
                               warmup=1, preset="tiny", trl=True,
-                              roofline=False, precision="float32")
+                              roofline=False, precision="float32",
+                              share_prompt=False)
   assert rec["precision"] == "float32" and np.isfinite(rec["rlax"]["loss"])
+  assert rec["rlax"]["prompt_group"] == 1  # every row its own prompt pass
+  assert rec["rlax_update_flops"] == rec["update_flops"]
   assert rec["trl"] is None
   assert "trl" in rec["trl_unavailable"]
   assert "pip install trl" in rec["trl_unavailable"]

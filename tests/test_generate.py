@@ -56,6 +56,13 @@ def test_rollout_logp_equals_trainer_recomputation(side, sampler):
                                  temperature=sampler.temperature)
   np.testing.assert_allclose(np.asarray(scores.logp), np.asarray(ro.logp),
                              atol=1e-5)
+  # The update's shared-prompt scoring: each prompt's layers once for its G.
+  shared = score_completions_jit(graphdef, params, np.repeat(p, g, 0),
+                                 np.repeat(m, g, 0), ro.tokens, ro.mask,
+                                 temperature=sampler.temperature,
+                                 prompt_group=g)
+  np.testing.assert_allclose(np.asarray(shared.logp), np.asarray(ro.logp),
+                             atol=1e-5)
   assert np.asarray(ro.mask).sum() > 12  # something was generated
 
 

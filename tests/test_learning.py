@@ -131,7 +131,7 @@ def _learn(name, sft_dir, tmp_path, **kwargs):
   state, _ = ckpt.restore(latest, abstract, sh)
   _, rl_sh = exp.rl_state_shardings()
   state = exp.to_rl_state(state, rl_sh)
-  rl_step = steps_lib.jit_step(exp.make_rl_step(), rl_sh, exp.mesh)
+  rl_step = exp.jit_rl_step(rl_sh)
   before = _expected_reward(exp, exp.policy_params(state))
   for step in range(latest, latest + rl_steps):
     batch, _ = exp.rollout(state, step)
@@ -215,7 +215,7 @@ def test_lora_grpo_raises_expected_reward_with_a_free_reference(sft_dir,
   state = exp.to_rl_state(state, rl_sh)
   assert isinstance(state, state_lib.TrainState)  # no reference copy
   base = jax.tree.map(np.asarray, state.params)
-  rl_step = steps_lib.jit_step(exp.make_rl_step(), rl_sh, exp.mesh)
+  rl_step = exp.jit_rl_step(rl_sh)
   before = _expected_reward(exp, state.params)
   kls = []
   for step in range(RL_STEPS):

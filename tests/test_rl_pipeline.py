@@ -174,10 +174,13 @@ def test_rollout_correction_and_kl_loss_in_the_update(engine, tmp_path,
   abstract, rl_sh = exp.rl_state_shardings()
   state = exp.to_rl_state(sft, rl_sh)
   assert isinstance(state, state_lib.RefState)
-  step = steps_lib.jit_step(exp.make_rl_step(), rl_sh, exp.mesh)
+  step = exp.jit_rl_step(rl_sh)
   batch, _ = exp.rollout(state, STEP)
   state, m = step(state, batch)
   m = jax.device_get(m)
+  # Every engine's groups share their prompt: the scoring passes run each
+  # prompt once (rl.share_prompt "auto").
+  assert m["shared_prompt"] == 1
   # Fresh rollouts of the same policy: weights are 1 up to f32 rounding, the
   # reference equals the policy at the step's start.
   np.testing.assert_allclose(m["rc_is_weight_mean"], 1.0, atol=1e-4)

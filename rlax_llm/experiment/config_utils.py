@@ -89,6 +89,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(buckets, int) and buckets >= 0,
            f"rl.length_buckets must be an int >= 0 (0 disables), got "
            f"{buckets!r}.")
+  share = c.rl.get("share_prompt", "off")
+  _require(share in SHARE_PROMPT_MODES,
+           f"rl.share_prompt must be one of {SHARE_PROMPT_MODES}, got "
+           f"{share!r}.")
+  if share == "on":
+    _require(share_prompt_blocker(c) is None,
+             f"rl.share_prompt='on' cannot work here: "
+             f"{share_prompt_blocker(c)}. Use rl.share_prompt='auto' (on "
+             "where it can be) or 'off'.")
   _require(c.eval.num_samples >= 0,
            f"eval.num_samples must be >= 0, got {c.eval.num_samples}.")
   if "reward" in c:
@@ -100,6 +109,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
     section, field = name.split(".")
     _require(c[section][field] > 0,
              f"{name} must be > 0, got {c[section][field]}.")
+
+
+SHARE_PROMPT_MODES = ("auto", "on", "off")
+
+
+def share_prompt_blocker(config: ml_collections.ConfigDict) -> str | None:
+  """Why the update cannot score each group's prompt once, or None.
+
+  Shared-prompt scoring (`steps.make_rl_step(prompt_group=G)`, G =
+  rl.num_samples) needs each micro-batch to hold whole groups in order.
+  """
+  rl = config.rl
+  if rl.num_samples < 2:
+    return f"rl.num_samples={rl.num_samples} gives groups of one row"
+  if rl.num_minibatches > 1:
+    return (f"rl.num_minibatches={rl.num_minibatches} draws each "
+            "minibatch's rows at random")
+  if rl.get("length_buckets", 0):
+    return (f"rl.length_buckets={rl.length_buckets} orders the rows by "
+            "length")
+  rows = rl.prompts_per_step * rl.num_samples
+  if rows % rl.num_microbatches or (rows // rl.num_microbatches) % (
+      rl.num_samples):
+    return (f"micro-batches of {rows} / rl.num_microbatches="
+            f"{rl.num_microbatches} rows do not hold whole groups of "
+            f"rl.num_samples={rl.num_samples}")
+  return None
+
+
+def prompt_group(config: ml_collections.ConfigDict) -> int:
+  """G of the update's shared-prompt scoring (`rl.share_prompt`), 1 when off.
+  """
+  share = config.rl.get("share_prompt", "off")
+  if share == "off" or share_prompt_blocker(config) is not None:
+    return 1
+  return int(config.rl.num_samples)
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -152,7 +197,7 @@ RESUMABLE_CHANGES = ("progress", "eval.", "checkpoint.", "mesh.", "rl.steps",
 # Fields added to configs/base.py after runs were stored, with the value that
 # reproduces what those runs computed: a stored config without the field
 # resumes when the new config holds that value.
-ADDED_FIELDS = {"rl.length_buckets": 0}
+ADDED_FIELDS = {"rl.length_buckets": 0, "rl.share_prompt": "off"}
 
 
 def _flat_values(config: ml_collections.ConfigDict, prefix: str = ""):

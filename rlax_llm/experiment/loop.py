@@ -59,6 +59,7 @@ from rlax_llm.training import metrics as metrics_lib
 from rlax_llm.training import ppo as ppo_lib
 from rlax_llm.training import state as state_lib
 from rlax_llm.training import steps as steps_lib
+from rlax_llm.training import scoring as scoring_lib
 from rlax_llm.training.scoring import score_completions_jit
 
 
@@ -417,7 +418,10 @@ class Experiment:
   def policy_params(state):
     return _policy_of(state).params
 
-  def make_rl_step(self):
+  def make_rl_step(self, prompt_group: int = 1):
+    """The update step of the config's method (`steps.make_rl_step` or
+    `ppo.make_ppo_step`), scoring groups of `prompt_group` rows that share
+    a prompt once per prompt when > 1 (see `jit_rl_step`)."""
     c = self.config
     common = dict(temperature=c.rl.temperature, num_epochs=c.rl.num_epochs,
                   num_minibatches=c.rl.num_minibatches,
@@ -426,6 +430,7 @@ class Experiment:
                   logprob_chunk=c.rl.get("logprob_chunk", 0),
                   vocab_chunk=c.rl.get("vocab_chunk", 0) or None,
                   entropy_coef=c.rl.entropy_coef, mesh=self.mesh,
+                  prompt_group=prompt_group,
                   **pipeline.update_options(
                       c, self.method, max_new_tokens=self.max_new_tokens))
     if self.use_ref and self.lora:
@@ -438,6 +443,31 @@ class Experiment:
           aggregation=c.rl.aggregation, **common)
     return steps_lib.make_rl_step(self.graphdef, self.rl_opt,
                                   self.method.policy_loss, **common)
+
+  def jit_rl_step(self, shardings):
+    """`rl_step(state, batch) -> (state, metrics)`, compiled (`jit_step`).
+
+    With `rl.share_prompt` on (`config_utils.prompt_group` G > 1), a batch
+    whose rows come in groups of G sharing one prompt
+    (`scoring.prompt_groups_shared`, checked on the host) takes the update
+    that runs each prompt's layers once per group; any other batch (XRPO's
+    seeded or compacted rows) takes the plain update. The metric
+    `shared_prompt` (1 or 0) says which ran.
+    """
+    g = config_utils.prompt_group(self.config)
+    plain = steps_lib.jit_step(self.make_rl_step(), shardings, self.mesh)
+    if g == 1:
+      return plain
+    shared = steps_lib.jit_step(self.make_rl_step(prompt_group=g), shardings,
+                                self.mesh)
+
+    def call(state, batch):
+      if scoring_lib.prompt_groups_shared(batch.prompt, batch.prompt_mask, g):
+        state, metrics = shared(state, batch)
+        return state, dict(metrics, shared_prompt=np.float32(1))
+      state, metrics = plain(state, batch)
+      return state, dict(metrics, shared_prompt=np.float32(0))
+    return call
 
   def data_metrics(self) -> dict[str, float]:
     """The train stream's data/... metrics of this step (if it has any)."""
@@ -619,7 +649,7 @@ class _Loop:
 
   def rl_phase(self, state, step):
     exp, c = self.exp, self.exp.config
-    rl_step = steps_lib.jit_step(exp.make_rl_step(), self.rl_sh, exp.mesh)
+    rl_step = exp.jit_rl_step(self.rl_sh)
     every = int(c.rl.ref_reset_every)
     while step < exp.total_steps:
       t0 = time.time()

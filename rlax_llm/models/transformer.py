@@ -705,17 +705,25 @@ class DecoderLayer(nnx.Module):
       y = self.mlp_post_norm(y)
     return x + y
 
-  def __call__(self, x, positions, allowed, rope_cs=None):
+  def __call__(self, x, positions, allowed, rope_cs=None, prefix_kv=None):
     """One block over a full sequence: x [B, T, D] -> (x', (k, v)).
 
     `allowed` [B, T, S] bool marks the keys each query sees (the caller
     narrows it to the window for a sliding-window layer). `rope_cs`, this
     layer's `rope_angles(positions)` computed by the caller, replaces
-    computing them here.
+    computing them here. `prefix_kv`, keys and values [B, P, K, H] of
+    tokens before the sequence (this layer's, computed by an earlier
+    pass), are put before the sequence's own: then S = P + T and `allowed`
+    covers both. The returned (k, v) are the sequence's own.
     """
     q, k, v = self.attn.qkv(self.attn_norm(x), positions, rope_cs=rope_cs)
     cfg = self.attn.cfg
-    o = full_attention(q, k, v, allowed, scale=self.attn.score_scale,
+    keys, values = k, v
+    if prefix_kv is not None:
+      pk, pv = prefix_kv
+      keys = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+      values = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+    o = full_attention(q, keys, values, allowed, scale=self.attn.score_scale,
                        softcap=cfg.attn_logit_softcap)
     x = self.attn_residual(x, o)
     x = self.mlp_residual(x)
@@ -998,6 +1006,76 @@ class Transformer(nnx.Module):
       kvs.append(kv)
     h = self.final_norm(x)
     return (h, kvs) if return_kv else h
+
+  def continuation_hidden_states(self, prompt_BP, prompt_mask_BP, tokens_NT,
+                                 mask_NT):
+    """Final-norm hidden states of N = B G continuations of B prompts, with
+    each prompt's layers run once instead of once per continuation.
+
+    Row n of `tokens_NT` continues prompt n // G. Each continuation's hidden
+    states are those of a causal pass over [prompt_BP[n // G] |
+    tokens_NT[n]] with `hidden_states`' default positions and masks (equal
+    up to float rounding): the prompt pass gives every layer's keys and
+    values, and the continuation's queries attend to them (broadcast to the
+    G rows; their gradients are summed over the G rows) and to its own
+    tokens. GRPO-style groups score G completions of one prompt, so the
+    prompt's share of the work is done 1/G as often.
+
+    Args:
+      prompt_BP: int prompt ids, padded on either side.
+      prompt_mask_BP: bool valid prompt tokens; every row needs at least one.
+      tokens_NT: int continuation ids, N a multiple of B.
+      mask_NT: bool valid continuation tokens.
+
+    Returns:
+      (h_last_BD: hidden state of each prompt's last valid token,
+       h_NTD: hidden states of the continuation tokens).
+    """
+    b, p = prompt_BP.shape
+    n, t = tokens_NT.shape
+    if n % b:
+      raise ValueError(f"{n} continuations do not split into groups of the "
+                       f"{b} prompts; give each prompt the same number of "
+                       "rows.")
+    g = n // b
+    cfg = self.cfg
+    pmask = prompt_mask_BP.astype(bool)
+    mask = mask_NT.astype(bool)
+    h_p, kvs = self.hidden_states(prompt_BP, None, pmask, return_kv=True)
+    last = p - 1 - jnp.argmax(pmask[:, ::-1], axis=-1)
+    h_last = jnp.take_along_axis(h_p, last[:, None, None], axis=1)[:, 0]
+    if t == 0:
+      return h_last, jnp.zeros((n, 0, h_p.shape[-1]), h_p.dtype)
+
+    def rows(x):  # [B, ...] -> [N, ...]: prompt b for rows b G .. b G + G-1
+      return jnp.broadcast_to(x[:, None], (b, g) + x.shape[1:]).reshape(
+          (n,) + x.shape[1:])
+
+    plen = rows(jnp.sum(pmask, axis=-1).astype(jnp.int32))
+    # The positions `hidden_states` counts over [prompt | continuation].
+    positions = jnp.maximum(
+        plen[:, None] + jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+    idx = jnp.arange(p + t)
+    rope = {kind: tuple(c[positions] for c in attn.rope_angles(idx))
+            for kind, attn in self._rope_kinds().items()}
+    tidx = jnp.arange(t)
+    own = ((tidx[:, None] >= tidx[None, :]) & mask[:, None, :]) | (
+        tidx[:, None] == tidx[None, :])
+    pm = rows(pmask)
+    allowed = jnp.concatenate(
+        [jnp.broadcast_to(pm[:, None, :], (n, t, p)), own], axis=-1)
+    if any(cfg.sliding_layers):
+      key_pos = jnp.concatenate([rows(default_positions(pmask)), positions],
+                                axis=-1)
+      allowed_local = allowed & (
+          positions[:, :, None] - key_pos[:, None, :] < cfg.sliding_window)
+    x = self.embed(tokens_NT)
+    block = _block_fn(cfg)
+    for layer, (pk, pv) in zip(self.layers, kvs):
+      visible = allowed_local if layer.attn.sliding else allowed
+      x, _ = block(layer, x, positions, visible, rope[layer.attn.local_rope],
+                   (rows(pk), rows(pv)))
+    return h_last, self.final_norm(x)
 
   def _rope_kinds(self) -> dict:
     """{`Attention.local_rope`: one layer's attention} per kind of rotary

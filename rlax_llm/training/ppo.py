@@ -143,7 +143,7 @@ def make_ppo_step(graphdef: nnx.GraphDef, policy_opt, critic_opt,
                   kl_norm_constant: float | None = None,
                   recompute_old_logp: bool = False,
                   rollout_correction=None, mesh=None,
-                  length_buckets: int = 0):
+                  length_buckets: int = 0, prompt_group: int = 1):
   """Returns `ppo_step(PPOState, RLBatch) -> (PPOState, metrics)`.
 
   The batch's `reward` field holds each sequence's reward; the step turns it
@@ -165,8 +165,9 @@ def make_ppo_step(graphdef: nnx.GraphDef, policy_opt, critic_opt,
     whiten_advantages: normalise GAE advantages over the batch's tokens.
     aggregation: aggregation of the value and KL losses.
     logprob_chunk, vocab_chunk, entropy_coef, kl_*, use_ref,
-      recompute_old_logp, rollout_correction, length_buckets: as in
-      `steps.make_rl_step`.
+      recompute_old_logp, rollout_correction, length_buckets, prompt_group:
+      as in `steps.make_rl_step` (the critic's values are computed over whole
+      rows).
   """
   critic = steps_lib.Critic(
       values=lambda c_params, b: critic_values(
@@ -187,7 +188,7 @@ def make_ppo_step(graphdef: nnx.GraphDef, policy_opt, critic_opt,
       kl_in_reward=kl_in_reward, use_ref=use_ref,
       recompute_old_logp=recompute_old_logp,
       rollout_correction=rollout_correction, mesh=mesh,
-      length_buckets=length_buckets)
+      length_buckets=length_buckets, prompt_group=prompt_group)
 
   def ppo_step(state, batch):
     inner, ref = (state.train, state.ref) if use_ref else (state, None)

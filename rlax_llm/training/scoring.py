@@ -15,6 +15,7 @@ from typing import NamedTuple
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlax_llm.core import logprobs as logprobs_lib
 
@@ -33,26 +34,48 @@ def predictor_hidden(h_NSD: jax.Array, prompt_mask_NP: jax.Array,
   return jnp.concatenate([h_first, h_NSD[:, p:p + num_completion - 1]], axis=1)
 
 
-def completion_logits(graphdef: nnx.GraphDef, params, prompt_NP,
-                      prompt_mask_NP, completion_NT, completion_mask_NT
-                      ) -> jax.Array:
-  """f32 logits [N, T, V] that predict each completion token.
-
-  For objectives that need the whole next-token distribution (OTR); log-prob
-  scoring should use `score_completions`, which has the same layout.
-  """
+def _predictors(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
+                completion_NT, completion_mask_NT, prompt_group: int):
+  """(model, hidden states [N, T, D] that predict each completion token)."""
   model = nnx.merge(graphdef, params)
-  t = completion_NT.shape[1]
+  n, t = completion_NT.shape
+  if prompt_group > 1:
+    if n % prompt_group:
+      raise ValueError(
+          f"prompt_group={prompt_group} does not divide the {n} rows; rows "
+          "come in consecutive groups of prompt_group that share one prompt.")
+    # Completion token t is predicted by the state of token t - 1 (the
+    # prompt's last for t = 0): the last completion token feeds nothing.
+    h_last, h_NTD = model.continuation_hidden_states(
+        prompt_NP[::prompt_group], prompt_mask_NP[::prompt_group],
+        completion_NT[:, :t - 1], completion_mask_NT[:, :t - 1])
+    h_first = jnp.repeat(h_last, prompt_group, axis=0)[:, None]
+    return model, jnp.concatenate([h_first, h_NTD], axis=1)
   tokens = jnp.concatenate([prompt_NP, completion_NT], axis=1)
   mask = jnp.concatenate([prompt_mask_NP, completion_mask_NT], axis=1)
   h = model.hidden_states(tokens, None, mask.astype(bool))
-  return model.logits_from_hidden(predictor_hidden(h, prompt_mask_NP, t))
+  return model, predictor_hidden(h, prompt_mask_NP, t)
+
+
+def completion_logits(graphdef: nnx.GraphDef, params, prompt_NP,
+                      prompt_mask_NP, completion_NT, completion_mask_NT, *,
+                      prompt_group: int = 1) -> jax.Array:
+  """f32 logits [N, T, V] that predict each completion token.
+
+  For objectives that need the whole next-token distribution (OTR); log-prob
+  scoring should use `score_completions`, which has the same layout (and
+  the same `prompt_group`).
+  """
+  model, h = _predictors(graphdef, params, prompt_NP, prompt_mask_NP,
+                         completion_NT, completion_mask_NT, prompt_group)
+  return model.logits_from_hidden(h)
 
 
 def score_completions(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
                       completion_NT, completion_mask_NT, *,
                       temperature: float = 1.0, chunk_size: int = 0,
-                      vocab_chunk: int | None = None) -> Scores:
+                      vocab_chunk: int | None = None,
+                      prompt_group: int = 1) -> Scores:
   """Log-probs and entropies of completion tokens under softmax(logits / temp).
 
   With `chunk_size` > 0 the [N, T, V] logits are never built: the predictor
@@ -60,6 +83,15 @@ def score_completions(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
   model's output kernel, `chunk_size` tokens (and `vocab_chunk` vocabulary
   columns) at a time, rematerialised in the backward pass. The values equal
   the dense path's to float32 rounding.
+
+  With `prompt_group` G > 1 the rows come in consecutive groups of G that
+  share one prompt (ids and mask), as rollouts of G samples per prompt do:
+  each prompt's layers run once for its group
+  (`Transformer.continuation_hidden_states`), and the completions attend to
+  its keys and values. The scores equal the plain path's up to float
+  rounding, gradients included; the prompt's share of the FLOPs falls by
+  a factor G. Nothing checks that a group's prompts are equal (under `jit`
+  nothing can): `prompt_groups_shared` checks a host batch.
 
   Args:
     graphdef: NNX graph of a `Transformer`.
@@ -69,18 +101,16 @@ def score_completions(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
     temperature: the sampling temperature (> 0) the rollout used; 0 means 1.
     chunk_size: tokens per chunk of the memory-bounded path; 0 = dense.
     vocab_chunk: vocabulary columns per streamed block (chunked path only).
+    prompt_group: G, rows per shared prompt (1: every row its own prompt).
 
   Returns:
     Scores(logp [N, T], entropy [N, T]) in f32, zero where masked.
   """
   temp = temperature if temperature > 0 else 1.0
   if chunk_size > 0:
-    model = nnx.merge(graphdef, params)
-    t = completion_NT.shape[1]
-    tokens = jnp.concatenate([prompt_NP, completion_NT], axis=1)
-    mask = jnp.concatenate([prompt_mask_NP, completion_mask_NT], axis=1)
-    h = model.hidden_states(tokens, None, mask.astype(bool))
-    h_NTD = predictor_hidden(h, prompt_mask_NP, t)
+    model, h_NTD = _predictors(graphdef, params, prompt_NP, prompt_mask_NP,
+                               completion_NT, completion_mask_NT,
+                               prompt_group)
     out = logprobs_lib.chunked_token_logprobs_and_entropy(
         h_NTD.astype(model.cfg.dtype),
         model.output_kernel().astype(model.cfg.dtype), completion_NT,
@@ -88,7 +118,8 @@ def score_completions(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
         softcap=getattr(model.cfg, "final_logit_softcap", None) or None)
   else:
     logits = completion_logits(graphdef, params, prompt_NP, prompt_mask_NP,
-                               completion_NT, completion_mask_NT)
+                               completion_NT, completion_mask_NT,
+                               prompt_group=prompt_group)
     out = logprobs_lib.token_logprobs_and_entropy(logits, completion_NT,
                                                   temperature=temp)
   m = completion_mask_NT.astype(bool)
@@ -96,13 +127,33 @@ def score_completions(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
 
 
 @functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("temperature", "chunk_size", "vocab_chunk"))
+                   static_argnames=("temperature", "chunk_size", "vocab_chunk",
+                                    "prompt_group"))
 def score_completions_jit(graphdef: nnx.GraphDef, params, prompt_NP,
                           prompt_mask_NP, completion_NT, completion_mask_NT, *,
                           temperature: float = 1.0, chunk_size: int = 0,
-                          vocab_chunk: int | None = None) -> Scores:
+                          vocab_chunk: int | None = None,
+                          prompt_group: int = 1) -> Scores:
   """`score_completions` under `jax.jit` (graph and options static)."""
   return score_completions(graphdef, params, prompt_NP, prompt_mask_NP,
                            completion_NT, completion_mask_NT,
                            temperature=temperature, chunk_size=chunk_size,
-                           vocab_chunk=vocab_chunk)
+                           vocab_chunk=vocab_chunk, prompt_group=prompt_group)
+
+
+def prompt_groups_shared(prompt_NP, prompt_mask_NP, prompt_group: int
+                         ) -> bool:
+  """Whether host rows come in consecutive groups of `prompt_group` that
+  share one prompt, ids (padding included) and mask: the layout
+  `prompt_group` assumes."""
+  prompt, mask = np.asarray(prompt_NP), np.asarray(prompt_mask_NP)
+  n = prompt.shape[0]
+  g = int(prompt_group)
+  if g < 1 or n % g:
+    return False
+  for x in (prompt, mask):
+    grouped = x.reshape((n // g, g) + x.shape[1:])
+    if not np.array_equal(grouped, np.broadcast_to(grouped[:, :1],
+                                                   grouped.shape)):
+      return False
+  return True

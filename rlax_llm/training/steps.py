@@ -462,7 +462,7 @@ def make_policy_step(graphdef: nnx.GraphDef, optimizers, policy_loss, *,
                      recompute_old_logp: bool = False,
                      rollout_correction: RolloutCorrection | None = None,
                      mesh=None, rules=mesh_lib.DEFAULT_RULES, ref_fn=None,
-                     length_buckets: int = 0):
+                     length_buckets: int = 0, prompt_group: int = 1):
   """The shared RL update: `step((policy[, critic]), ref, batch)`.
 
   Returns `step(states, ref_params, batch) -> (states, metrics)`, `states` a
@@ -491,8 +491,9 @@ def make_policy_step(graphdef: nnx.GraphDef, optimizers, policy_loss, *,
   bucket widths (`bucket_lengths`) that holds its rows: the same update up
   to float rounding, at the cost of the tokens used rather than the
   budget; the scoring pass before the update is bucketed the same way
-  (`bucketed_map`: chunks of rows ordered by length).
-  With `mesh`, the rows each
+  (`bucketed_map`: chunks of rows ordered by length). With `prompt_group`
+  G > 1 every scoring pass runs each group's shared prompt once
+  (`make_rl_step`). With `mesh`, the rows each
   micro-batch gathers stay split over the mesh's batch axes (data parallel
   forward and backward) when the micro-batch divides by them.
 
@@ -515,10 +516,11 @@ def make_policy_step(graphdef: nnx.GraphDef, optimizers, policy_loss, *,
         "kl_in_reward inside the step needs a critic's token rewards; for "
         "sequence-advantage methods the KL is folded into the reward before "
         "the advantage (pass batch.ref_logp and kl_coef=0).")
+  _check_prompt_group(prompt_group, num_minibatches, length_buckets)
   optimizers = tuple(optimizers)
   score = functools.partial(score_completions, graphdef,
                             temperature=temperature, chunk_size=logprob_chunk,
-                            vocab_chunk=vocab_chunk)
+                            vocab_chunk=vocab_chunk, prompt_group=prompt_group)
   kl_loss_coef = 0.0 if kl_in_reward else kl_coef
 
   def batch_scores(params, b):
@@ -565,6 +567,11 @@ def make_policy_step(graphdef: nnx.GraphDef, optimizers, policy_loss, *,
           f"The rollout batch of {n} sequences does not split into "
           f"{num_minibatches} minibatches x {num_microbatches} micro-batches; "
           "choose sizes whose product divides the number of sequences.")
+    if (n // per_update) % prompt_group:
+      raise ValueError(
+          f"Micro-batches of {n // per_update} rows do not hold whole groups "
+          f"of prompt_group={prompt_group} rows; use fewer micro-batches or "
+          "prompt_group=1.")
     policy = states[0]
     if ref_fn is not None:
       ref_params = jax.lax.stop_gradient(ref_fn(policy.params))
@@ -679,6 +686,25 @@ def make_policy_step(graphdef: nnx.GraphDef, optimizers, policy_loss, *,
   return step
 
 
+def _check_prompt_group(prompt_group: int, num_minibatches: int,
+                        length_buckets: int) -> None:
+  """Refuses a shared-prompt update whose rows do not stay in their groups."""
+  if prompt_group < 1:
+    raise ValueError(f"prompt_group={prompt_group} must be >= 1.")
+  if prompt_group == 1:
+    return
+  if num_minibatches > 1:
+    raise ValueError(
+        f"prompt_group={prompt_group} needs the rows of a group kept together, "
+        f"but num_minibatches={num_minibatches} draws each minibatch's rows "
+        "at random; use num_minibatches=1 or prompt_group=1.")
+  if length_buckets:
+    raise ValueError(
+        f"prompt_group={prompt_group} needs the rows of a group kept together, "
+        f"but length_buckets={length_buckets} orders the rows by length; "
+        "use length_buckets=0 or prompt_group=1.")
+
+
 def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                  policy_loss: PolicyLoss, *, temperature: float = 1.0,
                  num_epochs: int = 1, num_minibatches: int = 1,
@@ -690,7 +716,7 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
                  use_ref: bool = False, recompute_old_logp: bool = False,
                  rollout_correction: RolloutCorrection | None = None,
                  mesh=None, rules=mesh_lib.DEFAULT_RULES, ref_fn=None,
-                 length_buckets: int = 0):
+                 length_buckets: int = 0, prompt_group: int = 1):
   """Returns `rl_step(state, RLBatch) -> (state, metrics)`.
 
   `state` is a `TrainState`, or with `use_ref` a `RefState(train, ref)`
@@ -726,6 +752,12 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
     length_buckets: K > 0 computes each micro-batch at the smallest of K
       completion widths that holds its rows, the rows ordered by length
       (see `make_policy_step`); 0 computes every row at the full width.
+    prompt_group: G > 1 when the batch's rows come in consecutive groups of
+      G sharing one prompt (`scoring.prompt_groups_shared`): every scoring
+      pass runs each prompt's layers once per group
+      (`score_completions(prompt_group=G)`), the same update up to float
+      rounding. It needs num_minibatches=1, no length buckets, and
+      micro-batches of whole groups; other settings are refused.
 
   The metric `logp_mismatch_*` compares the rollout's log-probs with the
   trainer's recomputation before any update (first minibatch of epoch one).
@@ -739,7 +771,8 @@ def make_rl_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
       kl_norm_constant=kl_norm_constant, use_ref=use_ref,
       recompute_old_logp=recompute_old_logp,
       rollout_correction=rollout_correction, mesh=mesh, rules=rules,
-      ref_fn=ref_fn, length_buckets=length_buckets)
+      ref_fn=ref_fn, length_buckets=length_buckets,
+      prompt_group=prompt_group)
 
   def rl_step(state, batch: RLBatch):
     if use_ref and ref_fn is None:
