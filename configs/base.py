@@ -84,8 +84,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                              # micro-batch run at the smallest of this many
                              # widths holding its rows (same update, fewer
                              # padded tokens; most with num_microbatches > 1)
-      share_prompt="auto",   # run each group's prompt once in the update's
-                             # scoring passes: "auto" where the layout allows
+      share_prompt="auto",   # run each group's prompt once when scoring
+                             # its rows (update, critic, reference): "auto"
+                             # where the update's layout allows
                              # (num_minibatches=1, no length buckets, whole
                              # groups per micro-batch), "on" (refused where
                              # it does not), "off"

@@ -228,3 +228,48 @@ def test_experiment_takes_the_plain_update_for_mixed_groups(tmp_path):
   assert float(m["shared_prompt"]) == 0
   _, m = step(fresh(), batch)
   assert float(m["shared_prompt"]) == 1
+
+
+def test_critic_values_share_the_prompt_too():
+  from rlax_llm.training import ppo as ppo_lib  # pylint: disable=g-import-not-at-top
+  graphdef, params = nnx.split(Transformer(CONFIGS["qwen2"],
+                                           rngs=nnx.Rngs(2)))
+  rng = np.random.default_rng(2)
+  critic = {"trunk": params,
+            "head": {"w": jnp.asarray(rng.normal(size=(32,)), jnp.float32),
+                     "b": jnp.float32(0.5)}}
+  prompt, pmask, comp, cmask, _ = _groups(seed=2)
+  values = jax.jit(lambda c, g: ppo_lib.critic_values(
+      graphdef, c, prompt, pmask, comp, cmask, prompt_group=g),
+                   static_argnums=1)
+  plain, shared = np.asarray(values(critic, 1)), np.asarray(values(critic, 4))
+  assert np.abs(plain).max() > 0.1 and np.all(plain[~cmask] == 0)
+  np.testing.assert_allclose(shared, plain, rtol=0, atol=2e-5)
+
+
+def test_reference_log_probs_of_groups_share_the_prompt(tmp_path,
+                                                       monkeypatch):
+  """The experiment's reference scoring (a KL in the reward) of a draw's
+  groups: the same log-probs with the prompt shared as without."""
+  from rlax_llm.experiment import loop  # pylint: disable=g-import-not-at-top
+  groups_seen = []
+  plain_fn = loop.score_completions_jit
+
+  def spy(*args, prompt_group=1, **kwargs):
+    groups_seen.append(prompt_group)
+    return plain_fn(*args, prompt_group=prompt_group, **kwargs)
+
+  monkeypatch.setattr(loop, "score_completions_jit", spy)
+  out = {}
+  for mode in ("auto", "off"):
+    c = smoke.shrink(smoke.get_config())
+    c.rl.share_prompt = mode
+    exp = experiment.Experiment(c, str(tmp_path / mode))
+    state, _ = state_lib.create_train_state(exp.model_cfg, exp.rl_opt,
+                                            exp.mesh, seed=0)
+    groups = exp.engine.rollout(state.params, c.sft.steps, 0)
+    out[mode] = exp.ref_logp_fn(state.params)(groups)
+  assert groups_seen == [4, 1]
+  assert out["off"].shape == groups.tokens.shape
+  assert np.abs(out["off"]).max() > 0.1
+  np.testing.assert_allclose(out["auto"], out["off"], rtol=0, atol=2e-5)

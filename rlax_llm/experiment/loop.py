@@ -483,12 +483,17 @@ class Experiment:
         chunk_size=self.config.rl.get("logprob_chunk", 0),
         vocab_chunk=self.config.rl.get("vocab_chunk", 0) or None)
 
+    share = self.config.rl.get("share_prompt", "off") != "off"
+
     def score(groups: rollouts.Groups) -> np.ndarray:
       b, g, t = groups.tokens.shape
       prompt_NP, prompt_mask_NP = rollouts.row_prompts(groups)
+      shared = share and g > 1 and scoring_lib.prompt_groups_shared(
+          prompt_NP, prompt_mask_NP, g)
       out = score_fn(
           ref_params, prompt_NP, prompt_mask_NP,
-          groups.tokens.reshape(b * g, t), groups.mask.reshape(b * g, t))
+          groups.tokens.reshape(b * g, t), groups.mask.reshape(b * g, t),
+          prompt_group=g if shared else 1)
       return np.asarray(jax.device_get(out.logp)).reshape(b, g, t)
 
     return score

@@ -34,7 +34,7 @@ from rlax_llm.core import advantages as adv_lib
 from rlax_llm.core import value as value_lib
 from rlax_llm.parallel import mesh as mesh_lib
 from rlax_llm.training import state as state_lib
-from rlax_llm.training.scoring import predictor_hidden
+from rlax_llm.training.scoring import predictor_states
 from rlax_llm.training.state import TrainState, step_rng
 from rlax_llm.training import steps as steps_lib
 from rlax_llm.training.state import RefState
@@ -55,15 +55,17 @@ def critic_from_policy(policy_params, embed_dim: int) -> dict[str, Any]:
 
 
 def critic_values(graphdef: nnx.GraphDef, critic_params, prompt_NP,
-                  prompt_mask_NP, completion_NT, completion_mask_NT
-                  ) -> jax.Array:
-  """V(s_t) [N, T] f32 for each completion token's predictor state; 0 masked."""
-  model = nnx.merge(graphdef, critic_params["trunk"])
-  t = completion_NT.shape[1]
-  tokens = jnp.concatenate([prompt_NP, completion_NT], axis=1)
-  mask = jnp.concatenate([prompt_mask_NP, completion_mask_NT], axis=1)
-  h = model.hidden_states(tokens, None, mask.astype(bool))
-  h_NTD = predictor_hidden(h, prompt_mask_NP, t).astype(jnp.float32)
+                  prompt_mask_NP, completion_NT, completion_mask_NT, *,
+                  prompt_group: int = 1) -> jax.Array:
+  """V(s_t) [N, T] f32 for each completion token's predictor state; 0 masked.
+
+  With `prompt_group` G > 1 each group's shared prompt runs once through the
+  trunk (`scoring.predictor_states`).
+  """
+  _, h_NTD = predictor_states(graphdef, critic_params["trunk"], prompt_NP,
+                              prompt_mask_NP, completion_NT,
+                              completion_mask_NT, prompt_group)
+  h_NTD = h_NTD.astype(jnp.float32)
   head = critic_params["head"]
   v = h_NTD @ head["w"].astype(jnp.float32) + head["b"].astype(jnp.float32)
   return jnp.where(completion_mask_NT.astype(bool), v, 0.0)
@@ -166,13 +168,13 @@ def make_ppo_step(graphdef: nnx.GraphDef, policy_opt, critic_opt,
     aggregation: aggregation of the value and KL losses.
     logprob_chunk, vocab_chunk, entropy_coef, kl_*, use_ref,
       recompute_old_logp, rollout_correction, length_buckets, prompt_group:
-      as in `steps.make_rl_step` (the critic's values are computed over whole
-      rows).
+      as in `steps.make_rl_step` (the critic's trunk shares the prompt
+      too).
   """
   critic = steps_lib.Critic(
       values=lambda c_params, b: critic_values(
           graphdef, c_params, b.prompt, b.prompt_mask, b.completion,
-          b.completion_mask),
+          b.completion_mask, prompt_group=prompt_group),
       loss=functools.partial(value_lib.value_loss, clip=value_clip,
                              aggregation=aggregation),
       advantages=functools.partial(ppo_advantages, gamma=gamma, lam=lam,

@@ -34,9 +34,12 @@ def predictor_hidden(h_NSD: jax.Array, prompt_mask_NP: jax.Array,
   return jnp.concatenate([h_first, h_NSD[:, p:p + num_completion - 1]], axis=1)
 
 
-def _predictors(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
-                completion_NT, completion_mask_NT, prompt_group: int):
-  """(model, hidden states [N, T, D] that predict each completion token)."""
+def predictor_states(graphdef: nnx.GraphDef, params, prompt_NP,
+                     prompt_mask_NP, completion_NT, completion_mask_NT,
+                     prompt_group: int = 1):
+  """(model, final-norm hidden states [N, T, D] that predict each completion
+  token), the layout of the module docstring; with `prompt_group` G > 1 each
+  group's shared prompt runs once (see `score_completions`)."""
   model = nnx.merge(graphdef, params)
   n, t = completion_NT.shape
   if prompt_group > 1:
@@ -66,8 +69,8 @@ def completion_logits(graphdef: nnx.GraphDef, params, prompt_NP,
   scoring should use `score_completions`, which has the same layout (and
   the same `prompt_group`).
   """
-  model, h = _predictors(graphdef, params, prompt_NP, prompt_mask_NP,
-                         completion_NT, completion_mask_NT, prompt_group)
+  model, h = predictor_states(graphdef, params, prompt_NP, prompt_mask_NP,
+                              completion_NT, completion_mask_NT, prompt_group)
   return model.logits_from_hidden(h)
 
 
@@ -108,9 +111,9 @@ def score_completions(graphdef: nnx.GraphDef, params, prompt_NP, prompt_mask_NP,
   """
   temp = temperature if temperature > 0 else 1.0
   if chunk_size > 0:
-    model, h_NTD = _predictors(graphdef, params, prompt_NP, prompt_mask_NP,
-                               completion_NT, completion_mask_NT,
-                               prompt_group)
+    model, h_NTD = predictor_states(graphdef, params, prompt_NP,
+                                    prompt_mask_NP, completion_NT,
+                                    completion_mask_NT, prompt_group)
     out = logprobs_lib.chunked_token_logprobs_and_entropy(
         h_NTD.astype(model.cfg.dtype),
         model.output_kernel().astype(model.cfg.dtype), completion_NT,
