@@ -271,6 +271,16 @@ _SHARDED = textwrap.dedent("""
                        p=[np.asarray(x).ravel()[:50].tolist() for x in leaves],
                        sharded=sum(s != "PartitionSpec()" and "'" in s
                                    for s in specs))
+      if name in ("one", "d2f2t2"):  # groups of 4 rows sharing a prompt
+        shared = steps_lib.jit_step(steps_lib.make_rl_step(
+            gd, opt, grpo().policy_loss, num_microbatches=2, mesh=mesh,
+            prompt_group=4), sh, mesh)
+        g = b._replace(prompt=np.repeat(b.prompt[::4], 4, 0),
+                       prompt_mask=np.repeat(b.prompt_mask[::4], 4, 0))
+        state, m3 = shared(state, g)
+        out[name]["shared"] = float(m3["loss"])
+        out[name]["p_shared"] = [np.asarray(x).ravel()[:50].tolist()
+                                 for x in jax.tree.leaves(state.params)]
     print(json.dumps(out))
 """)
 
@@ -290,6 +300,11 @@ def test_sharded_steps_match_one_device(forks):
       np.testing.assert_allclose(a, b, atol=2e-5)
   # With fsdp/tensor axes, weights really are split across devices.
   assert out["d2f2t2"]["sharded"] > 5 and out["f4t2"]["sharded"] > 5
+  # The shared-prompt update (a batch of four groups) on the split mesh.
+  np.testing.assert_allclose(out["d2f2t2"]["shared"], ref["shared"],
+                             rtol=1e-4, atol=1e-6)
+  for a, b in zip(out["d2f2t2"]["p_shared"], ref["p_shared"]):
+    np.testing.assert_allclose(a, b, atol=2e-5)
 
 
 def test_sft_step_losses_are_the_core_objectives():

@@ -49,10 +49,18 @@ def predictor_states(graphdef: nnx.GraphDef, params, prompt_NP,
           "come in consecutive groups of prompt_group that share one prompt.")
     # Completion token t is predicted by the state of token t - 1 (the
     # prompt's last for t = 0): the last completion token feeds nothing.
+    # Each group's first row by a reshape: the strided slice x[::G] gave
+    # wrong gradients once XLA's SPMD partitioner split a micro-batch's
+    # groups over a data x fsdp x tensor mesh (jax 0.10.2;
+    # tests/test_steps.py, test_sharded_steps_match_one_device).
+    first = lambda x: x.reshape((n // prompt_group, prompt_group)  # noqa: E731
+                                + x.shape[1:])[:, 0]
     h_last, h_NTD = model.continuation_hidden_states(
-        prompt_NP[::prompt_group], prompt_mask_NP[::prompt_group],
+        first(prompt_NP), first(prompt_mask_NP),
         completion_NT[:, :t - 1], completion_mask_NT[:, :t - 1])
-    h_first = jnp.repeat(h_last, prompt_group, axis=0)[:, None]
+    h_first = jnp.broadcast_to(
+        h_last[:, None], (n // prompt_group, prompt_group) + h_last.shape[1:]
+    ).reshape((n, 1) + h_last.shape[1:])
     return model, jnp.concatenate([h_first, h_NTD], axis=1)
   tokens = jnp.concatenate([prompt_NP, completion_NT], axis=1)
   mask = jnp.concatenate([prompt_mask_NP, completion_mask_NT], axis=1)
