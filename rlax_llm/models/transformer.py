@@ -705,29 +705,56 @@ class DecoderLayer(nnx.Module):
       y = self.mlp_post_norm(y)
     return x + y
 
-  def __call__(self, x, positions, allowed, rope_cs=None, prefix_kv=None):
+  def __call__(self, x, positions, allowed, rope_cs=None):
     """One block over a full sequence: x [B, T, D] -> (x', (k, v)).
 
     `allowed` [B, T, S] bool marks the keys each query sees (the caller
     narrows it to the window for a sliding-window layer). `rope_cs`, this
     layer's `rope_angles(positions)` computed by the caller, replaces
-    computing them here. `prefix_kv`, keys and values [B, P, K, H] of
-    tokens before the sequence (this layer's, computed by an earlier
-    pass), are put before the sequence's own: then S = P + T and `allowed`
-    covers both. The returned (k, v) are the sequence's own.
+    computing them here.
     """
     q, k, v = self.attn.qkv(self.attn_norm(x), positions, rope_cs=rope_cs)
     cfg = self.attn.cfg
-    keys, values = k, v
-    if prefix_kv is not None:
-      pk, pv = prefix_kv
-      keys = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
-      values = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
-    o = full_attention(q, keys, values, allowed, scale=self.attn.score_scale,
+    o = full_attention(q, k, v, allowed, scale=self.attn.score_scale,
                        softcap=cfg.attn_logit_softcap)
     x = self.attn_residual(x, o)
     x = self.mlp_residual(x)
     return x, (k, v)
+
+  def shared_prefix_call(self, x_MD, rope_cs, allowed_BPP, allowed_NTS):
+    """One block over B prompts and their N = B G continuations at once.
+
+    x_MD holds the B P prompt tokens, then the N T continuation tokens,
+    flattened (M = B P + N T), so that the projections and the MLP run as
+    one product each; `rope_cs` are their rotary angles, [M, 1, H] each.
+    Attention runs twice: the prompts over themselves (`allowed_BPP`), and
+    each continuation over its prompt's keys and values (continuation n
+    continues prompt n // G) followed by its own (`allowed_NTS`, S = P + T).
+    """
+    b, p, _ = allowed_BPP.shape
+    n, t, _ = allowed_NTS.shape
+    g = n // b
+    cfg = self.attn.cfg
+    q, k, v = self.attn.qkv(self.attn_norm(x_MD), None, rope_cs=rope_cs)
+
+    def split(y):  # [M, ...] -> [B, P, ...], [N, T, ...]
+      return (y[:b * p].reshape((b, p) + y.shape[1:]),
+              y[b * p:].reshape((n, t) + y.shape[1:]))
+
+    def rows(y):  # [B, ...] -> [N, ...]: prompt b for rows b G .. b G + G-1
+      return jnp.broadcast_to(y[:, None], (b, g) + y.shape[1:]).reshape(
+          (n,) + y.shape[1:])
+
+    (qp, qc), (kp, kc), (vp, vc) = split(q), split(k), split(v)
+    attend = functools.partial(full_attention, scale=self.attn.score_scale,
+                               softcap=cfg.attn_logit_softcap)
+    op = attend(qp, kp, vp, allowed_BPP)
+    oc = attend(qc, jnp.concatenate([rows(kp), kc], axis=1),
+                jnp.concatenate([rows(vp), vc], axis=1), allowed_NTS)
+    o = jnp.concatenate([op.reshape((b * p,) + op.shape[2:]),
+                         oc.reshape((n * t,) + oc.shape[2:])])
+    x = self.attn_residual(x_MD, o)
+    return self.mlp_residual(x)
 
 
 _REMAT_POLICIES = {
@@ -736,11 +763,11 @@ _REMAT_POLICIES = {
 }
 
 
-def _block_fn(cfg: ModelConfig):
-  """`DecoderLayer.__call__`, rematerialised as `cfg.remat` asks."""
+def _block_fn(cfg: ModelConfig, fn=DecoderLayer.__call__):
+  """`fn` (a `DecoderLayer` method), rematerialised as `cfg.remat` asks."""
   if cfg.remat == "none":
-    return DecoderLayer.__call__
-  return nnx.remat(DecoderLayer.__call__, policy=_REMAT_POLICIES[cfg.remat])
+    return fn
+  return nnx.remat(fn, policy=_REMAT_POLICIES[cfg.remat])
 
 
 def _group(q: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -1010,16 +1037,17 @@ class Transformer(nnx.Module):
   def continuation_hidden_states(self, prompt_BP, prompt_mask_BP, tokens_NT,
                                  mask_NT):
     """Final-norm hidden states of N = B G continuations of B prompts, with
-    each prompt's layers run once instead of once per continuation.
+    each prompt run through the layers once instead of once per continuation.
 
     Row n of `tokens_NT` continues prompt n // G. Each continuation's hidden
     states are those of a causal pass over [prompt_BP[n // G] |
     tokens_NT[n]] with `hidden_states`' default positions and masks (equal
-    up to float rounding): the prompt pass gives every layer's keys and
-    values, and the continuation's queries attend to them (broadcast to the
-    G rows; their gradients are summed over the G rows) and to its own
-    tokens. GRPO-style groups score G completions of one prompt, so the
-    prompt's share of the work is done 1/G as often.
+    up to float rounding): in every layer the continuation's queries attend
+    to its prompt's keys and values (broadcast to the G rows; their
+    gradients summed over the G rows) and to its own tokens. GRPO-style
+    groups score G completions of one prompt, so the prompt's share of the
+    work is done 1/G as often. Prompt and continuation tokens go through the
+    projections and the MLP together (`DecoderLayer.shared_prefix_call`).
 
     Args:
       prompt_BP: int prompt ids, padded on either side.
@@ -1040,42 +1068,53 @@ class Transformer(nnx.Module):
     g = n // b
     cfg = self.cfg
     pmask = prompt_mask_BP.astype(bool)
-    mask = mask_NT.astype(bool)
-    h_p, kvs = self.hidden_states(prompt_BP, None, pmask, return_kv=True)
     last = p - 1 - jnp.argmax(pmask[:, ::-1], axis=-1)
-    h_last = jnp.take_along_axis(h_p, last[:, None, None], axis=1)[:, 0]
     if t == 0:
+      h_p = self.hidden_states(prompt_BP, None, pmask)
+      h_last = jnp.take_along_axis(h_p, last[:, None, None], axis=1)[:, 0]
       return h_last, jnp.zeros((n, 0, h_p.shape[-1]), h_p.dtype)
+    mask = mask_NT.astype(bool)
 
     def rows(x):  # [B, ...] -> [N, ...]: prompt b for rows b G .. b G + G-1
       return jnp.broadcast_to(x[:, None], (b, g) + x.shape[1:]).reshape(
           (n,) + x.shape[1:])
 
+    pos_p = default_positions(pmask)
     plen = rows(jnp.sum(pmask, axis=-1).astype(jnp.int32))
     # The positions `hidden_states` counts over [prompt | continuation].
-    positions = jnp.maximum(
+    pos_c = jnp.maximum(
         plen[:, None] + jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
-    idx = jnp.arange(p + t)
-    rope = {kind: tuple(c[positions] for c in attn.rope_angles(idx))
+    flat_pos = jnp.concatenate([pos_p.reshape(-1), pos_c.reshape(-1)])
+    idx = jnp.arange(p + t)  # every position lies in [0, P + T)
+    rope = {kind: tuple(c[flat_pos] for c in attn.rope_angles(idx))
             for kind, attn in self._rope_kinds().items()}
-    tidx = jnp.arange(t)
+    pidx, tidx = jnp.arange(p), jnp.arange(t)
+    # As in `hidden_states`: causal, valid keys, and a padded query sees
+    # itself (no fully masked row).
+    allowed_p = ((pidx[:, None] >= pidx[None, :]) & pmask[:, None, :]) | (
+        pidx[:, None] == pidx[None, :])
     own = ((tidx[:, None] >= tidx[None, :]) & mask[:, None, :]) | (
         tidx[:, None] == tidx[None, :])
-    pm = rows(pmask)
-    allowed = jnp.concatenate(
-        [jnp.broadcast_to(pm[:, None, :], (n, t, p)), own], axis=-1)
+    allowed_c = jnp.concatenate(
+        [jnp.broadcast_to(rows(pmask)[:, None, :], (n, t, p)), own], axis=-1)
     if any(cfg.sliding_layers):
-      key_pos = jnp.concatenate([rows(default_positions(pmask)), positions],
-                                axis=-1)
-      allowed_local = allowed & (
-          positions[:, :, None] - key_pos[:, None, :] < cfg.sliding_window)
-    x = self.embed(tokens_NT)
-    block = _block_fn(cfg)
-    for layer, (pk, pv) in zip(self.layers, kvs):
-      visible = allowed_local if layer.attn.sliding else allowed
-      x, _ = block(layer, x, positions, visible, rope[layer.attn.local_rope],
-                   (rows(pk), rows(pv)))
-    return h_last, self.final_norm(x)
+      w = cfg.sliding_window
+      local_p = allowed_p & (pos_p[:, :, None] - pos_p[:, None, :] < w)
+      key_pos = jnp.concatenate([rows(pos_p), pos_c], axis=-1)
+      local_c = allowed_c & (pos_c[:, :, None] - key_pos[:, None, :] < w)
+    d = cfg.embed_dim
+    x = jnp.concatenate([self.embed(prompt_BP).reshape(b * p, d),
+                         self.embed(tokens_NT).reshape(n * t, d)])
+    block = _block_fn(cfg, DecoderLayer.shared_prefix_call)
+    for layer in self.layers:
+      sliding = layer.attn.sliding
+      x = block(layer, x, rope[layer.attn.local_rope],
+                local_p if sliding else allowed_p,
+                local_c if sliding else allowed_c)
+    h = self.final_norm(x)
+    h_p = h[:b * p].reshape(b, p, d)
+    h_last = jnp.take_along_axis(h_p, last[:, None, None], axis=1)[:, 0]
+    return h_last, h[b * p:].reshape(n, t, d)
 
   def _rope_kinds(self) -> dict:
     """{`Attention.local_rope`: one layer's attention} per kind of rotary
