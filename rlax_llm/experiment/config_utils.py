@@ -93,11 +93,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(share in SHARE_PROMPT_MODES,
            f"rl.share_prompt must be one of {SHARE_PROMPT_MODES}, got "
            f"{share!r}.")
-  if share == "on":
-    _require(share_prompt_blocker(c) is None,
-             f"rl.share_prompt='on' cannot work here: "
-             f"{share_prompt_blocker(c)}. Use rl.share_prompt='auto' (on "
-             "where it can be) or 'off'.")
+  blocker = share_prompt_blocker(c) if share == "on" else None
+  _require(blocker is None,
+           f"rl.share_prompt='on' cannot work here: {blocker}. Use "
+           "rl.share_prompt='auto' (on where it can be) or 'off'.")
   _require(c.eval.num_samples >= 0,
            f"eval.num_samples must be >= 0, got {c.eval.num_samples}.")
   if "reward" in c:

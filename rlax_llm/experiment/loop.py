@@ -483,6 +483,8 @@ class Experiment:
         chunk_size=self.config.rl.get("logprob_chunk", 0),
         vocab_chunk=self.config.rl.get("vocab_chunk", 0) or None)
 
+    # Whole groups are scored here, so the update's layout does not matter:
+    # only whether a draw's groups share their prompt.
     share = self.config.rl.get("share_prompt", "off") != "off"
 
     def score(groups: rollouts.Groups) -> np.ndarray:

@@ -741,16 +741,13 @@ class DecoderLayer(nnx.Module):
       return (y[:b * p].reshape((b, p) + y.shape[1:]),
               y[b * p:].reshape((n, t) + y.shape[1:]))
 
-    def rows(y):  # [B, ...] -> [N, ...]: prompt b for rows b G .. b G + G-1
-      return jnp.broadcast_to(y[:, None], (b, g) + y.shape[1:]).reshape(
-          (n,) + y.shape[1:])
-
     (qp, qc), (kp, kc), (vp, vc) = split(q), split(k), split(v)
     attend = functools.partial(full_attention, scale=self.attn.score_scale,
                                softcap=cfg.attn_logit_softcap)
     op = attend(qp, kp, vp, allowed_BPP)
-    oc = attend(qc, jnp.concatenate([rows(kp), kc], axis=1),
-                jnp.concatenate([rows(vp), vc], axis=1), allowed_NTS)
+    oc = attend(qc, jnp.concatenate([repeat_groups(kp, g), kc], axis=1),
+                jnp.concatenate([repeat_groups(vp, g), vc], axis=1),
+                allowed_NTS)
     o = jnp.concatenate([op.reshape((b * p,) + op.shape[2:]),
                          oc.reshape((n * t,) + oc.shape[2:])])
     x = self.attn_residual(x_MD, o)
@@ -768,6 +765,32 @@ def _block_fn(cfg: ModelConfig, fn=DecoderLayer.__call__):
   if cfg.remat == "none":
     return fn
   return nnx.remat(fn, policy=_REMAT_POLICIES[cfg.remat])
+
+
+def repeat_groups(x_B: jax.Array, g: int) -> jax.Array:
+  """[B, ...] -> [B G, ...]: row b repeated for rows b G .. b G + G - 1."""
+  b = x_B.shape[0]
+  return jnp.broadcast_to(x_B[:, None], (b, g) + x_B.shape[1:]).reshape(
+      (b * g,) + x_B.shape[1:])
+
+
+def _visible_keys(mask_BT: jax.Array, segment_ids_BT=None) -> jax.Array:
+  """[B, T, T] bool: each query sees the valid keys at or before it (of its
+  own segment with `segment_ids_BT`); a padded query still sees itself, so
+  no row is fully masked (no NaN)."""
+  idx = jnp.arange(mask_BT.shape[-1])
+  causal = idx[None, :, None] >= idx[None, None, :]
+  if segment_ids_BT is not None:
+    causal = causal & (segment_ids_BT[:, :, None]
+                       == segment_ids_BT[:, None, :])
+  return (causal & mask_BT[:, None, :]) | (idx[:, None] == idx[None, :])
+
+
+def _in_window(allowed, q_pos, k_pos, window: int) -> jax.Array:
+  """`allowed` [B, T, S] narrowed to a sliding window: the window counts
+  token positions (`q_pos` [B, T], `k_pos` [B, S]; a query sees itself,
+  distance 0)."""
+  return allowed & (q_pos[:, :, None] - k_pos[:, None, :] < window)
 
 
 def _group(q: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -1013,16 +1036,10 @@ class Transformer(nnx.Module):
     else:
       rope = {kind: attn.rope_angles(positions_BT)
               for kind, attn in kinds.items()}
-    causal = idx[None, :, None] >= idx[None, None, :]
-    if segment_ids_BT is not None:
-      causal = causal & (segment_ids_BT[:, :, None]
-                         == segment_ids_BT[:, None, :])
-    # A padded query still sees itself, so no row is fully masked (no NaN).
-    allowed = (causal & mask_BT[:, None, :]) | (idx[:, None] == idx[None, :])
+    allowed = _visible_keys(mask_BT, segment_ids_BT)
     if any(self.cfg.sliding_layers):
-      # The window counts token positions (a query sees itself, distance 0).
-      dist = positions_BT[:, :, None] - positions_BT[:, None, :]
-      allowed_local = allowed & (dist < self.cfg.sliding_window)
+      allowed_local = _in_window(allowed, positions_BT, positions_BT,
+                                 self.cfg.sliding_window)
     x = self.embed(tokens_BT)
     block = _block_fn(self.cfg)
     kvs = []
@@ -1074,13 +1091,8 @@ class Transformer(nnx.Module):
       h_last = jnp.take_along_axis(h_p, last[:, None, None], axis=1)[:, 0]
       return h_last, jnp.zeros((n, 0, h_p.shape[-1]), h_p.dtype)
     mask = mask_NT.astype(bool)
-
-    def rows(x):  # [B, ...] -> [N, ...]: prompt b for rows b G .. b G + G-1
-      return jnp.broadcast_to(x[:, None], (b, g) + x.shape[1:]).reshape(
-          (n,) + x.shape[1:])
-
     pos_p = default_positions(pmask)
-    plen = rows(jnp.sum(pmask, axis=-1).astype(jnp.int32))
+    plen = repeat_groups(jnp.sum(pmask, axis=-1).astype(jnp.int32), g)
     # The positions `hidden_states` counts over [prompt | continuation].
     pos_c = jnp.maximum(
         plen[:, None] + jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -1088,20 +1100,17 @@ class Transformer(nnx.Module):
     idx = jnp.arange(p + t)  # every position lies in [0, P + T)
     rope = {kind: tuple(c[flat_pos] for c in attn.rope_angles(idx))
             for kind, attn in self._rope_kinds().items()}
-    pidx, tidx = jnp.arange(p), jnp.arange(t)
-    # As in `hidden_states`: causal, valid keys, and a padded query sees
-    # itself (no fully masked row).
-    allowed_p = ((pidx[:, None] >= pidx[None, :]) & pmask[:, None, :]) | (
-        pidx[:, None] == pidx[None, :])
-    own = ((tidx[:, None] >= tidx[None, :]) & mask[:, None, :]) | (
-        tidx[:, None] == tidx[None, :])
+    # As in `hidden_states`; a continuation sees all of its prompt's valid
+    # tokens, then its own as a causal sequence.
+    allowed_p = _visible_keys(pmask)
     allowed_c = jnp.concatenate(
-        [jnp.broadcast_to(rows(pmask)[:, None, :], (n, t, p)), own], axis=-1)
+        [jnp.broadcast_to(repeat_groups(pmask, g)[:, None, :], (n, t, p)),
+         _visible_keys(mask)], axis=-1)
     if any(cfg.sliding_layers):
       w = cfg.sliding_window
-      local_p = allowed_p & (pos_p[:, :, None] - pos_p[:, None, :] < w)
-      key_pos = jnp.concatenate([rows(pos_p), pos_c], axis=-1)
-      local_c = allowed_c & (pos_c[:, :, None] - key_pos[:, None, :] < w)
+      local_p = _in_window(allowed_p, pos_p, pos_p, w)
+      key_pos = jnp.concatenate([repeat_groups(pos_p, g), pos_c], axis=-1)
+      local_c = _in_window(allowed_c, pos_c, key_pos, w)
     d = cfg.embed_dim
     x = jnp.concatenate([self.embed(prompt_BP).reshape(b * p, d),
                          self.embed(tokens_NT).reshape(n * t, d)])

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlax_llm.core import logprobs as logprobs_lib
+from rlax_llm.models import transformer
 
 
 class Scores(NamedTuple):
@@ -58,9 +59,7 @@ def predictor_states(graphdef: nnx.GraphDef, params, prompt_NP,
     h_last, h_NTD = model.continuation_hidden_states(
         first(prompt_NP), first(prompt_mask_NP),
         completion_NT[:, :t - 1], completion_mask_NT[:, :t - 1])
-    h_first = jnp.broadcast_to(
-        h_last[:, None], (n // prompt_group, prompt_group) + h_last.shape[1:]
-    ).reshape((n, 1) + h_last.shape[1:])
+    h_first = transformer.repeat_groups(h_last, prompt_group)[:, None]
     return model, jnp.concatenate([h_first, h_NTD], axis=1)
   tokens = jnp.concatenate([prompt_NP, completion_NT], axis=1)
   mask = jnp.concatenate([prompt_mask_NP, completion_mask_NT], axis=1)
