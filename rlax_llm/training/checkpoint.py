@@ -32,7 +32,8 @@ Fault injection, for tests of the above: with the environment variable
 saving checkpoint `<step>`, at `<phase>`:
   * `arrays`: while Orbax writes the step's temporary directory (a watcher
     thread kills as soon as an array file appears there; if the write
-    finishes first, right after it, before the commit is sealed);
+    finishes first, when Orbax renames that directory into place, so the
+    step is never committed);
   * `commit`: after Orbax's commit, before the seal is written;
   * `seal`: with the seal's temporary file written but not yet renamed.
 It is read on every save and does nothing when unset.
@@ -53,6 +54,7 @@ device).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno as errno_lib
 import hashlib
 import json
@@ -148,6 +150,31 @@ def _kill_when_arrays_appear(directory: str, step: int,
     time.sleep(0.0005)
 
 
+class _KillBeforeCommit:
+  """Fault injection: SIGKILL when the save renames `step`'s temporary
+  directory into place (the end of the `arrays` phase, whatever the
+  watcher thread saw). Patches `os.rename` while entered."""
+
+  def __init__(self, directory: str, step: int):
+    self._prefix = os.path.join(directory, f"{step}{_TMP_MARKER}")
+    self._rename = os.rename
+
+  def __enter__(self):
+    real = self._rename
+
+    def rename(src, dst, *args, **kwargs):
+      if os.fspath(src).startswith(self._prefix):
+        _kill_self()
+      return real(src, dst, *args, **kwargs)
+
+    os.rename = rename
+    return self
+
+  def __exit__(self, *exc):
+    os.rename = self._rename
+    return False
+
+
 class Checkpointer:
   """Saves and restores (TrainState, metadata) under `directory`.
 
@@ -240,10 +267,12 @@ class Checkpointer:
       threading.Thread(target=_kill_when_arrays_appear,
                        args=(self.directory, step, stop), daemon=True).start()
     try:
-      self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-          force=True)
-      self._manager.wait_until_finished()
+      with (_KillBeforeCommit(self.directory, step) if phase == "arrays"
+            else contextlib.nullcontext()):
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        self._manager.wait_until_finished()
       if phase in ("arrays", "commit"):
         _kill_self()
       self._seal(step, kill_before_rename=phase == "seal")
