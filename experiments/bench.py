@@ -60,6 +60,10 @@ What can be measured (the positional argument):
              reuses between calls (--host_memory=auto,
              `rlax_llm.parallel.reuse_host_memory`); --host_layout=shared
              runs both on one mesh (--host_devices=0: one device).
+             `roofline.update_jax_ceiling_fraction` is the update's fraction
+             were it nothing but its matmuls at JAX's own measured rates:
+             where torch's kernels outrun XLA's (bfloat16 on a CPU with
+             AMX), no JAX program reaches the roofline.
   xrpo_allocate
              milliseconds of one phase of XRPO's rollout allocator
              (`rlax_llm.core.allocation.xrpo_allocate`) at the XRPO config's
@@ -438,12 +442,14 @@ def matmul_roofline(cfg, sequences: int, *, repeats: int = 5,
   rates: sum_i F_i / sum_i (F_i / rate_i).
 
   Returns:
-    {"roofline_flops_per_s", "peak_flops_per_s" (the square matmul, best of
+    {"roofline_flops_per_s", "jax_roofline_flops_per_s" (the same over
+     JAX's rates alone: the fastest that any JAX program of these matmuls
+     runs here), "peak_flops_per_s" (the square matmul, best of
      all), "matmul_flops_per_s": {shape name: {"jax", "jax_mesh", "torch",
      "shape"}}}.
   """
   target = 1e9  # FLOPs per timing: ~10 ms, long enough to dwarf call overhead
-  rates, flops, time_s = {}, 0.0, 0.0
+  rates, flops, time_s, jax_time_s = {}, 0.0, 0.0, 0.0
   if shapes is None:
     shapes = decode_matmul_shapes(cfg, sequences)
   shapes = list(shapes) + [("square", square, square, square, 0)]
@@ -460,8 +466,11 @@ def matmul_roofline(cfg, sequences: int, *, repeats: int = 5,
     best = max(v for key, v in rate.items() if key != "shape")
     flops += 2 * m * k * n * count
     time_s += 2 * m * k * n * count / best
+    jax_time_s += 2 * m * k * n * count / max(
+        v for key, v in rate.items() if key in ("jax", "jax_mesh"))
   square_rate = rates["square"]
   return {"roofline_flops_per_s": flops / time_s,
+          "jax_roofline_flops_per_s": flops / jax_time_s,
           "peak_flops_per_s": max(v for key, v in square_rate.items()
                                   if key != "shape"),
           "matmul_flops_per_s": rates, "dtype": dtype}
@@ -1551,6 +1560,14 @@ def bench_grpo_step(*, num_prompts: int = 8, samples_per_prompt: int = 8,
         "step_flops_per_s": step_rate(rec["update_flops"]),
         "peak_flops_per_s": max(gen["peak_flops_per_s"],
                                 upd["peak_flops_per_s"]),
+        # The fraction an update made of nothing but its matmuls, each at
+        # JAX's own measured rate, would reach: the ceiling of
+        # update_roofline_fraction for rlax_llm (below 1 where torch's
+        # kernels outrun XLA's at these shapes).
+        "update_jax_ceiling_fraction": (
+            upd["jax_roofline_flops_per_s"] / u_rate),
+        "generate_jax_ceiling_fraction": (
+            gen["jax_roofline_flops_per_s"] / g_rate),
         "generate_matmul_flops_per_s": gen["matmul_flops_per_s"],
         "update_matmul_flops_per_s": upd["matmul_flops_per_s"]}
     for side, u_flops in ((ours, rec["rlax_update_flops"]),

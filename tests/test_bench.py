@@ -371,6 +371,8 @@ def test_grpo_bfloat16_policy_and_roofline():
   rates = roof["matmul_flops_per_s"]["a"]
   assert roof["roofline_flops_per_s"] == pytest.approx(max(  # one shape
       v for k, v in rates.items() if k != "shape"))
+  assert roof["jax_roofline_flops_per_s"] == pytest.approx(max(
+      v for k, v in rates.items() if k in ("jax", "jax_mesh")))
 
 
 def test_grpo_table():

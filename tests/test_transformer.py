@@ -171,13 +171,14 @@ def _dot_operand_types(hlo_text: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's dots")
-def test_dense_bf16_keeps_all_three_products_on_bf16_operands_on_cpu():
+@pytest.mark.parametrize("k,n", [(64, 96), (96, 64)])  # dw = x^T g, (g^T x)^T
+def test_dense_bf16_keeps_all_three_products_on_bf16_operands_on_cpu(k, n):
   # XLA:CPU converts the operands of a bfloat16 dot to f32 unless the dot
   # returns f32 from row-major operands with the left one contracting its
   # last axis; the plain product's gradient misses that (the contrast below).
-  x = jnp.ones((8, 40, 64), jnp.bfloat16)
-  w = jnp.ones((64, 96), jnp.bfloat16)
-  cot = jnp.ones((8, 40, 96), jnp.float32)
+  x = jnp.ones((8, 40, k), jnp.bfloat16)
+  w = jnp.ones((k, n), jnp.bfloat16)
+  cot = jnp.ones((8, 40, n), jnp.float32)
 
   def grads(f):
     fn = jax.value_and_grad(
@@ -187,7 +188,7 @@ def test_dense_bf16_keeps_all_three_products_on_bf16_operands_on_cpu():
 
   ours = grads(dense)
   assert len(ours) == 3 and all(t == ("bf16", "bf16") for t in ours), ours
-  plain = grads(lambda a, b: jnp.einsum("btd,dn->btn", a, b))
+  plain = grads(lambda a, b: jnp.einsum("btk,kn->btn", a, b))
   assert any(t != ("bf16", "bf16") for t in plain), plain
 
 
@@ -266,7 +267,7 @@ def test_bf16_products_compile_and_run_for_awkward_shapes(lead):
   # ("Unsupported element type for DotThunk") when a later pass turns the
   # dot into a form those kernels do not take; every product here must run.
   bf, f32 = jnp.bfloat16, jnp.float32
-  for k, n in ((8, 1), (8, 64), (256, 1024), (1024, 8)):
+  for k, n in ((8, 1), (8, 64), (256, 1024), (1024, 8), (16, 7)):
     x, w = jnp.ones((*lead, k), bf), jnp.ones((k, n), bf)
     value, (gx, gw) = jax.jit(jax.value_and_grad(
         lambda a, b: jnp.sum(jnp.sin(dense(a, b).astype(f32))),
@@ -514,3 +515,45 @@ def test_presets_and_bad_configs():
     get_model_config("tiyn", vocab_size=10)
   with pytest.raises(ValueError, match="embed_dim"):
     get_model_config("tiny", vocab_size=10, embed_dimm=3)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU's path")
+def test_bf16_cpu_mlp_rounds_once_and_its_gradients_follow_the_formula():
+  # On a CPU backend the bfloat16 SwiGLU MLP keeps gate and up as the f32
+  # products of its bfloat16 operands and rounds silu(gate) up to bfloat16
+  # once: h = bf16(silu(x Wg) (x Wu)), y = bf16(h Wd). Its hand-written
+  # backward against the float64 chain rule on the same bfloat16 values.
+  from rlax_llm.models.transformer import MLP  # pylint: disable=g-import-not-at-top
+  cfg = ModelConfig(vocab_size=23, num_layers=1, embed_dim=16, num_heads=2,
+                    num_kv_heads=1, head_dim=8, mlp_dim=24, max_seq_len=8,
+                    init_std=0.5, dtype="bfloat16")
+  mlp = MLP(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(7)
+  x = _bf16(rng.normal(size=(6, 16)))
+  wg, wu, wd = (_bf16(np.asarray(p[...]))
+                for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+  g, u = x @ wg, x @ wu
+  s = 1 / (1 + np.exp(-g))
+  h = _bf16(g * s * u)
+  y = jax.jit(lambda a: mlp(a))(jnp.asarray(x, jnp.bfloat16))
+  assert y.dtype == jnp.bfloat16
+  _close_to_bf16(y, h @ wd)
+  # Gradients of sum(y * cot) w.r.t. x and the three weights.
+  cot = rng.normal(size=(6, 16))
+  graphdef, state = nnx.split(mlp)
+
+  def loss(st, a):
+    out = nnx.merge(graphdef, st)(a).astype(jnp.float32)
+    return jnp.sum(out * jnp.asarray(cot, jnp.float32))
+
+  gst, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(
+      state, jnp.asarray(x, jnp.bfloat16))
+  dh = cot @ wd.T
+  dg, du = dh * u * s * (1 + g * (1 - s)), dh * g * s
+  want = {"down_proj": h.T @ cot, "gate_proj": x.T @ dg, "up_proj": x.T @ du}
+  for name, w in want.items():
+    got = np.asarray(gst[name][...], np.float64)
+    assert np.linalg.norm(got - w) <= 0.02 * np.linalg.norm(w), name
+  want_x = dg @ wg.T + du @ wu.T
+  got_x = np.asarray(gx, np.float64)
+  assert np.linalg.norm(got_x - want_x) <= 0.02 * np.linalg.norm(want_x)
