@@ -37,7 +37,10 @@ class ModelConfig:
     qkv_bias: add a bias to the q, k, v projections (Qwen2 does).
     tie_embeddings: reuse the token embedding as the output layer.
     dtype: compute dtype of activations (log-probs are always f32); a jnp
-      dtype or its name ("float32", "bfloat16").
+      dtype or its name ("float32", "bfloat16"). Products accumulate in f32
+      and are rounded to `dtype`, except that on a CPU backend a bfloat16
+      SwiGLU MLP rounds silu(gate) * up once rather than gate and up first
+      (`transformer._swiglu_rounded`: one pass instead of five).
     param_dtype: storage dtype of parameters; a jnp dtype or its name.
     init_std: standard deviation of the normal initialiser.
     qk_norm: RMSNorm over the head dimension of each query and key head,
