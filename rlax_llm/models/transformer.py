@@ -173,7 +173,6 @@ def _kept_transpose(x: jax.Array, perm, split: int) -> jax.Array:
   return jnp.transpose(y, split_perm).reshape([x.shape[i] for i in perm])
 
 
-@jax.custom_vjp
 def _bf16_cpu_dot(x_MK: jax.Array, w_KN: jax.Array) -> jax.Array:
   """[M, K] x [K, N] -> [M, N] in bfloat16, accumulated in f32.
 
@@ -191,39 +190,7 @@ def _bf16_cpu_dot(x_MK: jax.Array, w_KN: jax.Array) -> jax.Array:
   bench's update (4 layers, 5,120 tokens, width 256, MLP 1,024) in
   bfloat16: 0.72 -> 0.47 s on a 2-core Xeon with AMX.
   """
-  return jnp.dot(x_MK, w_KN,
-                 preferred_element_type=jnp.float32).astype(x_MK.dtype)
-
-
-def _bf16_cpu_dot_fwd(x_MK, w_KN):
-  return _bf16_cpu_dot(x_MK, w_KN), (x_MK, w_KN)
-
-
-def _bf16_cpu_dot_bwd(res, g_MN):
-  x_MK, w_KN = res
-  f32 = jnp.float32
-  dx = jax.lax.dot_general(g_MN, w_KN, (((1,), (1,)), ((), ())),
-                           preferred_element_type=f32)
-  m, k = x_MK.shape
-  n = g_MN.shape[1]
-  if _row_split(m) > 1 and k > n and _row_split(n) > 1:
-    # Transposing the narrower operand moves k/n times less data:
-    # dw = (g^T x)^T, the [n, k] product transposed back, also kept (the
-    # MLP's down projection, k = 4 n, and the key/value projections, k = 4 n
-    # at the bench's shape; 4.4 -> 2.8 ms for [4160, 1024]^T [4160, 256]).
-    dw = _kept_transpose(
-        jnp.dot(_kept_transpose(g_MN, (1, 0), split=0), x_MK,
-                preferred_element_type=f32), (1, 0), split=0)
-  elif _row_split(m) > 1:
-    dw = jnp.dot(_kept_transpose(x_MK, (1, 0), split=0), g_MN,
-                 preferred_element_type=f32)
-  else:  # a prime row count: XLA converts this one to f32
-    dw = jax.lax.dot_general(x_MK, g_MN, (((0,), (0,)), ((), ())),
-                             preferred_element_type=f32)
-  return dx.astype(x_MK.dtype), dw.astype(w_KN.dtype)
-
-
-_bf16_cpu_dot.defvjp(_bf16_cpu_dot_fwd, _bf16_cpu_dot_bwd)
+  return _bf16_cpu_dot_f32(x_MK, w_KN).astype(x_MK.dtype)
 
 
 @jax.custom_vjp
@@ -231,7 +198,8 @@ def _bf16_cpu_dot_f32(x_MK: jax.Array, w_KN: jax.Array) -> jax.Array:
   """`_bf16_cpu_dot` without the final rounding: the f32 product.
 
   Its f32 cotangent is rounded to bfloat16 for the backward's two products
-  (a conversion XLA fuses into whatever produced the cotangent).
+  (a conversion XLA fuses into whatever produced the cotangent, or drops
+  where that was a bfloat16 value widened).
   """
   return jnp.dot(x_MK, w_KN, preferred_element_type=jnp.float32)
 
@@ -241,7 +209,28 @@ def _bf16_cpu_dot_f32_fwd(x_MK, w_KN):
 
 
 def _bf16_cpu_dot_f32_bwd(res, g_MN):
-  return _bf16_cpu_dot_bwd(res, g_MN.astype(res[0].dtype))
+  x_MK, w_KN = res
+  g_MN = g_MN.astype(x_MK.dtype)
+  f32 = jnp.float32
+  dx = jax.lax.dot_general(g_MN, w_KN, (((1,), (1,)), ((), ())),
+                           preferred_element_type=f32)
+  m, k = x_MK.shape
+  n = g_MN.shape[1]
+  if _row_split(m) == 1:  # a prime row count: XLA converts this one to f32
+    dw = jax.lax.dot_general(x_MK, g_MN, (((0,), (0,)), ((), ())),
+                             preferred_element_type=f32)
+  elif k > n and _row_split(n) > 1:
+    # Transposing the narrower operand moves k/n times less data:
+    # dw = (g^T x)^T, the [n, k] product transposed back, also kept (the
+    # MLP's down projection, k = 4 n, and the key/value projections, k = 4 n
+    # at the bench's shape; 4.4 -> 2.8 ms for [4160, 1024]^T [4160, 256]).
+    dw = _kept_transpose(
+        jnp.dot(_kept_transpose(g_MN, (1, 0), split=0), x_MK,
+                preferred_element_type=f32), (1, 0), split=0)
+  else:
+    dw = jnp.dot(_kept_transpose(x_MK, (1, 0), split=0), g_MN,
+                 preferred_element_type=f32)
+  return dx.astype(x_MK.dtype), dw.astype(w_KN.dtype)
 
 
 _bf16_cpu_dot_f32.defvjp(_bf16_cpu_dot_f32_fwd, _bf16_cpu_dot_f32_bwd)
@@ -270,8 +259,8 @@ def _swiglu_rounded_bwd(dtype, res, dh):
   del dtype
   gate, up = jax.lax.optimization_barrier(res)
   dh = dh.astype(gate.dtype)
-  s = jax.nn.sigmoid(gate)
-  return dh * up * (s * (1 + gate * (1 - s))), dh * (gate * s)
+  silu, slope = _silu_and_slope(gate)
+  return dh * up * slope, dh * silu
 
 
 _swiglu_rounded.defvjp(_swiglu_rounded_fwd, _swiglu_rounded_bwd)
@@ -346,13 +335,19 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
   return jax.nn.silu(gate) * up
 
 
+def _silu_and_slope(gate: jax.Array):
+  """silu(g) = g s and its derivative s + silu(g) (1 - s), s = sigmoid(g)."""
+  s = jax.nn.sigmoid(gate)
+  silu = gate * s
+  return silu, s + silu * (1 - s)
+
+
 @swiglu.defjvp
 def _swiglu_jvp(primals, tangents):
   gate, up = primals
   d_gate, d_up = tangents
-  s = jax.nn.sigmoid(gate)
-  silu = gate * s
-  return silu * up, d_gate * (up * (s + silu * (1 - s))) + d_up * silu
+  silu, slope = _silu_and_slope(gate)
+  return silu * up, d_gate * (up * slope) + d_up * silu
 
 
 def _lora_down(x: jax.Array, a: jax.Array, dt) -> jax.Array:

@@ -150,29 +150,24 @@ def _kill_when_arrays_appear(directory: str, step: int,
     time.sleep(0.0005)
 
 
-class _KillBeforeCommit:
+@contextlib.contextmanager
+def _kill_before_commit(directory: str, step: int):
   """Fault injection: SIGKILL when the save renames `step`'s temporary
   directory into place (the end of the `arrays` phase, whatever the
   watcher thread saw). Patches `os.rename` while entered."""
+  prefix = os.path.join(directory, f"{step}{_TMP_MARKER}")
+  real = os.rename
 
-  def __init__(self, directory: str, step: int):
-    self._prefix = os.path.join(directory, f"{step}{_TMP_MARKER}")
-    self._rename = os.rename
+  def rename(src, dst, *args, **kwargs):
+    if os.fspath(src).startswith(prefix):
+      _kill_self()
+    return real(src, dst, *args, **kwargs)
 
-  def __enter__(self):
-    real = self._rename
-
-    def rename(src, dst, *args, **kwargs):
-      if os.fspath(src).startswith(self._prefix):
-        _kill_self()
-      return real(src, dst, *args, **kwargs)
-
-    os.rename = rename
-    return self
-
-  def __exit__(self, *exc):
-    os.rename = self._rename
-    return False
+  os.rename = rename
+  try:
+    yield
+  finally:
+    os.rename = real
 
 
 class Checkpointer:
@@ -267,7 +262,7 @@ class Checkpointer:
       threading.Thread(target=_kill_when_arrays_appear,
                        args=(self.directory, step, stop), daemon=True).start()
     try:
-      with (_KillBeforeCommit(self.directory, step) if phase == "arrays"
+      with (_kill_before_commit(self.directory, step) if phase == "arrays"
             else contextlib.nullcontext()):
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
